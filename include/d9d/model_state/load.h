@@ -1,0 +1,95 @@
+#pragma once
+
+#include <d9d/model_state/mapper/mapper.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace torch::nn {
+class Module;
+}
+
+namespace d9d::model_state {
+
+/// Implemented by modules that hold state no checkpoint of the original model
+/// contains, such as PEFT adapter weights. Loading does not report those keys
+/// as missing.
+class FreshState {
+ public:
+  virtual ~FreshState() = default;
+  /// Keys relative to the module, e.g. `lora_A.weight`.
+  virtual std::vector<std::string> fresh_state_keys() const = 0;
+};
+
+/// The fresh-state keys of every module in the tree, fully qualified.
+KeySet fresh_state_keys(const torch::nn::Module& module);
+
+/// A key whose tensor does not fit the model's.
+struct MismatchedKey {
+  std::string key;
+  std::vector<int64_t> expected_shape;
+  std::vector<int64_t> got_shape;
+  std::string expected_dtype;
+  std::string got_dtype;
+};
+
+/// What a load did and what it could not do.
+struct LoadReport {
+  /// Model keys that no mapper output provides (adapter weights excluded;
+  /// keys provided with the wrong shape or dtype are in `mismatched_keys`).
+  std::vector<std::string> missing_keys;
+  /// Keys the mapper needs from the source that the source lacks.
+  std::vector<std::string> missing_source_keys;
+  /// Source keys that no mapper group reads.
+  std::vector<std::string> unexpected_keys;
+  /// Keys the mapper produces that the model does not have.
+  std::vector<std::string> unknown_output_keys;
+  /// Keys whose shape or dtype differ from the model's.
+  std::vector<MismatchedKey> mismatched_keys;
+  /// Model keys that were written.
+  std::vector<std::string> loaded_keys;
+
+  bool ok() const {
+    return missing_keys.empty() && missing_source_keys.empty() && unexpected_keys.empty() &&
+           unknown_output_keys.empty() && mismatched_keys.empty();
+  }
+  /// A readable account of every problem, one per line.
+  std::string to_string() const;
+};
+
+/// Thrown by a strict load; the model is left untouched.
+class StateLoadError : public std::runtime_error {
+ public:
+  StateLoadError(const std::string& message, LoadReport report)
+      : std::runtime_error(message), report_(std::move(report)) {}
+  const LoadReport& report() const noexcept { return report_; }
+
+ private:
+  LoadReport report_;
+};
+
+struct LoadOptions {
+  /// Strict: any missing, unexpected or mismatched key throws
+  /// `StateLoadError` before a single tensor is written. Not strict: load what
+  /// fits and return the report.
+  bool strict = true;
+};
+
+/// Loads a flat in-memory state dict into `module` through `mapper`.
+///
+/// Each mapper group whose inputs are all in `state_dict` is applied; its
+/// outputs are copied into the module's parameters and buffers (on their
+/// device, without recording gradients).
+///
+/// ```
+/// auto mapper = d9d::peft::inject_peft_and_freeze(lora, *model);
+/// d9d::model_state::load_state_dict(*model, checkpoint, *mapper);
+/// ```
+LoadReport load_state_dict(torch::nn::Module& module, const StateDict& state_dict,
+                           const ModelStateMapper& mapper, LoadOptions options = {});
+
+/// Loads a state dict whose keys already match the module's.
+LoadReport load_state_dict(torch::nn::Module& module, const StateDict& state_dict, LoadOptions options = {});
+
+}  // namespace d9d::model_state

@@ -1,0 +1,28 @@
+#pragma once
+
+/// d9d-peft: parameter-efficient fine-tuning for LibTorch.
+///
+/// ```
+/// d9d::peft::LoRA lora({".*_proj", {8, 16, 0.05}});
+/// auto mapper = d9d::peft::inject_peft_and_freeze(lora, *model);
+/// d9d::model_state::load_state_dict(*model, checkpoint, *mapper);
+/// // ... train d9d::peft::trainable_parameters(*model) ...
+/// d9d::peft::merge_peft(lora, *model);
+/// ```
+
+#include <d9d/model_state/load.h>
+#include <d9d/model_state/mapper/adapters.h>
+#include <d9d/model_state/mapper/compose/parallel.h>
+#include <d9d/model_state/mapper/compose/sequential.h>
+#include <d9d/model_state/mapper/leaf/identity.h>
+#include <d9d/model_state/mapper/leaf/rename.h>
+#include <d9d/nn/linear.h>
+#include <d9d/peft/all/config.h>
+#include <d9d/peft/all/method.h>
+#include <d9d/peft/applicator.h>
+#include <d9d/peft/base.h>
+#include <d9d/peft/errors.h>
+#include <d9d/peft/full_tune/method.h>
+#include <d9d/peft/lora/layer.h>
+#include <d9d/peft/lora/method.h>
+#include <d9d/peft/module_tree.h>

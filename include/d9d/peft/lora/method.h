@@ -1,0 +1,40 @@
+#pragma once
+
+#include <d9d/peft/base.h>
+#include <d9d/peft/lora/config.h>
+
+#include <regex>
+
+namespace d9d::peft {
+
+/// Low-Rank Adaptation: wraps every linear layer whose qualified name fully
+/// matches the pattern in a `LoRALinearImpl`, and emits a `Rename` per wrapped
+/// layer (`x.weight -> x.base.weight`, and `x.bias -> x.base.bias`) so a
+/// standard checkpoint still loads.
+///
+/// ```
+/// d9d::peft::LoRA lora({".*attention\\..*_proj", {/*r=*/8, /*alpha=*/16, /*dropout=*/0.05}});
+/// auto mapper = d9d::peft::inject_peft_and_freeze(lora, *model);
+/// ```
+///
+/// Adaptable: `d9d::nn::Linear` anywhere, and `torch::nn::Linear` whose parent
+/// is a `Sequential`, `ModuleList` or `ModuleDict`. Modules with children that
+/// match (containers) are passed over; a matched leaf that cannot be adapted,
+/// or a pattern that adapts nothing, is a `PeftError`. Layers inside existing
+/// adapters are never wrapped.
+class LoRA : public PeftMethod<LoRAConfig> {
+ public:
+  /// Validates the configuration (`ConfigError`).
+  explicit LoRA(LoRAConfig config);
+  static LoRA from_config(const LoRAConfig& config) { return LoRA(config); }
+
+  PeftInjectionResult inject(torch::nn::Module& module) override;
+  /// Merges the LoRA wrappers whose names match the pattern and puts their
+  /// base layers back in place.
+  void merge(torch::nn::Module& module) override;
+
+ private:
+  std::regex pattern_;
+};
+
+}  // namespace d9d::peft
