@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds d9d-peft, runs the test suite, then installs the library into a
+# temporary prefix and builds and runs tests/consumer against the installed tree.
+#
+#   BUILD_DIR     build directory (default: build)
+#   D9D_FIXTURES  reference data directory holding hf_peft/ (default: the copy
+#                 in tests/fixtures)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+
+bash scripts/install-deps.sh
+
+build="${BUILD_DIR:-build}"
+fixtures="$(realpath -m "${D9D_FIXTURES:-tests/fixtures}")"
+
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DD9D_PEFT_FIXTURES_DIR="$fixtures"
+cmake --build "$build" -j"$(nproc)"
+ctest --test-dir "$build" --output-on-failure
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+cmake --install "$build" --prefix "$tmp/prefix"
+cmake -S "$root/tests/consumer" -B "$tmp/consumer-build" -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$tmp/prefix"
+cmake --build "$tmp/consumer-build" -j"$(nproc)"
+"$tmp/consumer-build/consumer"
