@@ -1,11 +1,13 @@
+#include <d9d/model_state/io/source.h>
 #include <d9d/model_state/load.h>
 #include <d9d/model_state/mapper/adapters.h>
-#include <d9d/model_state/mapper/compose/parallel.h>
 
-#include <torch/nn/module.h>
 #include <torch/csrc/autograd/grad_mode.h>
+#include <torch/nn/module.h>
 
 #include <fmt/format.h>
+
+#include <chrono>
 
 namespace d9d::model_state {
 
@@ -20,6 +22,65 @@ void list_keys(std::string& out, const char* what, const std::vector<std::string
   for (size_t i = 0; i < keys.size() && i < kShown; ++i) out += (i ? ", " : "") + keys[i];
   if (keys.size() > kShown) out += fmt::format(", ... and {} more", keys.size() - kShown);
 }
+
+/// The groups of `mapper` in reading order: by the file of their first input,
+/// then by key, so a sharded checkpoint is read shard by shard.
+std::vector<StateGroup> reading_order(const StateSource& source, const ModelStateMapper& mapper) {
+  std::vector<std::pair<std::pair<std::string, std::string>, StateGroup>> keyed;
+  for (const auto& group : mapper.state_dependency_groups()) {
+    const std::string first = group.inputs.empty() ? std::string() : *group.inputs.begin();
+    const std::string where = !first.empty() && source.contains(first) ? source.location(first) : std::string();
+    keyed.push_back({{where, first}, group});
+  }
+  std::sort(keyed.begin(), keyed.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<StateGroup> out;
+  for (auto& item : keyed) out.push_back(std::move(item.second));
+  return out;
+}
+
+StateDict run_group(const StateSource& source, const ModelStateMapper& mapper, const StateGroup& group) {
+  StateDict inputs;
+  for (const auto& key : group.inputs) inputs.emplace(key, source.read(key));
+  StateDict outputs = mapper.apply(std::move(inputs));
+  KeySet got;
+  for (const auto& item : outputs) got.insert(item.first);
+  if (got != group.outputs) {
+    throw MapperError(fmt::format("load: the mapper declared group {} but its apply() returned {}", to_string(group),
+                                  format_keys(got)));
+  }
+  return outputs;
+}
+
+bool fits(const at::Tensor& target, const at::Tensor& source) {
+  return source.defined() && source.sizes() == target.sizes() && source.scalar_type() == target.scalar_type();
+}
+
+class Tracker {
+ public:
+  Tracker(const ProgressCallback& callback, std::string stage, size_t total, uint64_t bytes_total)
+      : callback_(callback), start_(std::chrono::steady_clock::now()) {
+    info_.stage = std::move(stage);
+    info_.total = total;
+    info_.bytes_total = bytes_total;
+  }
+  void step(uint64_t bytes) {
+    ++info_.done;
+    info_.bytes_done += bytes;
+    emit(false);
+  }
+  void finish() { emit(true); }
+
+ private:
+  void emit(bool finished) {
+    if (!callback_) return;
+    info_.finished = finished;
+    info_.elapsed_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    callback_(info_);
+  }
+  const ProgressCallback& callback_;
+  std::chrono::steady_clock::time_point start_;
+  ProgressInfo info_;
+};
 
 }  // namespace
 
@@ -51,79 +112,97 @@ std::string LoadReport::to_string() const {
   return out.empty() ? "all keys loaded" : out.substr(1);
 }
 
-LoadReport load_state_dict(torch::nn::Module& module, const StateDict& state_dict, const ModelStateMapper& mapper,
-                           LoadOptions options) {
+LoadReport load_model_state(const StateSource& source, const ModelStateMapper& mapper, torch::nn::Module& module,
+                            LoadOptions options) {
+  if (options.device) module.to(*options.device);
   const StateDict model = module_state_dict(module);
   const KeySet fresh = fresh_state_keys(module);
+  const std::vector<StateGroup> groups = reading_order(source, mapper);
   LoadReport report;
 
-  KeySet consumed;
-  StateDict produced;
-  for (const auto& group : mapper.state_dependency_groups()) {
-    StateDict inputs;
+  // Keys first, from the declarations alone.
+  KeySet consumed, produced;
+  std::vector<const StateGroup*> runnable;
+  uint64_t bytes_total = 0;
+  for (const auto& group : groups) {
     bool complete = true;
     for (const auto& key : group.inputs) {
       consumed.insert(key);
-      auto it = state_dict.find(key);
-      if (it == state_dict.end()) {
+      if (!source.contains(key)) {
         report.missing_source_keys.push_back(key);
         complete = false;
-      } else {
-        inputs.emplace(key, it->second);
       }
     }
     if (!complete) continue;
-    StateDict outputs = mapper.apply(std::move(inputs));
-    KeySet got;
-    for (const auto& item : outputs) got.insert(item.first);
-    if (got != group.outputs) {
-      throw MapperError(fmt::format("load_state_dict: the mapper declared group {} but its apply() returned {}",
-                                    to_string(group), format_keys(got)));
+    runnable.push_back(&group);
+    for (const auto& key : group.inputs) bytes_total += source.nbytes(key);
+    for (const auto& key : group.outputs) {
+      produced.insert(key);
+      if (!model.count(key)) report.unknown_output_keys.push_back(key);
     }
-    for (auto& item : outputs) produced.insert_or_assign(item.first, std::move(item.second));
   }
-  for (const auto& item : state_dict) {
-    if (!consumed.count(item.first)) report.unexpected_keys.push_back(item.first);
-  }
-
-  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
-  for (const auto& [key, source] : produced) {
-    auto it = model.find(key);
-    if (it == model.end()) {
-      report.unknown_output_keys.push_back(key);
-      continue;
-    }
-    const at::Tensor& target = it->second;
-    if (!source.defined() || source.sizes() != target.sizes() || source.scalar_type() != target.scalar_type()) {
-      MismatchedKey m{key, target.sizes().vec(), {}, std::string(c10::toString(target.scalar_type())), "undefined"};
-      if (source.defined()) {
-        m.got_shape = source.sizes().vec();
-        m.got_dtype = c10::toString(source.scalar_type());
-      }
-      report.mismatched_keys.push_back(std::move(m));
-      continue;
-    }
-    copies.emplace_back(target, source);
-    report.loaded_keys.push_back(key);
+  for (const auto& key : source.keys()) {
+    if (!consumed.count(key)) report.unexpected_keys.push_back(key);
   }
   for (const auto& item : model) {
     if (!produced.count(item.first) && !fresh.count(item.first)) report.missing_keys.push_back(item.first);
   }
-
+  // Shapes and dtypes: map every group once without writing (views of a
+  // memory-mapped file cost nothing to map).
+  for (const StateGroup* group : runnable) {
+    for (const auto& [key, tensor] : run_group(source, mapper, *group)) {
+      auto it = model.find(key);
+      if (it == model.end() || fits(it->second, tensor)) continue;
+      MismatchedKey m{key, it->second.sizes().vec(), {}, std::string(c10::toString(it->second.scalar_type())),
+                      "undefined"};
+      if (tensor.defined()) {
+        m.got_shape = tensor.sizes().vec();
+        m.got_dtype = c10::toString(tensor.scalar_type());
+      }
+      report.mismatched_keys.push_back(std::move(m));
+    }
+  }
   if (options.strict && !report.ok()) {
-    throw StateLoadError("load_state_dict: the state does not fit the model (nothing was loaded):\n" +
-                             report.to_string() +
-                             "\n  Check that the checkpoint belongs to this model and that the mapper is the one "
-                             "returned by inject_peft_and_freeze.",
+    throw StateLoadError(fmt::format("load from {}: the state does not fit the model (nothing was loaded):\n{}\n  "
+                                     "Check that the checkpoint belongs to this model and that the mapper is the one "
+                                     "returned by inject_peft_and_freeze.",
+                                     source.describe(), report.to_string()),
                          report);
   }
+
+  // Copy, group by group, letting go of each group's memory once written.
   torch::NoGradGuard no_grad;
-  for (auto& [target, source] : copies) target.copy_(source);
+  Tracker tracker(options.progress, "load", runnable.size(), bytes_total);
+  for (const StateGroup* group : runnable) {
+    uint64_t bytes = 0;
+    for (const auto& key : group->inputs) bytes += source.nbytes(key);
+    for (auto& [key, tensor] : run_group(source, mapper, *group)) {
+      auto it = model.find(key);
+      if (it == model.end() || !fits(it->second, tensor)) continue;
+      at::Tensor target = it->second;
+      target.copy_(tensor);
+      report.loaded_keys.push_back(key);
+    }
+    for (const auto& key : group->inputs) source.release(key);
+    tracker.step(bytes);
+  }
+  tracker.finish();
   return report;
 }
 
+LoadReport load_model_state(const std::string& path, const ModelStateMapper& mapper, torch::nn::Module& module,
+                            LoadOptions options) {
+  return load_model_state(*open_checkpoint(path), mapper, module, std::move(options));
+}
+
+LoadReport load_state_dict(torch::nn::Module& module, const StateDict& state_dict, const ModelStateMapper& mapper,
+                           LoadOptions options) {
+  return load_model_state(*state_dict_source(state_dict), mapper, module, std::move(options));
+}
+
 LoadReport load_state_dict(torch::nn::Module& module, const StateDict& state_dict, LoadOptions options) {
-  return load_state_dict(module, state_dict, *identity_mapper_from_module(module), options);
+  return load_model_state(*state_dict_source(state_dict), *identity_mapper_from_module(module), module,
+                          std::move(options));
 }
 
 }  // namespace d9d::model_state

@@ -8,6 +8,8 @@
 
 #include <fmt/format.h>
 
+#include "mapper_checks.h"
+
 #include <numeric>
 #include <sstream>
 
@@ -39,24 +41,13 @@ bool is_empty_mapper(const ModelStateMapper& mapper) {
 
 namespace {
 
+using detail::expect_keys;
+using detail::keys_of;
+
 KeySet all_keys(const StateGroups& groups, KeySet StateGroup::*side) {
   KeySet keys;
   for (const auto& group : groups) keys.insert((group.*side).begin(), (group.*side).end());
   return keys;
-}
-
-KeySet keys_of(const StateDict& dict) {
-  KeySet keys;
-  for (const auto& item : dict) keys.insert(item.first);
-  return keys;
-}
-
-void expect_keys(const char* mapper, const StateDict& group, const KeySet& expected) {
-  const KeySet got = keys_of(group);
-  if (got != expected) {
-    throw MapperError(fmt::format("{}: expected a group with keys {}, got {}", mapper, format_keys(expected),
-                                  format_keys(got)));
-  }
 }
 
 std::vector<MapperPtr> without_empty(std::vector<MapperPtr> mappers) {

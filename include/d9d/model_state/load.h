@@ -1,6 +1,11 @@
 #pragma once
 
+#include <d9d/model_state/io/progress.h>
 #include <d9d/model_state/mapper/mapper.h>
+
+#include <c10/core/Device.h>
+
+#include <optional>
 
 #include <stdexcept>
 #include <string>
@@ -74,13 +79,38 @@ struct LoadOptions {
   /// `StateLoadError` before a single tensor is written. Not strict: load what
   /// fits and return the report.
   bool strict = true;
+  /// Moves the module there first, so the state streams straight onto it.
+  std::optional<c10::Device> device = std::nullopt;
+  /// Called as groups load (by default a progress line on stderr).
+  ProgressCallback progress = stderr_progress();
 };
 
-/// Loads a flat in-memory state dict into `module` through `mapper`.
+class StateSource;
+
+/// Streams a state from `source` into `module` through `mapper`.
 ///
-/// Each mapper group whose inputs are all in `state_dict` is applied; its
-/// outputs are copied into the module's parameters and buffers (on their
-/// device, without recording gradients).
+/// Each mapper group whose inputs are all in the source is read, applied,
+/// and its outputs copied into the module's parameters and buffers (on
+/// their device, without recording gradients); then its memory is let go,
+/// so the peak is about the largest group, not the checkpoint. Keys are
+/// checked before any data is read, and shapes and dtypes in a first pass
+/// that only maps (views of a memory-mapped file cost nothing), so a strict
+/// load that fails has written nothing.
+///
+/// ```
+/// auto mapper = d9d::peft::inject_peft_and_freeze(lora, *model);
+/// d9d::model_state::load_model_state("checkpoints/base", *mapper, *model);
+/// ```
+LoadReport load_model_state(const StateSource& source, const ModelStateMapper& mapper, torch::nn::Module& module,
+                            LoadOptions options = {});
+
+/// `load_model_state(*open_checkpoint(path), ...)`: a safetensors file, a
+/// sharded checkpoint directory or index, or a torch.save dict.
+LoadReport load_model_state(const std::string& path, const ModelStateMapper& mapper, torch::nn::Module& module,
+                            LoadOptions options = {});
+
+/// Loads a flat in-memory state dict into `module` through `mapper`, as
+/// `load_model_state` does.
 ///
 /// ```
 /// auto mapper = d9d::peft::inject_peft_and_freeze(lora, *model);

@@ -1,0 +1,365 @@
+#include <d9d/model_state/io/safetensors.h>
+
+#include <ATen/Functions.h>
+#include <ATen/core/Tensor.h>
+
+#include <nlohmann/json.hpp>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <set>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace d9d::model_state {
+
+namespace {
+
+using nlohmann::json;
+
+constexpr uint64_t kMaxHeaderBytes = 100u * 1024u * 1024u;  // the reference reader's limit
+
+struct DtypeInfo {
+  const char* name;
+  at::ScalarType type;
+};
+
+constexpr DtypeInfo kDtypes[] = {
+    {"BOOL", at::kBool},   {"U8", at::kByte},  {"I8", at::kChar},       {"I16", at::kShort}, {"F16", at::kHalf},
+    {"BF16", at::kBFloat16}, {"I32", at::kInt}, {"I64", at::kLong},     {"F32", at::kFloat}, {"F64", at::kDouble},
+};
+
+[[noreturn]] void fail(const std::string& source, const std::string& what) {
+  throw CheckpointError(fmt::format("{}: {}", source, what));
+}
+
+uint64_t to_u64(const json& v, const std::string& source, const std::string& what) {
+  if (v.is_number_unsigned()) return v.get<uint64_t>();
+  if (v.is_number_integer() && v.get<int64_t>() >= 0) return static_cast<uint64_t>(v.get<int64_t>());
+  fail(source, fmt::format("{} must be a non-negative integer, got {}", what, v.dump()));
+}
+
+std::string errno_text() { return std::strerror(errno); }
+
+}  // namespace
+
+std::string safetensors_dtype_name(at::ScalarType dtype) {
+  for (const auto& d : kDtypes) {
+    if (d.type == dtype) return d.name;
+  }
+  throw CheckpointError(fmt::format("dtype {} has no safetensors name", c10::toString(dtype)));
+}
+
+SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, uint64_t file_size,
+                                           const std::string& source) {
+  if (file_size < 8 || size < 8) {
+    fail(source, fmt::format("truncated: {} bytes; a safetensors file starts with an 8-byte header length",
+                             file_size));
+  }
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | bytes[i];
+  if (n > kMaxHeaderBytes) fail(source, fmt::format("header length {} exceeds the 100 MiB limit (corrupt file?)", n));
+  if (n > file_size - 8) {
+    fail(source, fmt::format("header length {} runs past the end of the file ({} bytes): truncated or not a "
+                             "safetensors file",
+                             n, file_size));
+  }
+  if (n > size - 8) fail(source, "header not fully available in the given bytes");
+  const char* text = reinterpret_cast<const char*>(bytes + 8);
+  if (n == 0 || text[0] != '{') fail(source, "the header is not a JSON object (it must start with '{')");
+
+  std::set<std::string> seen;
+  std::string duplicate;
+  json::parser_callback_t on_event = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::key && depth == 1 && !seen.insert(parsed.get<std::string>()).second) {
+      duplicate = parsed.get<std::string>();
+    }
+    return true;
+  };
+  json header;
+  try {
+    header = json::parse(text, text + n, on_event);
+  } catch (const json::exception& e) {
+    fail(source, fmt::format("the header is not valid JSON: {}", e.what()));
+  }
+  if (!duplicate.empty()) fail(source, fmt::format("key '{}' appears twice in the header", duplicate));
+  if (!header.is_object()) fail(source, "the header is not a JSON object");
+
+  SafetensorsHeader out;
+  out.data_offset = 8 + n;
+  const uint64_t data_size = file_size - out.data_offset;
+  for (const auto& item : header.items()) {
+    const std::string& key = item.key();
+    const json& value = item.value();
+    if (key == "__metadata__") {
+      if (!value.is_object()) fail(source, "__metadata__ must be an object of strings");
+      for (const auto& m : value.items()) {
+        if (!m.value().is_string()) {
+          fail(source, fmt::format("__metadata__.{} must be a string, got {}", m.key(), m.value().dump()));
+        }
+        out.metadata.emplace(m.key(), m.value().get<std::string>());
+      }
+      continue;
+    }
+    const std::string where = fmt::format("tensor '{}'", key);
+    if (!value.is_object()) fail(source, fmt::format("{}: expected an object, got {}", where, value.dump()));
+    for (const char* field : {"dtype", "shape", "data_offsets"}) {
+      if (!value.contains(field)) fail(source, fmt::format("{}: missing field '{}'", where, field));
+    }
+    SafetensorsEntry entry{};
+    const json& dtype = value["dtype"];
+    if (!dtype.is_string()) fail(source, fmt::format("{}: dtype must be a string", where));
+    entry.dtype_name = dtype.get<std::string>();
+    auto known = std::find_if(std::begin(kDtypes), std::end(kDtypes),
+                              [&](const DtypeInfo& d) { return entry.dtype_name == d.name; });
+    if (known == std::end(kDtypes)) {
+      fail(source, fmt::format("{}: dtype \"{}\" is not supported (supported: F64, F32, F16, BF16, I64, I32, I16, "
+                               "I8, U8, BOOL)",
+                               where, entry.dtype_name));
+    }
+    entry.dtype = known->type;
+    const json& shape = value["shape"];
+    if (!shape.is_array()) fail(source, fmt::format("{}: shape must be a list", where));
+    uint64_t numel = 1;
+    for (const auto& dim : shape) {
+      const uint64_t d = to_u64(dim, source, where + " shape entry");
+      if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
+          (d != 0 && numel > std::numeric_limits<uint64_t>::max() / d)) {
+        fail(source, fmt::format("{}: shape {} overflows", where, shape.dump()));
+      }
+      numel *= d;
+      entry.shape.push_back(static_cast<int64_t>(d));
+    }
+    const json& offsets = value["data_offsets"];
+    if (!offsets.is_array() || offsets.size() != 2) {
+      fail(source, fmt::format("{}: data_offsets must be [begin, end], got {}", where, offsets.dump()));
+    }
+    entry.begin = to_u64(offsets[0], source, where + " data_offsets");
+    entry.end = to_u64(offsets[1], source, where + " data_offsets");
+    if (entry.end < entry.begin) fail(source, fmt::format("{}: data_offsets {} end before they begin", where, offsets.dump()));
+    if (entry.end > data_size) {
+      fail(source, fmt::format("{}: data_offsets {} run past the data section ({} bytes): truncated file?", where,
+                               offsets.dump(), data_size));
+    }
+    const uint64_t itemsize = c10::elementSize(entry.dtype);
+    if (numel > std::numeric_limits<uint64_t>::max() / itemsize || numel * itemsize != entry.end - entry.begin) {
+      fail(source, fmt::format("{}: shape {} of {} needs {} bytes but data_offsets {} span {}", where, shape.dump(),
+                               entry.dtype_name, numel * itemsize, offsets.dump(), entry.end - entry.begin));
+    }
+    out.tensors.emplace(key, std::move(entry));
+  }
+
+  // The tensors must tile the data section: no overlap, no gap, nothing after.
+  std::vector<std::pair<const std::string*, const SafetensorsEntry*>> order;
+  for (const auto& item : out.tensors) order.emplace_back(&item.first, &item.second);
+  std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
+    return std::tie(a.second->begin, a.second->end) < std::tie(b.second->begin, b.second->end);
+  });
+  uint64_t cursor = 0;
+  const std::string* previous = nullptr;
+  for (const auto& [name, entry] : order) {
+    if (entry->begin != cursor) {
+      fail(source, entry->begin < cursor
+                       ? fmt::format("tensor '{}' (bytes {}..{}) overlaps tensor '{}' (ends at {})", *name,
+                                     entry->begin, entry->end, previous ? *previous : "", cursor)
+                       : fmt::format("tensor '{}' starts at byte {} but the previous data ends at {}: gap in the "
+                                     "data section",
+                                     *name, entry->begin, cursor));
+    }
+    cursor = entry->end;
+    previous = name;
+  }
+  if (cursor != data_size) {
+    fail(source, fmt::format("the tensors cover {} bytes of a {}-byte data section: trailing bytes or a corrupt "
+                             "header",
+                             cursor, data_size));
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------ reading
+
+std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw CheckpointError(fmt::format("{}: cannot open: {}", path, errno_text()));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const std::string why = errno_text();
+    ::close(fd);
+    throw CheckpointError(fmt::format("{}: cannot stat: {}", path, why));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw CheckpointError(fmt::format("{}: not a regular file", path));
+  }
+  const size_t size = static_cast<size_t>(st.st_size);
+  if (size < 8) {
+    ::close(fd);
+    parse_safetensors_header(nullptr, 0, size, path);  // throws "truncated"
+  }
+  // Private, writable mapping: tensors viewing it may be modified in memory
+  // (copy-on-write) without ever touching the file.
+  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  const std::string why = errno_text();
+  ::close(fd);
+  if (addr == MAP_FAILED) throw CheckpointError(fmt::format("{}: cannot map: {}", path, why));
+  std::shared_ptr<void> mapping(addr, [size](void* p) { ::munmap(p, size); });
+
+  auto file = std::shared_ptr<SafetensorsFile>(new SafetensorsFile());
+  file->path_ = path;
+  file->size_ = size;
+  file->header_ = parse_safetensors_header(static_cast<const uint8_t*>(addr), size, size, path);
+  file->mapping_ = std::move(mapping);
+  return file;
+}
+
+SafetensorsFile::~SafetensorsFile() = default;
+
+KeySet SafetensorsFile::keys() const {
+  KeySet keys;
+  for (const auto& item : header_.tensors) keys.insert(item.first);
+  return keys;
+}
+
+at::Tensor SafetensorsFile::get(const std::string& key) const {
+  auto it = header_.tensors.find(key);
+  if (it == header_.tensors.end()) {
+    throw CheckpointError(fmt::format("{}: no tensor '{}' in this file ({} tensors)", path_, key,
+                                      header_.tensors.size()));
+  }
+  const SafetensorsEntry& e = it->second;
+  const auto options = at::TensorOptions().dtype(e.dtype);
+  if (e.end == e.begin) return at::empty(e.shape, options);
+  char* data = static_cast<char*>(mapping_.get()) + header_.data_offset + e.begin;
+  if (reinterpret_cast<uintptr_t>(data) % c10::elementSize(e.dtype) != 0) {
+    at::Tensor copy = at::empty(e.shape, options);
+    std::memcpy(copy.data_ptr(), data, e.end - e.begin);
+    return copy;
+  }
+  auto keep_alive = mapping_;
+  return at::from_blob(data, e.shape, [keep_alive](void*) {}, options);
+}
+
+void SafetensorsFile::release(const std::string& key) const {
+  auto it = header_.tensors.find(key);
+  if (it == header_.tensors.end()) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t base = reinterpret_cast<uintptr_t>(mapping_.get());
+  uintptr_t begin = base + header_.data_offset + it->second.begin;
+  uintptr_t end = base + header_.data_offset + it->second.end;
+  begin = (begin + page - 1) / page * page;  // only whole pages of this tensor
+  end = end / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
+StateDict SafetensorsFile::load_all() const {
+  StateDict out;
+  for (const auto& item : header_.tensors) out.emplace(item.first, get(item.first));
+  return out;
+}
+
+// ------------------------------------------------------------------ writing
+
+namespace {
+
+/// A file written under a temporary name and renamed into place on commit().
+class AtomicFile {
+ public:
+  explicit AtomicFile(std::string path) : path_(std::move(path)) {
+    std::random_device rd;
+    tmp_ = fmt::format("{}.tmp-{}-{:08x}", path_, ::getpid(), rd());
+    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw CheckpointError(fmt::format("{}: cannot create {}: {}", path_, tmp_, errno_text()));
+  }
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+  ~AtomicFile() {
+    if (fd_ >= 0) ::close(fd_);
+    if (!committed_) ::unlink(tmp_.c_str());
+  }
+  void write(const void* data, size_t n) {
+    const char* p = static_cast<const char*>(data);
+    while (n > 0) {
+      const ssize_t w = ::write(fd_, p, n);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        throw CheckpointError(fmt::format("{}: write failed: {}", path_, errno_text()));
+      }
+      p += w;
+      n -= static_cast<size_t>(w);
+    }
+  }
+  void commit() {
+    if (::fsync(fd_) != 0) throw CheckpointError(fmt::format("{}: fsync failed: {}", path_, errno_text()));
+    ::close(fd_);
+    fd_ = -1;
+    if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
+      throw CheckpointError(fmt::format("{}: cannot rename {} into place: {}", path_, tmp_, errno_text()));
+    }
+    committed_ = true;
+  }
+
+ private:
+  std::string path_, tmp_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+}  // namespace
+
+void write_file_atomically(const std::string& path, const std::string& bytes) {
+  AtomicFile file(path);
+  file.write(bytes.data(), bytes.size());
+  file.commit();
+}
+
+void save_safetensors(const std::string& path, const StateDict& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  // The reference writer's order: larger dtypes first, then by name, which
+  // keeps every tensor aligned for its dtype.
+  std::vector<std::pair<std::string, at::Tensor>> order;
+  for (const auto& [key, tensor] : tensors) {
+    if (!tensor.defined()) throw CheckpointError(fmt::format("{}: tensor '{}' is undefined", path, key));
+    if (key == "__metadata__") throw CheckpointError(fmt::format("{}: '__metadata__' is reserved", path));
+    safetensors_dtype_name(tensor.scalar_type());  // throws for dtypes the format lacks
+    order.emplace_back(key, tensor.detach().to(at::kCPU).contiguous());
+  }
+  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
+    const auto sa = a.second.element_size(), sb = b.second.element_size();
+    return sa != sb ? sa > sb : a.first < b.first;
+  });
+
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t offset = 0;
+  for (const auto& [key, tensor] : order) {
+    const uint64_t nbytes = tensor.numel() * tensor.element_size();
+    header[key] = {{"dtype", safetensors_dtype_name(tensor.scalar_type())},
+                   {"shape", tensor.sizes().vec()},
+                   {"data_offsets", {offset, offset + nbytes}}};
+    offset += nbytes;
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  uint8_t prefix[8];
+  uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i) prefix[i] = static_cast<uint8_t>(n >> (8 * i));
+
+  AtomicFile file(path);
+  file.write(prefix, 8);
+  file.write(text.data(), text.size());
+  for (const auto& item : order) {
+    file.write(item.second.data_ptr(), item.second.numel() * item.second.element_size());
+  }
+  file.commit();
+}
+
+}  // namespace d9d::model_state
