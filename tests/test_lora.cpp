@@ -282,7 +282,7 @@ TEST(LoRAMethod, PatternMatchingNothingIsAnError) {
   EXPECT_THAT([&] { peft::inject_peft_and_freeze(lora, block); },
               ::testing::ThrowsMessage<peft::PeftError>(HasSubstr(
                   "module_name_pattern \".*attention.*\" matches no module; it must match the whole qualified "
-                  "name, and linear layers here are named like 'q', 'k'")));
+                  "name, and adaptable layers here are named like 'q', 'k'")));
 }
 
 TEST(LoRAMethod, MatchingAnUnsupportedLeafIsAnError) {
@@ -302,7 +302,7 @@ TEST(LoRAMethod, MatchingOnlyContainersIsAnError) {
   peft::LoRA lora({"0", {1, 1, 0.0}});
   EXPECT_THAT([&] { peft::inject_peft_and_freeze(lora, *outer); },
               ::testing::ThrowsMessage<peft::PeftError>(
-                  HasSubstr("matches '0' but none is a linear layer LoRA can adapt; linear layers here are named "
+                  HasSubstr("matches '0' but none is a layer LoRA can adapt; adaptable layers here are named "
                             "like '0.0'")));
 }
 

@@ -7,7 +7,7 @@
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
-#include <torch/nn/modules/embedding.h>
+#include <d9d/nn/embedding.h>
 #include <torch/nn/modules/normalization.h>
 
 #include <cmath>
@@ -72,7 +72,7 @@ TORCH_MODULE(Layer);
 
 struct ToyImpl : torch::nn::Module {
   explicit ToyImpl(const ToyConfig& c = {})
-      : embed_tokens(register_module("embed_tokens", torch::nn::Embedding(c.vocab, c.d))),
+      : embed_tokens(register_module("embed_tokens", d9d::nn::Embedding(c.vocab, c.d))),
         layers(register_module("layers", torch::nn::ModuleList())),
         norm(register_module("norm", layer_norm(c.d))),
         lm_head(register_module("lm_head", linear(c.d, c.vocab, false))) {
@@ -83,7 +83,7 @@ struct ToyImpl : torch::nn::Module {
     for (const auto& layer : *layers) x = layer->as<LayerImpl>()->forward(x);
     return lm_head(norm(x));
   }
-  torch::nn::Embedding embed_tokens;
+  d9d::nn::Embedding embed_tokens;
   torch::nn::ModuleList layers;
   torch::nn::LayerNorm norm;
   d9d::nn::Linear lm_head;

@@ -10,12 +10,16 @@
 /// d9d::peft::merge_peft(lora, *model);
 /// ```
 
+#include <d9d/model_state/io/safetensors.h>
+#include <d9d/model_state/io/source.h>
+#include <d9d/model_state/io/stream.h>
 #include <d9d/model_state/load.h>
 #include <d9d/model_state/mapper/adapters.h>
 #include <d9d/model_state/mapper/compose/parallel.h>
 #include <d9d/model_state/mapper/compose/sequential.h>
 #include <d9d/model_state/mapper/leaf/identity.h>
 #include <d9d/model_state/mapper/leaf/rename.h>
+#include <d9d/nn/embedding.h>
 #include <d9d/nn/linear.h>
 #include <d9d/peft/all/config.h>
 #include <d9d/peft/all/method.h>
@@ -23,6 +27,8 @@
 #include <d9d/peft/base.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/full_tune/method.h>
+#include <d9d/peft/hf/adapter.h>
+#include <d9d/peft/hf/config.h>
 #include <d9d/peft/lora/layer.h>
 #include <d9d/peft/lora/method.h>
 #include <d9d/peft/module_tree.h>

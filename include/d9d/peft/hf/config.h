@@ -1,0 +1,59 @@
+#pragma once
+
+#include <d9d/peft/lora/layer.h>
+
+#include <nlohmann/json.hpp>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace d9d::peft::hf {
+
+/// Which modules a Hugging Face PEFT config names: a list of names (a module
+/// matches when its qualified name equals one or ends with "." + one) or one
+/// regular expression that must match the whole name.
+struct ModuleSelector {
+  std::vector<std::string> names;
+  std::optional<std::string> regex;
+
+  bool empty() const { return names.empty() && !regex; }
+  bool matches(const std::string& qualified_name) const;
+};
+
+/// The part of a Hugging Face PEFT `LoraConfig` (adapter_config.json) this
+/// library computes with. Every other field must hold its default: a field
+/// set to something this library does not implement (`fan_in_fan_out: true`,
+/// `bias: "all"`, `modules_to_save`, ...) is a `ConfigError` naming the field
+/// and value, never silently ignored.
+struct LoraConfig {
+  int64_t r = 8;
+  double lora_alpha = 8;
+  double lora_dropout = 0.0;
+  ModuleSelector target_modules;
+  ModuleSelector exclude_modules;
+  bool use_rslora = false;
+  bool use_dora = false;
+  LoRAInit init = LoRAInit::Default;
+  /// Per-module rank and alpha, in file order; a key matches a module name
+  /// as PEFT's `get_pattern_key` does: the regex `(.*\.)?(key)` over the whole name.
+  std::vector<std::pair<std::string, int64_t>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+  std::optional<std::string> base_model_name_or_path;
+  std::optional<std::string> task_type;
+
+  /// The layer options for a qualified module name, or nothing if the config
+  /// does not target it.
+  std::optional<LoRALayerOptions> select(const std::string& qualified_name) const;
+};
+
+/// Parses and validates `adapter_config.json` content; `source` names the
+/// file in errors (`adapter_config.json: fan_in_fan_out: true is not supported ...`).
+LoraConfig parse_lora_config(const nlohmann::json& j, const std::string& source);
+
+/// The config as PEFT 0.21's `save_pretrained` writes it: every field, keys
+/// sorted, 2-space indent.
+std::string dump_lora_config(const LoraConfig& config);
+
+}  // namespace d9d::peft::hf

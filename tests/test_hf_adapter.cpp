@@ -1,0 +1,209 @@
+// Hugging Face PEFT adapters: the fixtures written by PEFT 0.21 load, compute
+// and merge to PEFT's numbers; saving writes what PEFT reads.
+#include "toy_model.h"
+
+#include <d9d/peft.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+namespace fs = std::filesystem;
+namespace ms = d9d::model_state;
+namespace peft = d9d::peft;
+using ::testing::HasSubstr;
+
+namespace {
+
+const std::string kToy = std::string(D9D_FIXTURES_DIR) + "/hf_peft/toy";
+const std::vector<std::string> kAdapters = {"lora_attn_r4", "lora_all_linear_r8", "lora_rslora", "lora_embed_head",
+                                            "dora_mlp"};
+
+ms::LoadOptions quiet() {
+  ms::LoadOptions o;
+  o.progress = nullptr;
+  return o;
+}
+
+toy::Toy base_model() {
+  toy::Toy model;
+  ms::load_model_state(kToy + "/model.safetensors", *ms::identity_mapper_from_module(*model), *model, quiet());
+  model->eval();
+  return model;
+}
+
+at::Tensor input_ids() { return ms::SafetensorsFile::open(kToy + "/inputs.safetensors")->get("input_ids"); }
+
+double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+struct TempDir {
+  TempDir() {
+    path = fs::temp_directory_path() / ("d9d-hf-" + std::to_string(::getpid()) + "-" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  std::string str() const { return path.string(); }
+  fs::path path;
+};
+
+std::string config_error(const std::string& patch_json) {
+  std::ifstream in(kToy + "/adapters/lora_attn_r4/adapter_config.json");
+  auto j = nlohmann::json::parse(in);
+  j.merge_patch(nlohmann::json::parse(patch_json));
+  try {
+    peft::hf::parse_lora_config(j, "adapter_config.json");
+  } catch (const peft::ConfigError& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+}  // namespace
+
+class FixtureAdapter : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(FixtureAdapter, LogitsAndMergedWeightsMatchPeft) {
+  const std::string dir = kToy + "/adapters/" + GetParam();
+  auto expected = ms::SafetensorsFile::open(dir + "/expected.safetensors");
+  toy::Toy model = base_model();
+  auto adapter = peft::hf::load_adapter(*model, dir);
+  torch::NoGradGuard g;
+  EXPECT_LE(max_diff(model->forward(input_ids()), expected->get("logits")), 1e-5);
+
+  peft::merge_peft(*adapter, model);
+  const auto state = ms::module_state_dict(*model);
+  size_t merged = 0;
+  for (const auto& key : expected->keys()) {
+    if (key.rfind("merged.", 0) != 0) continue;
+    ++merged;
+    EXPECT_LE(max_diff(state.at(key.substr(7)), expected->get(key)), 1e-5) << key;
+  }
+  EXPECT_GT(merged, 0u);
+  EXPECT_EQ(state.size(), 24u) << "merging restores the original keys";
+  EXPECT_LE(max_diff(model->forward(input_ids()), expected->get("merged_logits")), 1e-5);
+}
+
+TEST_P(FixtureAdapter, SaveThenLoadRoundTrips) {
+  const std::string dir = kToy + "/adapters/" + GetParam();
+  toy::Toy model = base_model();
+  peft::hf::load_adapter(*model, dir);
+  TempDir out;
+  peft::hf::save_adapter(*model, out.str());
+
+  auto original = ms::SafetensorsFile::open(dir + "/adapter_model.safetensors");
+  auto saved = ms::SafetensorsFile::open(out.str() + "/adapter_model.safetensors");
+  EXPECT_EQ(saved->keys(), original->keys());
+  for (const auto& key : original->keys()) EXPECT_TRUE(torch::equal(saved->get(key), original->get(key))) << key;
+  EXPECT_EQ(saved->header().metadata, (std::map<std::string, std::string>{{"format", "pt"}}));
+
+  std::ifstream a(dir + "/adapter_config.json"), b(out.str() + "/adapter_config.json");
+  auto ca = peft::hf::parse_lora_config(nlohmann::json::parse(a), "original");
+  auto cb = peft::hf::parse_lora_config(nlohmann::json::parse(b), "saved");
+  EXPECT_EQ(cb.use_dora, ca.use_dora);
+  EXPECT_EQ(cb.use_rslora, ca.use_rslora);
+  for (const auto& item : ms::module_state_dict(*model)) {
+    const auto name = item.first.substr(0, item.first.rfind('.'));
+    const auto sa = ca.select(name), sb = cb.select(name);
+    ASSERT_EQ(sa.has_value(), sb.has_value()) << name;
+    if (sa) {
+      EXPECT_EQ(sa->r, sb->r) << name;
+      EXPECT_DOUBLE_EQ(sa->scale(), sb->scale()) << name;
+    }
+  }
+
+  toy::Toy again = base_model();
+  peft::hf::load_adapter(*again, out.str());
+  torch::NoGradGuard g;
+  EXPECT_TRUE(torch::equal(again->forward(input_ids()), model->forward(input_ids())));
+}
+
+INSTANTIATE_TEST_SUITE_P(Peft021, FixtureAdapter, ::testing::ValuesIn(kAdapters));
+
+TEST(HfAdapter, RankAndAlphaPatternsFollowPeftsMatchingRule) {
+  auto config = peft::hf::parse_lora_config(
+      nlohmann::json::parse(R"({"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":["q_proj","v_proj"],
+                                "rank_pattern":{"layers.1.attention.q_proj":2,"v_proj":4},
+                                "alpha_pattern":{"q_proj":3}})"),
+      "cfg");
+  EXPECT_EQ(config.select("layers.1.attention.q_proj")->r, 2);
+  EXPECT_EQ(config.select("layers.0.attention.q_proj")->r, 8);
+  EXPECT_EQ(config.select("layers.0.attention.v_proj")->r, 4);
+  EXPECT_DOUBLE_EQ(config.select("layers.0.attention.q_proj")->alpha, 3.0);
+  EXPECT_DOUBLE_EQ(config.select("layers.0.attention.v_proj")->alpha, 16.0);
+  EXPECT_FALSE(config.select("layers.0.attention.k_proj").has_value());
+  EXPECT_FALSE(config.select("layers.0.attention.xq_proj").has_value()) << "suffixes match whole dotted parts";
+
+  toy::Toy model = base_model();
+  peft::hf::HfLoRA method(config);
+  peft::inject_peft_and_freeze(method, model);
+  auto q1 = model->layers[1]->as<toy::LayerImpl>()->attention->named_children()["q_proj"]->as<peft::LoRALinearImpl>();
+  ASSERT_NE(q1, nullptr);
+  EXPECT_EQ(q1->lora_A->weight.size(0), 2);
+  EXPECT_DOUBLE_EQ(q1->scale(), 3.0 / 2.0);
+}
+
+TEST(HfAdapter, ExcludeModulesAndRegexTargets) {
+  auto config = peft::hf::parse_lora_config(
+      nlohmann::json::parse(R"({"target_modules":".*_proj","exclude_modules":["o_proj","down_proj"]})"), "cfg");
+  EXPECT_TRUE(config.select("layers.0.attention.q_proj").has_value());
+  EXPECT_FALSE(config.select("layers.0.attention.o_proj").has_value());
+  EXPECT_FALSE(config.select("layers.0.mlp.down_proj").has_value());
+  EXPECT_FALSE(config.select("lm_head").has_value());
+}
+
+TEST(HfAdapter, UnsupportedFieldsAreErrorsNamingFieldAndValue) {
+  EXPECT_EQ(config_error("{}"), "<no error>");
+  EXPECT_THAT(config_error(R"({"fan_in_fan_out":true})"),
+              HasSubstr("adapter_config.json: fan_in_fan_out: true is not supported by d9d-peft"));
+  EXPECT_THAT(config_error(R"({"bias":"all"})"), HasSubstr("bias: \"all\" is not supported by d9d-peft (only \"none\" is)"));
+  EXPECT_THAT(config_error(R"({"modules_to_save":["lm_head"]})"),
+              HasSubstr("modules_to_save: [\"lm_head\"] is not supported"));
+  EXPECT_THAT(config_error(R"({"init_lora_weights":"pissa"})"),
+              HasSubstr("init_lora_weights: \"pissa\" is not supported (supported: true, false, \"gaussian\")"));
+  EXPECT_THAT(config_error(R"({"peft_type":"IA3"})"), HasSubstr("peft_type: \"IA3\" is not supported"));
+  EXPECT_THAT(config_error(R"({"layers_to_transform":[0]})"), HasSubstr("layers_to_transform: [0] is not supported"));
+  EXPECT_THAT(config_error(R"({"some_future_option":3})"),
+              HasSubstr("some_future_option: 3 is not supported: d9d-peft does not know this field"));
+  EXPECT_EQ(config_error(R"({"some_future_option":null})"), "<no error>");
+  EXPECT_THAT(config_error(R"({"r":0})"), HasSubstr("r: must be an integer >= 1, got 0"));
+  EXPECT_THAT(config_error(R"({"target_modules":null})"), HasSubstr("target_modules: must name the modules to adapt"));
+}
+
+TEST(HfAdapter, WrongBaseModelIsAnErrorNamingTheKeyAndLeavesTheModelAlone) {
+  toy::ToyConfig other;
+  other.d = 8;
+  toy::Toy model(other);
+  EXPECT_THAT([&] { peft::hf::load_adapter(*model, kToy + "/adapters/lora_attn_r4"); },
+              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr(
+                  "shapes differ (wrong base model?): base_model.model.layers.0.attention.q_proj.lora_A.weight: "
+                  "file [4, 16], model [4, 8]")));
+  EXPECT_EQ(model->named_parameters().size(), 24u) << "a failed load must leave no adapter behind";
+  EXPECT_NE(model->layers[0]->as<toy::LayerImpl>()->attention->named_children()["q_proj"]->as<d9d::nn::LinearImpl>(),
+            nullptr);
+}
+
+TEST(HfAdapter, MissingFilesAndSecondAdaptersAreErrors) {
+  toy::Toy model = base_model();
+  EXPECT_THAT([&] { peft::hf::load_adapter(*model, "/nonexistent/adapter"); },
+              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("/nonexistent/adapter: no adapter_config.json")));
+  peft::hf::load_adapter(*model, kToy + "/adapters/lora_attn_r4");
+  EXPECT_THAT([&] { peft::hf::load_adapter(*model, kToy + "/adapters/lora_rslora"); },
+              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("the model already holds LoRA layers")));
+}
+
+TEST(HfAdapter, StateDictKeysArePefts) {
+  toy::Toy model = base_model();
+  peft::hf::load_adapter(*model, kToy + "/adapters/dora_mlp");
+  const auto state = peft::hf::get_peft_model_state_dict(*model);
+  EXPECT_EQ(state.count("base_model.model.layers.0.mlp.up_proj.lora_magnitude_vector"), 1u);
+  EXPECT_EQ(state.count("base_model.model.layers.0.mlp.up_proj.lora_A.weight"), 1u);
+  EXPECT_EQ(state.size(), 12u);
+  // Keys without the prefix load too.
+  ms::StateDict bare;
+  for (const auto& [k, v] : state) bare.emplace(k.substr(peft::hf::kPeftKeyPrefix.size()), v.clone());
+  EXPECT_NO_THROW(peft::hf::set_peft_model_state_dict(*model, bare));
+}
