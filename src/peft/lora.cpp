@@ -113,16 +113,30 @@ at::Tensor LoRALinearImpl::dora_scale() const {
 at::Tensor LoRALinearImpl::forward(const at::Tensor& input) {
   const at::Tensor& weight = base_weight();
   const at::Tensor& bias = base_bias();
-  at::Tensor out = torch::nn::functional::linear(input, weight, bias);
   const bool drop = options_.dropout > 0.0 && is_training();
   const at::Tensor h = drop ? dropout->forward(input) : input;
-  at::Tensor low_rank = lora_B->forward(lora_A->forward(h));
-  if (!options_.use_dora) return out.add(low_rank, scale_);
-  const at::Tensor m_scale = dora_scale();
-  // Without dropout the base output (less its bias) is reused, as PEFT does.
-  const at::Tensor base_no_bias = drop ? torch::nn::functional::linear(h, weight)
-                                       : (bias.defined() ? out - bias : out);
-  return out + (m_scale - 1) * base_no_bias + m_scale * low_rank * scale_;
+  if (options_.use_dora) {
+    const at::Tensor out = torch::nn::functional::linear(input, weight, bias);
+    const at::Tensor low_rank = lora_B->forward(lora_A->forward(h));
+    const at::Tensor m_scale = dora_scale();
+    // Without dropout the base output (less its bias) is reused, as PEFT does.
+    const at::Tensor base_no_bias =
+        drop ? torch::nn::functional::linear(h, weight) : (bias.defined() ? out - bias : out);
+    return out + (m_scale - 1) * base_no_bias + m_scale * low_rank * scale_;
+  }
+  // base + scale * B(A(h)) on 2-D views, the low-rank product accumulated
+  // into the base output in place (one addmm_) and the scale applied to the
+  // small [tokens, r] intermediate rather than to the [tokens, out] result.
+  const int64_t in_features = weight.size(1);
+  const at::Tensor x2 = input.reshape({-1, in_features});
+  const at::Tensor h2 = drop ? h.reshape({-1, in_features}) : x2;
+  at::Tensor out = bias.defined() ? at::addmm(bias, x2, weight.t()) : at::mm(x2, weight.t());
+  at::Tensor low = at::mm(h2, lora_A->weight.t());
+  if (scale_ != 1.0) low.mul_(scale_);
+  out.addmm_(low, lora_B->weight.t());
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.back() = weight.size(0);
+  return out.view(shape);
 }
 
 at::Tensor LoRALinearImpl::delta_weight() const { return lora_B->weight.mm(lora_A->weight) * scale_; }
