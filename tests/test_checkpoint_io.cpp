@@ -342,6 +342,17 @@ TEST(CheckpointIO, MalformedSafetensorsAreErrorsNamingFileAndKey) {
               ::testing::ThrowsMessage<ms::CheckpointError>(HasSubstr("good.safetensors: no tensor 'zzz'")));
 }
 
+TEST(CheckpointIO, DeeplyNestedJsonIsAnErrorNotACrash) {
+  // Quoting a 100000-deep value in a message would recurse 100000 frames.
+  TempDir dir;
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  EXPECT_THAT(header_error(R"({"a":)" + deep + "}", "", dir), HasSubstr("tensor 'a': expected an object, got a deeply nested array"));
+  EXPECT_THAT(header_error(R"({"__metadata__":{"k":)" + deep + "}}", "", dir),
+              HasSubstr("__metadata__.k must be a string, got a deeply nested array"));
+  EXPECT_THAT([&] { ms::parse_safetensors_index(R"({"weight_map":{"w":)" + deep + "}}", "index.json"); },
+              ::testing::ThrowsMessage<ms::CheckpointError>(HasSubstr("weight_map['w'] must be a file name, got a deeply nested array")));
+}
+
 TEST(CheckpointIO, MalformedIndexesAreErrorsNamingFileAndKey) {
   TempDir dir;
   ms::save_safetensors(dir / "s1.safetensors", {{"a", torch::ones({2})}});

@@ -4,9 +4,13 @@
 
 #include <d9d/peft.h>
 
+#include <torch/nn/functional/loss.h>
+#include <torch/optim/sgd.h>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -206,4 +210,43 @@ TEST(HfAdapter, StateDictKeysArePefts) {
   ms::StateDict bare;
   for (const auto& [k, v] : state) bare.emplace(k.substr(peft::hf::kPeftKeyPrefix.size()), v.clone());
   EXPECT_NO_THROW(peft::hf::set_peft_model_state_dict(*model, bare));
+}
+
+TEST(HfAdapter, ExportsAdaptersForPythonCheck) {
+  // Re-saves every fixture adapter and one trained here, with the logits this
+  // library computes, for tests/hf_peft_check.py (real PEFT) to compare. The
+  // directory is D9D_HF_EXPORT_DIR when set, else a temporary one; either way
+  // each export must load back here to the same logits.
+  TempDir temp;
+  const char* env = std::getenv("D9D_HF_EXPORT_DIR");
+  const fs::path root = env ? fs::path(env) : temp.path;
+  auto export_one = [&](toy::Toy& model, const std::string& name) {
+    const fs::path dir = root / name;
+    peft::hf::save_adapter(*model, dir.string());
+    torch::NoGradGuard g;
+    const auto logits = model->forward(input_ids());
+    ms::save_safetensors((dir / "cpp_logits.safetensors").string(), {{"logits", logits}});
+    toy::Toy again = base_model();
+    peft::hf::load_adapter(*again, dir.string());
+    EXPECT_LE(max_diff(again->forward(input_ids()), logits), 1e-6) << name;
+  };
+  for (const auto& name : kAdapters) {
+    toy::Toy model = base_model();
+    peft::hf::load_adapter(*model, kToy + "/adapters/" + name);
+    export_one(model, "resaved_" + name);
+  }
+  // An adapter trained by C++: LoRA on every projection, a few SGD steps.
+  toy::Toy model = base_model();
+  peft::LoRA lora({R"(.*_proj)", {4, 8, 0.0}});
+  peft::inject_peft_and_freeze(lora, model);
+  torch::optim::SGD opt(peft::trainable_parameters(*model), torch::optim::SGDOptions(0.5));
+  const auto ids = input_ids();
+  for (int step = 0; step < 20; ++step) {
+    opt.zero_grad();
+    auto logits = model->forward(ids.slice(1, 0, -1));
+    auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 37}), ids.slice(1, 1).reshape({-1}));
+    loss.backward();
+    opt.step();
+  }
+  export_one(model, "trained_by_cpp");
 }

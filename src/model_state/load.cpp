@@ -161,6 +161,7 @@ LoadReport load_model_state(const StateSource& source, const ModelStateMapper& m
       }
       report.mismatched_keys.push_back(std::move(m));
     }
+    for (const auto& key : group->inputs) source.release(key);
   }
   if (options.strict && !report.ok()) {
     throw StateLoadError(fmt::format("load from {}: the state does not fit the model (nothing was loaded):\n{}\n  "

@@ -7,6 +7,8 @@
 
 #include <fmt/format.h>
 
+#include "../json_text.h"
+
 #include <cmath>
 #include <regex>
 
@@ -21,7 +23,7 @@ std::string field_path(const std::string& path, const std::string& field) {
 }
 
 void check_object(const json& j, const std::string& path, const std::vector<std::string>& allowed) {
-  if (!j.is_object()) throw ConfigError(path, fmt::format("expected an object, got {} {}", j.type_name(), j.dump()));
+  if (!j.is_object()) throw ConfigError(path, fmt::format("expected an object, got {} {}", j.type_name(), d9d::detail::quote_json(j)));
   for (const auto& item : j.items()) {
     if (std::find(allowed.begin(), allowed.end(), item.key()) == allowed.end()) {
       throw ConfigError(field_path(path, item.key()),
@@ -42,24 +44,24 @@ int64_t get_int(const json& v, const std::string& path) {
     const double d = v.get<double>();
     if (std::isfinite(d) && std::floor(d) == d) return static_cast<int64_t>(d);
   }
-  throw ConfigError(path, fmt::format("expected an integer, got {}", v.dump()));
+  throw ConfigError(path, fmt::format("expected an integer, got {}", d9d::detail::quote_json(v)));
 }
 
 double get_number(const json& v, const std::string& path) {
   if (v.is_number()) return v.get<double>();
-  throw ConfigError(path, fmt::format("expected a number, got {}", v.dump()));
+  throw ConfigError(path, fmt::format("expected a number, got {}", d9d::detail::quote_json(v)));
 }
 
 std::string get_string(const json& v, const std::string& path) {
   if (v.is_string()) return v.get<std::string>();
-  throw ConfigError(path, fmt::format("expected a string, got {}", v.dump()));
+  throw ConfigError(path, fmt::format("expected a string, got {}", d9d::detail::quote_json(v)));
 }
 
 void check_kind(const json& j, const std::string& path, const char* expected) {
   auto it = j.find("kind");
   if (it == j.end()) return;
   if (!it->is_string() || it->get<std::string>() != expected) {
-    throw ConfigError(field_path(path, "kind"), fmt::format("expected \"{}\", got {}", expected, it->dump()));
+    throw ConfigError(field_path(path, "kind"), fmt::format("expected \"{}\", got {}", expected, d9d::detail::quote_json(*it)));
   }
 }
 
@@ -109,7 +111,7 @@ PeftStackConfig parse_stack(const json& j, const std::string& path) {
   check_kind(j, path, PeftStackConfig::kind);
   const json& methods = require(j, path, "methods");
   const std::string methods_path = field_path(path, "methods");
-  if (!methods.is_array()) throw ConfigError(methods_path, fmt::format("expected a list, got {}", methods.dump()));
+  if (!methods.is_array()) throw ConfigError(methods_path, fmt::format("expected a list, got {}", d9d::detail::quote_json(methods)));
   PeftStackConfig c;
   for (size_t i = 0; i < methods.size(); ++i) {
     c.methods.push_back(parse_any(methods[i], fmt::format("{}[{}]", methods_path, i)));
@@ -119,12 +121,12 @@ PeftStackConfig parse_stack(const json& j, const std::string& path) {
 }
 
 AnyPeftConfig parse_any(const json& j, const std::string& path) {
-  if (!j.is_object()) throw ConfigError(path, fmt::format("expected an object, got {} {}", j.type_name(), j.dump()));
+  if (!j.is_object()) throw ConfigError(path, fmt::format("expected an object, got {} {}", j.type_name(), d9d::detail::quote_json(j)));
   auto it = j.find("kind");
   if (it == j.end()) {
     throw ConfigError(field_path(path, "kind"), "field required: one of \"lora\", \"full_tune\", \"stack\"");
   }
-  const std::string kind = it->is_string() ? it->get<std::string>() : it->dump();
+  const std::string kind = it->is_string() ? it->get<std::string>() : d9d::detail::quote_json(*it);
   if (kind == LoRAConfig::kind) return parse_lora(j, path);
   if (kind == FullTuneConfig::kind) return parse_full_tune(j, path);
   if (kind == PeftStackConfig::kind) return parse_stack(j, path);

@@ -13,6 +13,8 @@
 
 #include <fmt/format.h>
 
+#include "../json_text.h"
+
 #include <filesystem>
 #include <fstream>
 #include <regex>
@@ -51,9 +53,9 @@ ModuleSelector parse_selector(const json& v, const std::string& source, const st
     }
     return s;
   }
-  if (!v.is_array()) fail(source, field, fmt::format("expected a list of names or a regex string, got {}", v.dump()));
+  if (!v.is_array()) fail(source, field, fmt::format("expected a list of names or a regex string, got {}", d9d::detail::quote_json(v)));
   for (const auto& item : v) {
-    if (!item.is_string()) fail(source, field, fmt::format("expected names, got {}", item.dump()));
+    if (!item.is_string()) fail(source, field, fmt::format("expected names, got {}", d9d::detail::quote_json(item)));
     s.names.push_back(item.get<std::string>());
   }
   return s;
@@ -144,25 +146,25 @@ LoraConfig parse_lora_config(const json& j, const std::string& source) {
     const std::string& field = item.key();
     const json& v = item.value();
     auto number = [&](double lo, const char* rule) {
-      if (!v.is_number() || !(v.get<double>() >= lo)) fail(source, field, fmt::format("{}, got {}", rule, v.dump()));
+      if (!v.is_number() || !(v.get<double>() >= lo)) fail(source, field, fmt::format("{}, got {}", rule, d9d::detail::quote_json(v)));
       return v.get<double>();
     };
     auto flag = [&] {
-      if (!v.is_boolean()) fail(source, field, fmt::format("expected true or false, got {}", v.dump()));
+      if (!v.is_boolean()) fail(source, field, fmt::format("expected true or false, got {}", d9d::detail::quote_json(v)));
       return v.get<bool>();
     };
     if (field == "peft_type") {
       if (v != "LORA") {
-        fail(source, field, fmt::format("{} is not supported: d9d-peft reads LoRA adapters (\"LORA\") only", v.dump()));
+        fail(source, field, fmt::format("{} is not supported: d9d-peft reads LoRA adapters (\"LORA\") only", d9d::detail::quote_json(v)));
       }
     } else if (field == "r") {
-      if (!v.is_number_integer() || v.get<int64_t>() < 1) fail(source, field, fmt::format("must be an integer >= 1, got {}", v.dump()));
+      if (!v.is_number_integer() || v.get<int64_t>() < 1) fail(source, field, fmt::format("must be an integer >= 1, got {}", d9d::detail::quote_json(v)));
       c.r = v.get<int64_t>();
     } else if (field == "lora_alpha") {
       c.lora_alpha = number(1e-12, "must be a number > 0");
     } else if (field == "lora_dropout") {
       c.lora_dropout = number(0.0, "must be a number in [0, 1)");
-      if (c.lora_dropout >= 1.0) fail(source, field, fmt::format("must be a number in [0, 1), got {}", v.dump()));
+      if (c.lora_dropout >= 1.0) fail(source, field, fmt::format("must be a number in [0, 1), got {}", d9d::detail::quote_json(v)));
     } else if (field == "target_modules") {
       c.target_modules = parse_selector(v, source, field);
     } else if (field == "exclude_modules") {
@@ -175,38 +177,38 @@ LoraConfig parse_lora_config(const json& j, const std::string& source) {
       if (v == true) c.init = LoRAInit::Default;
       else if (v == false) c.init = LoRAInit::Random;
       else if (v == "gaussian") c.init = LoRAInit::Gaussian;
-      else fail(source, field, fmt::format("{} is not supported (supported: true, false, \"gaussian\")", v.dump()));
+      else fail(source, field, fmt::format("{} is not supported (supported: true, false, \"gaussian\")", d9d::detail::quote_json(v)));
     } else if (field == "rank_pattern" || field == "alpha_pattern") {
       if (v.is_null()) continue;
-      if (!v.is_object()) fail(source, field, fmt::format("expected an object, got {}", v.dump()));
+      if (!v.is_object()) fail(source, field, fmt::format("expected an object, got {}", d9d::detail::quote_json(v)));
       for (const auto& p : v.items()) {
         if (field == "rank_pattern") {
           if (!p.value().is_number_integer() || p.value().get<int64_t>() < 1) {
-            fail(source, field + "." + p.key(), fmt::format("must be an integer >= 1, got {}", p.value().dump()));
+            fail(source, field + "." + p.key(), fmt::format("must be an integer >= 1, got {}", d9d::detail::quote_json(p.value())));
           }
           c.rank_pattern.emplace_back(p.key(), p.value().get<int64_t>());
         } else {
           if (!p.value().is_number() || !(p.value().get<double>() > 0)) {
-            fail(source, field + "." + p.key(), fmt::format("must be a number > 0, got {}", p.value().dump()));
+            fail(source, field + "." + p.key(), fmt::format("must be a number > 0, got {}", d9d::detail::quote_json(p.value())));
           }
           c.alpha_pattern.emplace_back(p.key(), p.value().get<double>());
         }
       }
     } else if (field == "base_model_name_or_path" || field == "task_type") {
       if (v.is_null()) continue;
-      if (!v.is_string()) fail(source, field, fmt::format("expected a string or null, got {}", v.dump()));
+      if (!v.is_string()) fail(source, field, fmt::format("expected a string or null, got {}", d9d::detail::quote_json(v)));
       (field == "task_type" ? c.task_type : c.base_model_name_or_path) = v.get<std::string>();
     } else if (kMetadataFields.count(field)) {
       // Bookkeeping that does not change the numbers.
     } else if (auto fixed = kFixedFields.find(field); fixed != kFixedFields.end()) {
       if (v != fixed->second && !is_default_like(v)) {
         fail(source, field, fmt::format("{} is not supported by d9d-peft (only {} is); use an adapter without it",
-                                        v.dump(), fixed->second.dump()));
+                                        d9d::detail::quote_json(v), d9d::detail::quote_json(fixed->second)));
       }
     } else if (!is_default_like(v)) {
       fail(source, field, fmt::format("{} is not supported: d9d-peft does not know this field; use an adapter "
                                       "without it",
-                                      v.dump()));
+                                      d9d::detail::quote_json(v)));
     }
   }
   if (c.target_modules.empty()) fail(source, "target_modules", "must name the modules to adapt");

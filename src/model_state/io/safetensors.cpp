@@ -7,6 +7,8 @@
 
 #include <fmt/format.h>
 
+#include "../../json_text.h"
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -44,7 +46,7 @@ constexpr DtypeInfo kDtypes[] = {
 uint64_t to_u64(const json& v, const std::string& source, const std::string& what) {
   if (v.is_number_unsigned()) return v.get<uint64_t>();
   if (v.is_number_integer() && v.get<int64_t>() >= 0) return static_cast<uint64_t>(v.get<int64_t>());
-  fail(source, fmt::format("{} must be a non-negative integer, got {}", what, v.dump()));
+  fail(source, fmt::format("{} must be a non-negative integer, got {}", what, d9d::detail::quote_json(v)));
 }
 
 std::string errno_text() { return std::strerror(errno); }
@@ -103,14 +105,14 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
       if (!value.is_object()) fail(source, "__metadata__ must be an object of strings");
       for (const auto& m : value.items()) {
         if (!m.value().is_string()) {
-          fail(source, fmt::format("__metadata__.{} must be a string, got {}", m.key(), m.value().dump()));
+          fail(source, fmt::format("__metadata__.{} must be a string, got {}", m.key(), d9d::detail::quote_json(m.value())));
         }
         out.metadata.emplace(m.key(), m.value().get<std::string>());
       }
       continue;
     }
     const std::string where = fmt::format("tensor '{}'", key);
-    if (!value.is_object()) fail(source, fmt::format("{}: expected an object, got {}", where, value.dump()));
+    if (!value.is_object()) fail(source, fmt::format("{}: expected an object, got {}", where, d9d::detail::quote_json(value)));
     for (const char* field : {"dtype", "shape", "data_offsets"}) {
       if (!value.contains(field)) fail(source, fmt::format("{}: missing field '{}'", where, field));
     }
@@ -133,26 +135,26 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
       const uint64_t d = to_u64(dim, source, where + " shape entry");
       if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
           (d != 0 && numel > std::numeric_limits<uint64_t>::max() / d)) {
-        fail(source, fmt::format("{}: shape {} overflows", where, shape.dump()));
+        fail(source, fmt::format("{}: shape {} overflows", where, d9d::detail::quote_json(shape)));
       }
       numel *= d;
       entry.shape.push_back(static_cast<int64_t>(d));
     }
     const json& offsets = value["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2) {
-      fail(source, fmt::format("{}: data_offsets must be [begin, end], got {}", where, offsets.dump()));
+      fail(source, fmt::format("{}: data_offsets must be [begin, end], got {}", where, d9d::detail::quote_json(offsets)));
     }
     entry.begin = to_u64(offsets[0], source, where + " data_offsets");
     entry.end = to_u64(offsets[1], source, where + " data_offsets");
-    if (entry.end < entry.begin) fail(source, fmt::format("{}: data_offsets {} end before they begin", where, offsets.dump()));
+    if (entry.end < entry.begin) fail(source, fmt::format("{}: data_offsets {} end before they begin", where, d9d::detail::quote_json(offsets)));
     if (entry.end > data_size) {
       fail(source, fmt::format("{}: data_offsets {} run past the data section ({} bytes): truncated file?", where,
-                               offsets.dump(), data_size));
+                               d9d::detail::quote_json(offsets), data_size));
     }
     const uint64_t itemsize = c10::elementSize(entry.dtype);
     if (numel > std::numeric_limits<uint64_t>::max() / itemsize || numel * itemsize != entry.end - entry.begin) {
-      fail(source, fmt::format("{}: shape {} of {} needs {} bytes but data_offsets {} span {}", where, shape.dump(),
-                               entry.dtype_name, numel * itemsize, offsets.dump(), entry.end - entry.begin));
+      fail(source, fmt::format("{}: shape {} of {} needs {} bytes but data_offsets {} span {}", where, d9d::detail::quote_json(shape),
+                               entry.dtype_name, numel * itemsize, d9d::detail::quote_json(offsets), entry.end - entry.begin));
     }
     out.tensors.emplace(key, std::move(entry));
   }

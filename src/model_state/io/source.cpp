@@ -6,6 +6,8 @@
 
 #include <fmt/format.h>
 
+#include "../../json_text.h"
+
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -192,7 +194,7 @@ SafetensorsIndex parse_safetensors_index(const std::string& text, const std::str
       if (total != item.value().end()) {
         if (!total->is_number_unsigned() && !(total->is_number_integer() && total->get<int64_t>() >= 0)) {
           throw CheckpointError(fmt::format("{}: metadata.total_size must be a non-negative integer, got {}",
-                                            source, total->dump()));
+                                            source, d9d::detail::quote_json(*total)));
         }
         index.total_size = total->get<uint64_t>();
       }
@@ -207,7 +209,7 @@ SafetensorsIndex parse_safetensors_index(const std::string& text, const std::str
   for (const auto& item : map->items()) {
     if (!item.value().is_string()) {
       throw CheckpointError(fmt::format("{}: weight_map['{}'] must be a file name, got {}", source, item.key(),
-                                        item.value().dump()));
+                                        d9d::detail::quote_json(item.value())));
     }
     const std::string shard = item.value().get<std::string>();
     if (shard.empty() || shard == "." || shard == ".." || shard.find('/') != std::string::npos ||
