@@ -6,8 +6,9 @@ set -euo pipefail
 packages=(
   cmake g++ make
   libtorch-dev libopenblas0-pthread  # LibTorch; OpenBLAS or matmuls fall back to reference BLAS (~40x slower)
-  nlohmann-json3-dev libfmt-dev
+  nlohmann-json3-dev libfmt-dev libcli11-dev  # CLI11: the d9d-peft tool
   googletest libgtest-dev libbenchmark-dev
+  clang libclang-rt-14-dev  # libFuzzer and the sanitizers for scripts/fuzz.sh
   git ca-certificates
 )
 
