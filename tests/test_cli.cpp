@@ -1,1 +1,335 @@
-// Placeholder: CLI tests.
+// Merging a Hugging Face PEFT adapter into a checkpoint on disk (what `d9d-peft merge` does):
+// PEFT's merged weights for every fixture adapter, from every base layout, and the errors.
+#include <d9d/model_state/io/safetensors.h>
+#include <d9d/model_state/io/source.h>
+#include <d9d/peft/errors.h>
+#include <d9d/peft/hf/merge.h>
+
+#include <ATen/Functions.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace fs = std::filesystem;
+namespace ms = d9d::model_state;
+namespace hf = d9d::peft::hf;
+using ::testing::HasSubstr;
+
+namespace {
+
+const std::string kToy = std::string(D9D_FIXTURES_DIR) + "/hf_peft/toy";
+const std::vector<std::string> kAdapters = {"lora_attn_r4", "lora_all_linear_r8", "lora_rslora", "lora_embed_head",
+                                            "dora_mlp"};
+
+struct TempDir {
+  TempDir() {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    std::string name = std::string(info->test_suite_name()) + "-" + info->name();
+    for (char& c : name) {
+      if (c == '/') c = '_';
+    }
+    path = fs::temp_directory_path() / ("d9d-cli-" + std::to_string(::getpid()) + "-" + name);
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  std::string operator/(const std::string& child) const { return (path / child).string(); }
+  fs::path path;
+};
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::vector<std::string> files_in(const std::string& dir) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) return names;
+  for (const auto& entry : fs::directory_iterator(dir)) names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::string fmt_shard(int i) { return "model-0000" + std::to_string(i + 1) + "-of-00002.safetensors"; }
+
+/// Writes the toy base as two shards and an index; returns the index.
+ms::SafetensorsIndex write_sharded_toy(const std::string& dir) {
+  const auto base = ms::SafetensorsFile::open(kToy + "/model.safetensors");
+  ms::StateDict halves[2];
+  ms::SafetensorsIndex index;
+  size_t i = 0;
+  const ms::KeySet keys = base->keys();
+  for (const auto& key : keys) {
+    const int half = i++ < keys.size() / 2 ? 0 : 1;
+    halves[half].emplace(key, base->get(key));
+    index.weight_map.emplace(key, fmt_shard(half));
+  }
+  fs::create_directories(dir);
+  ms::save_safetensors(dir + "/" + fmt_shard(0), halves[0], {{"format", "pt"}});
+  ms::save_safetensors(dir + "/" + fmt_shard(1), halves[1], {{"format", "pt"}});
+  ms::write_file_atomically(dir + "/model.safetensors.index.json", ms::dump_safetensors_index(index));
+  return index;
+}
+
+/// The largest difference between the merged checkpoint in `out` and PEFT's
+/// merged weights; every other tensor must equal the base's bit for bit.
+double check_merged(const std::string& out, const std::string& adapter) {
+  const auto expected = ms::SafetensorsFile::open(kToy + "/adapters/" + adapter + "/expected.safetensors");
+  const auto base = ms::SafetensorsFile::open(kToy + "/model.safetensors");
+  const ms::SourcePtr merged = ms::open_checkpoint(out);
+  EXPECT_EQ(merged->keys(), base->keys());
+  std::set<std::string> merged_keys;
+  double worst = 0;
+  for (const auto& key : expected->keys()) {
+    if (key.rfind("merged.", 0) != 0 || key == "merged_logits") continue;
+    const std::string k = key.substr(7);
+    merged_keys.insert(k);
+    const at::Tensor got = merged->read(k);
+    EXPECT_EQ(got.scalar_type(), base->get(k).scalar_type()) << k;
+    const double diff = (got - expected->get(key)).abs().max().item<double>();
+    EXPECT_LE(diff, 1e-5) << adapter << ": " << k;
+    worst = std::max(worst, diff);
+  }
+  EXPECT_FALSE(merged_keys.empty());
+  for (const auto& key : base->keys()) {
+    if (merged_keys.count(key)) continue;
+    const at::Tensor got = merged->read(key);
+    const at::Tensor want = base->get(key);
+    EXPECT_EQ(got.scalar_type(), want.scalar_type()) << key;
+    EXPECT_TRUE(at::equal(got, want)) << adapter << ": untouched tensor changed: " << key;
+  }
+  return worst;
+}
+
+std::string merge_error(const std::string& base, const std::string& adapter, const std::string& out,
+                        double scale = 1.0) {
+  try {
+    hf::merge_adapter_into_checkpoint(base, adapter, out, scale, ms::no_progress());
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+/// A copy of a fixture adapter whose config is patched with `patch_json`.
+std::string patched_adapter(const TempDir& tmp, const std::string& adapter, const std::string& patch_json) {
+  static int count = 0;
+  const std::string dir = tmp / ("adapter-" + adapter + "-" + std::to_string(++count));
+  fs::create_directories(dir);
+  fs::copy_file(kToy + "/adapters/" + adapter + "/adapter_model.safetensors", dir + "/adapter_model.safetensors");
+  std::ifstream in(kToy + "/adapters/" + adapter + "/adapter_config.json");
+  auto j = nlohmann::json::parse(in);
+  j.merge_patch(nlohmann::json::parse(patch_json));
+  std::ofstream(dir + "/adapter_config.json") << j.dump(2);
+  return dir;
+}
+
+}  // namespace
+
+class CliMergeFixture : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CliMergeFixture, SafetensorsBaseGivesPeftMergedWeights) {
+  TempDir tmp;
+  const std::string out = tmp / "out";
+  hf::merge_adapter_into_checkpoint(kToy + "/model.safetensors", kToy + "/adapters/" + GetParam(), out, 1.0,
+                                    ms::no_progress());
+  EXPECT_EQ(files_in(out), std::vector<std::string>{"model.safetensors"});
+  EXPECT_EQ(ms::SafetensorsFile::open(out + "/model.safetensors")->header().metadata.at("format"), "pt");
+  const double diff = check_merged(out, GetParam());
+  std::printf("[ merge    ] %-20s max |merged - PEFT| = %.3g\n", GetParam().c_str(), diff);
+  RecordProperty("max_abs_diff", std::to_string(diff));
+}
+
+TEST_P(CliMergeFixture, TorchSaveBaseGivesPeftMergedWeights) {
+  TempDir tmp;
+  const std::string out = tmp / "out";
+  hf::merge_adapter_into_checkpoint(kToy + "/model.pt", kToy + "/adapters/" + GetParam(), out, 1.0,
+                                    ms::no_progress());
+  EXPECT_EQ(files_in(out), std::vector<std::string>{"model.safetensors"});
+  check_merged(out, GetParam());
+}
+
+TEST_P(CliMergeFixture, ShardedBaseKeepsItsLayout) {
+  TempDir tmp;
+  const ms::SafetensorsIndex index = write_sharded_toy(tmp / "base");
+  const std::string out = tmp / "out";
+  hf::merge_adapter_into_checkpoint(tmp / "base", kToy + "/adapters/" + GetParam(), out, 1.0, ms::no_progress());
+  EXPECT_EQ(files_in(out), (std::vector<std::string>{fmt_shard(0), fmt_shard(1), "model.safetensors.index.json"}));
+  const ms::SafetensorsIndex written =
+      ms::parse_safetensors_index(read_bytes(out + "/model.safetensors.index.json"), "index");
+  EXPECT_EQ(written.weight_map, index.weight_map);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(ms::SafetensorsFile::open(out + "/" + fmt_shard(i))->keys(),
+              ms::SafetensorsFile::open(tmp / "base/" + fmt_shard(i))->keys());
+  }
+  check_merged(out, GetParam());
+
+  // The index itself names the base just as well.
+  const std::string out2 = tmp / "out2";
+  hf::merge_adapter_into_checkpoint(tmp / "base/model.safetensors.index.json", kToy + "/adapters/" + GetParam(), out2,
+                                    1.0, ms::no_progress());
+  check_merged(out2, GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(Adapters, CliMergeFixture, ::testing::ValuesIn(kAdapters),
+                         [](const auto& info) { return info.param; });
+
+TEST(CliMerge, ScaleMultipliesTheDelta) {
+  TempDir tmp;
+  hf::merge_adapter_into_checkpoint(kToy + "/model.safetensors", kToy + "/adapters/lora_attn_r4", tmp / "half", 0.5,
+                                    ms::no_progress());
+  const auto base = ms::SafetensorsFile::open(kToy + "/model.safetensors");
+  const auto expected = ms::SafetensorsFile::open(kToy + "/adapters/lora_attn_r4/expected.safetensors");
+  const auto half = ms::SafetensorsFile::open(tmp / "half/model.safetensors");
+  for (const std::string key : {"layers.0.attention.q_proj.weight", "layers.0.attention.v_proj.weight"}) {
+    const at::Tensor want = base->get(key) + 0.5 * (expected->get("merged." + key) - base->get(key));
+    EXPECT_LE((half->get(key) - want).abs().max().item<double>(), 1e-5) << key;
+  }
+}
+
+TEST(CliMerge, MergeLoraWeightWorksOnOneTensor) {
+  const hf::AdapterFiles adapter = hf::read_adapter_files(kToy + "/adapters/lora_embed_head");
+  EXPECT_EQ(hf::adapted_module_paths(adapter.tensors), (std::vector<std::string>{"embed_tokens", "lm_head"}));
+  const auto base = ms::SafetensorsFile::open(kToy + "/model.safetensors");
+  const auto expected = ms::SafetensorsFile::open(kToy + "/adapters/lora_embed_head/expected.safetensors");
+  for (const std::string path : {"embed_tokens", "lm_head"}) {
+    // bfloat16 in, bfloat16 out: computed in float32, cast back.
+    const at::Tensor merged =
+        hf::merge_lora_weight(base->get(path + ".weight").to(at::kBFloat16), path, adapter.tensors, adapter.config);
+    EXPECT_EQ(merged.scalar_type(), at::kBFloat16);
+    const at::Tensor want = expected->get("merged." + path + ".weight");
+    const double tolerance = 2.0 / 256 * want.abs().max().item<double>();  // two bfloat16 roundings
+    EXPECT_LE((merged.to(at::kFloat) - want).abs().max().item<double>(), tolerance);
+    const at::Tensor exact = hf::merge_lora_weight(base->get(path + ".weight"), path, adapter.tensors, adapter.config);
+    EXPECT_LE((exact - expected->get("merged." + path + ".weight")).abs().max().item<double>(), 1e-5);
+  }
+}
+
+TEST(CliMerge, WrongBaseNamesTheKey) {
+  TempDir tmp;
+  const std::string msg = merge_error(std::string(D9D_FIXTURES_DIR) + "/hf_peft/conv/model.safetensors",
+                                      kToy + "/adapters/lora_attn_r4", tmp / "out");
+  EXPECT_THAT(msg, HasSubstr("adapter targets 'layers.0.attention.q_proj' but the base checkpoint has no "
+                             "'layers.0.attention.q_proj.weight' (wrong base model?)"));
+  EXPECT_FALSE(fs::exists(tmp / "out"));
+}
+
+TEST(CliMerge, ShapeMismatchNamesKeyAndShapes) {
+  TempDir tmp;
+  auto state = ms::SafetensorsFile::open(kToy + "/model.safetensors")->load_all();
+  state["layers.0.mlp.up_proj.weight"] = at::zeros({32, 16});
+  ms::save_safetensors(tmp / "base.safetensors", state);
+  const std::string msg = merge_error(tmp / "base.safetensors", kToy + "/adapters/dora_mlp", tmp / "out");
+  EXPECT_THAT(msg, HasSubstr("'layers.0.mlp.up_proj.weight' has shape [32, 16] in the base checkpoint"));
+  EXPECT_THAT(msg, HasSubstr("need [40, 16] (wrong base model?)"));
+  EXPECT_FALSE(fs::exists(tmp / "out"));
+}
+
+TEST(CliMerge, RankMustAgreeWithTheConfig) {
+  TempDir tmp;
+  const std::string adapter = patched_adapter(tmp, "lora_attn_r4", R"({"r": 2})");
+  EXPECT_THAT(merge_error(kToy + "/model.safetensors", adapter, tmp / "out"),
+              HasSubstr("'base_model.model.layers.0.attention.q_proj.lora_A.weight' has rank 4 (shape [4, 16]) but "
+                        "adapter_config.json gives r = 2 for 'layers.0.attention.q_proj'"));
+  const std::string patterned = patched_adapter(tmp, "lora_rslora", R"({"rank_pattern": {"v_proj": 4}})");
+  EXPECT_THAT(merge_error(kToy + "/model.safetensors", patterned, tmp / "out"),
+              HasSubstr("gives r = 4 for 'layers.0.attention.v_proj'"));
+}
+
+TEST(CliMerge, ConfigAndWeightsMustAgree) {
+  TempDir tmp;
+  EXPECT_THAT(merge_error(kToy + "/model.safetensors", patched_adapter(tmp, "lora_attn_r4", R"({"target_modules":
+              ["q_proj"]})"), tmp / "out"),
+              HasSubstr("adapter_config.json does not target 'layers.0.attention.v_proj'"));
+  EXPECT_THAT(merge_error(kToy + "/model.safetensors", patched_adapter(tmp, "dora_mlp", R"({"use_dora": false})"),
+                          tmp / "out"),
+              HasSubstr("lora_magnitude_vector' but adapter_config.json does not set use_dora"));
+  EXPECT_THAT(merge_error(kToy + "/model.safetensors", patched_adapter(tmp, "lora_attn_r4", R"({"fan_in_fan_out":
+              true})"), tmp / "out"),
+              HasSubstr("fan_in_fan_out: true is not supported"));
+  EXPECT_THAT(merge_error(kToy + "/model.safetensors", tmp.path.string(), tmp / "out"),
+              HasSubstr("no adapter_config.json"));
+  EXPECT_FALSE(fs::exists(tmp / "out"));
+
+  // A key the merge does not know is an error, not silently dropped.
+  const std::string extra = patched_adapter(tmp, "lora_attn_r4", "{}");
+  auto weights = ms::SafetensorsFile::open(extra + "/adapter_model.safetensors")->load_all();
+  weights["base_model.model.layers.0.attention.q_proj.lora_B.bias"] = at::zeros({16});
+  ms::save_safetensors(extra + "/adapter_model.safetensors", weights);
+  EXPECT_THAT(merge_error(kToy + "/model.safetensors", extra, tmp / "out"),
+              HasSubstr("'base_model.model.layers.0.attention.q_proj.lora_B.bias' is not a LoRA weight d9d-peft can "
+                        "merge"));
+}
+
+TEST(CliMerge, RefusesToWriteOverTheBase) {
+  TempDir tmp;
+  fs::create_directories(tmp / "base");
+  fs::copy_file(kToy + "/model.safetensors", tmp / "base/model.safetensors");
+  const std::string before = read_bytes(tmp / "base/model.safetensors");
+  const std::string adapter = kToy + "/adapters/lora_attn_r4";
+  EXPECT_THAT(merge_error(tmp / "base", adapter, tmp / "base"), HasSubstr("is where the base checkpoint lies"));
+  EXPECT_THAT(merge_error(tmp / "base/model.safetensors", adapter, tmp / "base"),
+              HasSubstr("merging would overwrite the base; choose another --out directory"));
+  EXPECT_THAT(merge_error(tmp / "base/model.safetensors", adapter, tmp / "base/."),
+              HasSubstr("is where the base checkpoint lies"));
+  EXPECT_EQ(read_bytes(tmp / "base/model.safetensors"), before);
+  EXPECT_EQ(files_in(tmp / "base"), std::vector<std::string>{"model.safetensors"});
+
+  // Nor next to another checkpoint that readers would confuse with the merged one.
+  write_sharded_toy(tmp / "other");
+  EXPECT_THAT(merge_error(kToy + "/model.safetensors", adapter, tmp / "other"),
+              HasSubstr("already holds 'model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', "
+                        "'model.safetensors.index.json', which this merge would not replace"));
+}
+
+TEST(CliMerge, FailedMergeLeavesNoFiles) {
+  TempDir tmp;
+  write_sharded_toy(tmp / "base");
+  const size_t first_shard = ms::SafetensorsFile::open(tmp / "base/" + fmt_shard(0))->keys().size();
+  // Fail after the first shard was written: nothing may be left behind.
+  auto failing = [&](const ms::ProgressInfo& p) {
+    if (p.done == first_shard + 1) throw ms::CheckpointError("disk full (simulated)");
+  };
+  fs::create_directories(tmp / "existing");
+  std::ofstream(tmp / "existing/config.json") << "{}";
+  for (const std::string out : {tmp / "fresh", tmp / "existing"}) {
+    try {
+      hf::merge_adapter_into_checkpoint(tmp / "base", kToy + "/adapters/lora_all_linear_r8", out, 1.0, failing);
+      ADD_FAILURE() << "no error";
+    } catch (const ms::CheckpointError& e) {
+      EXPECT_THAT(e.what(), HasSubstr("disk full"));
+    }
+  }
+  EXPECT_FALSE(fs::exists(tmp / "fresh"));
+  EXPECT_EQ(files_in(tmp / "existing"), std::vector<std::string>{"config.json"});
+
+  // A later merge into the same place succeeds and keeps other files.
+  hf::merge_adapter_into_checkpoint(tmp / "base", kToy + "/adapters/lora_all_linear_r8", tmp / "existing", 1.0,
+                                    ms::no_progress());
+  EXPECT_EQ(files_in(tmp / "existing"),
+            (std::vector<std::string>{"config.json", fmt_shard(0), fmt_shard(1), "model.safetensors.index.json"}));
+}
+
+TEST(CliMerge, ReportsProgressPerTensor) {
+  TempDir tmp;
+  std::vector<ms::ProgressInfo> seen;
+  hf::merge_adapter_into_checkpoint(kToy + "/model.safetensors", kToy + "/adapters/lora_attn_r4", tmp / "out", 1.0,
+                                    [&](const ms::ProgressInfo& p) { seen.push_back(p); });
+  ASSERT_EQ(seen.size(), 25u);  // 24 tensors + the final report
+  EXPECT_EQ(seen.front().stage, "merge");
+  EXPECT_EQ(seen.front().done, 1u);
+  EXPECT_EQ(seen.back().done, 24u);
+  EXPECT_TRUE(seen.back().finished);
+  EXPECT_EQ(seen.back().bytes_done, seen.back().bytes_total);
+}
