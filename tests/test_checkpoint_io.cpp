@@ -1,5 +1,6 @@
 // Checkpoint IO: safetensors (validated, memory-mapped), sharded checkpoints,
 // torch.save dicts, streaming loads and atomic saves through mappers.
+#include "test_util.h"
 #include "toy_model.h"
 
 #include <d9d/model_state/io/safetensors.h>
@@ -19,33 +20,14 @@ namespace fs = std::filesystem;
 namespace ms = d9d::model_state;
 namespace peft = d9d::peft;
 using ::testing::HasSubstr;
+using namespace d9d_test;
 
 namespace {
-
-const std::string kToy = std::string(D9D_FIXTURES_DIR) + "/hf_peft/toy";
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
 
 void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary);
   out << bytes;
 }
-
-/// A fresh directory under the build tree, removed at the end of the test.
-struct TempDir {
-  TempDir() {
-    path = fs::temp_directory_path() /
-           ("d9d-io-" + std::to_string(::getpid()) + "-" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-  fs::path path;
-};
 
 /// A safetensors file made of a header text and a data section.
 std::string safetensors_bytes(const std::string& header, const std::string& data) {
@@ -96,12 +78,6 @@ void expect_same_state(const torch::nn::Module& a, const torch::nn::Module& b) {
     ASSERT_EQ(t.scalar_type(), sb.at(key).scalar_type()) << key;
     EXPECT_TRUE(torch::equal(t, sb.at(key))) << key << " is not bit-exact";
   }
-}
-
-ms::LoadOptions quiet() {
-  ms::LoadOptions o;
-  o.progress = nullptr;
-  return o;
 }
 
 ms::SaveOptions quiet_save(uint64_t shard_size) {

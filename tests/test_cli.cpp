@@ -1,5 +1,7 @@
 // Merging a Hugging Face PEFT adapter into a checkpoint on disk (what `d9d-peft merge` does):
 // PEFT's merged weights for every fixture adapter, from every base layout, and the errors.
+#include "test_util.h"
+
 #include <d9d/model_state/io/safetensors.h>
 #include <d9d/model_state/io/source.h>
 #include <d9d/peft/errors.h>
@@ -22,35 +24,9 @@ namespace fs = std::filesystem;
 namespace ms = d9d::model_state;
 namespace hf = d9d::peft::hf;
 using ::testing::HasSubstr;
+using namespace d9d_test;
 
 namespace {
-
-const std::string kToy = std::string(D9D_FIXTURES_DIR) + "/hf_peft/toy";
-const std::vector<std::string> kAdapters = {"lora_attn_r4", "lora_all_linear_r8", "lora_rslora", "lora_embed_head",
-                                            "dora_mlp"};
-
-struct TempDir {
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    std::string name = std::string(info->test_suite_name()) + "-" + info->name();
-    for (char& c : name) {
-      if (c == '/') c = '_';
-    }
-    path = fs::temp_directory_path() / ("d9d-cli-" + std::to_string(::getpid()) + "-" + name);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& child) const { return (path / child).string(); }
-  fs::path path;
-};
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 std::vector<std::string> files_in(const std::string& dir) {
   std::vector<std::string> names;

@@ -1,5 +1,6 @@
 // Hugging Face PEFT adapters: the fixtures written by PEFT 0.21 load, compute
 // and merge to PEFT's numbers; saving writes what PEFT reads.
+#include "test_util.h"
 #include "toy_model.h"
 
 #include <d9d/peft.h>
@@ -18,18 +19,9 @@ namespace fs = std::filesystem;
 namespace ms = d9d::model_state;
 namespace peft = d9d::peft;
 using ::testing::HasSubstr;
+using namespace d9d_test;
 
 namespace {
-
-const std::string kToy = std::string(D9D_FIXTURES_DIR) + "/hf_peft/toy";
-const std::vector<std::string> kAdapters = {"lora_attn_r4", "lora_all_linear_r8", "lora_rslora", "lora_embed_head",
-                                            "dora_mlp"};
-
-ms::LoadOptions quiet() {
-  ms::LoadOptions o;
-  o.progress = nullptr;
-  return o;
-}
 
 toy::Toy base_model() {
   toy::Toy model;
@@ -41,18 +33,6 @@ toy::Toy base_model() {
 at::Tensor input_ids() { return ms::SafetensorsFile::open(kToy + "/inputs.safetensors")->get("input_ids"); }
 
 double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
-
-struct TempDir {
-  TempDir() {
-    path = fs::temp_directory_path() / ("d9d-hf-" + std::to_string(::getpid()) + "-" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string str() const { return path.string(); }
-  fs::path path;
-};
 
 std::string config_error(const std::string& patch_json) {
   std::ifstream in(kToy + "/adapters/lora_attn_r4/adapter_config.json");
