@@ -1,0 +1,399 @@
+// d9d-peft-train: the whole PEFT lifecycle on a small GPT, with no download.
+//
+// pretrain the base on task A (once; saved as a safetensors checkpoint)
+//   -> build a fresh model, inject PEFT, load the base through the mapper
+//   -> fine-tune the adapter on task B -> score A and B
+//   -> save the adapter (Hugging Face PEFT format) and load it back
+//   -> merge, check merged == unmerged, export the merged checkpoint.
+#include "gpt.h"
+#include "run_config.h"
+#include "training.h"
+
+#include <d9d/peft.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/cuda.h>
+#include <torch/utils.h>
+
+#ifdef D9D_TRAIN_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include <atomic>
+#include <cstdarg>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <sstream>
+
+namespace fs = std::filesystem;
+namespace ms = d9d::model_state;
+namespace peft = d9d::peft;
+using trainer::Task;
+
+namespace {
+
+constexpr const char* kUsage = R"(usage: d9d-peft-train [--config FILE] [--out DIR] [--device cpu|cuda] [--steps N] [--print-config]
+
+Pretrains a small GPT on synthetic task A (copy) unless a base checkpoint exists, fine-tunes
+a PEFT adapter on task B (reverse), and reports scores, parameters, time and memory.
+
+  --config FILE    JSON run config; missing fields keep the built-in default
+  --out DIR        where everything is written (default: ./runs/<name>)
+  --device DEV     cpu, cuda or cuda:N (overrides the config's "device")
+  --steps N        fine-tuning steps (overrides finetune.steps)
+  --print-config   print the effective config as JSON and exit
+  -h, --help       this text
+
+Ctrl-C stops after the current step and saves the adapter trained so far.
+)";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Args {
+  std::optional<std::string> config, out, device;
+  std::optional<int64_t> steps;
+  bool print_config = false;
+  bool help = false;
+};
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    std::optional<std::string> inline_value;
+    if (arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos) {
+      inline_value = arg.substr(arg.find('=') + 1);
+      arg = arg.substr(0, arg.find('='));
+    }
+    auto value = [&]() -> std::string {
+      if (inline_value) return *inline_value;
+      if (i + 1 >= argc) throw UsageError(arg + " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--config") a.config = value();
+    else if (arg == "--out") a.out = value();
+    else if (arg == "--device") a.device = value();
+    else if (arg == "--steps") {
+      const std::string v = value();
+      size_t used = 0;
+      long long n = -1;
+      try {
+        n = std::stoll(v, &used);
+      } catch (const std::exception&) {
+      }
+      if (used != v.size() || n < 0) throw UsageError("--steps expects an integer >= 0, got \"" + v + "\"");
+      a.steps = n;
+    } else if (arg == "--print-config" && !inline_value) a.print_config = true;
+    else if ((arg == "--help" || arg == "-h") && !inline_value) a.help = true;
+    else throw UsageError("unknown argument \"" + std::string(argv[i]) + "\"");
+  }
+  return a;
+}
+
+std::atomic<bool> g_stop{false};
+
+extern "C" void on_sigint(int) {
+  g_stop.store(true);
+  std::signal(SIGINT, SIG_DFL);  // a second Ctrl-C ends the process at once
+}
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+/// The process's peak resident memory (VmHWM) in bytes, 0 if unknown.
+uint64_t peak_rss_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
+  }
+  return 0;
+}
+
+/// Peak memory allocated by tensors on a CUDA device, or nothing on CPU builds.
+std::optional<uint64_t> peak_cuda_bytes(const c10::Device& device) {
+#ifdef D9D_TRAIN_CUDA
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.has_index() ? device.index() : 0);
+    return static_cast<uint64_t>(stats.allocated_bytes[0].peak);
+  }
+#else
+  (void)device;
+#endif
+  return std::nullopt;
+}
+
+bool has_full_tune(const peft::AnyPeftConfig& c) {
+  if (std::holds_alternative<peft::FullTuneConfig>(c.value)) return true;
+  if (const auto* stack = std::get_if<peft::PeftStackConfig>(&c.value)) {
+    for (const auto& m : stack->methods) {
+      if (has_full_tune(m)) return true;
+    }
+  }
+  return false;
+}
+
+bool checkpoint_exists(const fs::path& p) {
+  return fs::is_regular_file(p) || fs::exists(p / "model.safetensors") || fs::exists(p / "model.safetensors.index.json");
+}
+
+int64_t count(const std::vector<at::Tensor>& tensors) {
+  int64_t n = 0;
+  for (const auto& t : tensors) n += t.numel();
+  return n;
+}
+
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+std::string thousands(int64_t n) {
+  std::string s = std::to_string(n);
+  for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(static_cast<size_t>(i), ",");
+  return s;
+}
+
+std::string strf(const char* format, ...) __attribute__((format(printf, 1, 2)));
+std::string strf(const char* format, ...) {
+  char buf[512];
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(buf, sizeof buf, format, args);
+  va_end(args);
+  return buf;
+}
+
+std::string mib(uint64_t bytes) { return strf("%.1f MiB", static_cast<double>(bytes) / (1024.0 * 1024.0)); }
+
+trainer::GptConfig gpt_config(const trainer::RunConfig& c) {
+  trainer::GptConfig g;
+  g.vocab = trainer::vocab_size(c.task);
+  g.context = trainer::context_size(c.task);
+  g.d_model = c.model.d_model;
+  g.n_layers = c.model.n_layers;
+  g.n_heads = c.model.n_heads;
+  g.d_ff = c.model.d_ff;
+  return g;
+}
+
+ms::LoadOptions quiet_load(const c10::Device& device) {
+  ms::LoadOptions o;
+  o.device = device;
+  o.progress = ms::no_progress();
+  return o;
+}
+
+/// Loads the base checkpoint through `mapper`, explaining a mismatch in the trainer's terms.
+void load_base(const fs::path& base, const ms::ModelStateMapper& mapper, trainer::Gpt& model,
+               const c10::Device& device) {
+  try {
+    ms::load_model_state(base.string(), mapper, *model, quiet_load(device));
+  } catch (const ms::StateLoadError& e) {
+    throw std::runtime_error(std::string(e.what()) + "\nThe base checkpoint " + base.string() +
+                             " was made for another task or model config; delete it (it is pretrained again) or "
+                             "set base_checkpoint to another path.");
+  }
+}
+
+int run(int argc, char** argv) {
+  const auto wall_start = Clock::now();
+  const Args args = parse_args(argc, argv);
+  if (args.help) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  trainer::RunConfig config = args.config ? trainer::load_run_config(*args.config) : trainer::default_config();
+  if (args.device) config.device = *args.device;
+  if (args.steps) config.finetune.steps = *args.steps;
+  trainer::validate(config);
+  if (args.print_config) {
+    std::cout << trainer::to_json(config).dump(2) << "\n";
+    return 0;
+  }
+
+  const c10::Device device(config.device);
+  if (device.is_cuda() && !torch::cuda::is_available()) {
+    throw std::runtime_error("--device " + config.device +
+                             ": CUDA is not available (this LibTorch has no CUDA, or no GPU is visible); use cpu");
+  }
+  const fs::path out = args.out ? fs::path(*args.out) : fs::path("runs") / config.name;
+  const fs::path base_path = config.base_checkpoint.empty() ? out / "base" : fs::path(config.base_checkpoint);
+  fs::create_directories(out);
+  // Each run replaces these; the base checkpoint is what carries over.
+  for (const char* stale : {"adapter", "merged", "summary.json"}) fs::remove_all(out / stale);
+  ms::write_file_atomically((out / "run_config.json").string(), trainer::to_json(config).dump(2) + "\n");
+  std::signal(SIGINT, on_sigint);
+  if (config.threads > 0) at::set_num_threads(static_cast<int>(config.threads));
+  const trainer::GptConfig model_config = gpt_config(config);
+  trainer::TrainOptions options;
+  options.device = device;
+  options.seed = config.seed;
+  options.log_every = config.log_every;
+  options.stop = &g_stop;
+
+  std::printf("d9d-peft-train: run \"%s\" on %s, writing to %s\n", config.name.c_str(), device.str().c_str(),
+              out.string().c_str());
+  std::fflush(stdout);
+
+  // 1. The base model: pretrained on task A once, then reused.
+  torch::manual_seed(config.seed);
+  std::optional<trainer::TrainResult> pretrained;
+  if (checkpoint_exists(base_path)) {
+    std::printf("base: reusing %s (delete it to pretrain again)\n", base_path.string().c_str());
+  } else {
+    std::printf("base: pretraining on task %s, %lld steps\n", trainer::task_label(Task::Copy),
+                static_cast<long long>(config.pretrain.steps));
+    std::fflush(stdout);
+    trainer::Gpt base(model_config);
+    base->to(device);
+    options.phase = "pretrain";
+    pretrained = trainer::train(base, base->parameters(), Task::Copy, config.task, config.pretrain, options);
+    if (pretrained->interrupted) {
+      std::printf("interrupted during pretraining (step %lld of %lld): no base checkpoint was saved\n",
+                  static_cast<long long>(pretrained->steps), static_cast<long long>(config.pretrain.steps));
+      return 130;
+    }
+    ms::SaveOptions save;
+    save.progress = ms::no_progress();
+    ms::save_model_state(base_path.string(), *ms::identity_mapper_from_module(*base), *base, save);
+    std::printf("base: task A accuracy %.1f%%, saved to %s\n",
+                100 * trainer::accuracy(base, Task::Copy, config.task, device), base_path.string().c_str());
+  }
+
+  // 2. A fresh model; inject PEFT before loading, then load the base through the mapper.
+  torch::manual_seed(config.seed + 1);  // the adapter's init does not depend on whether the base was reused
+  trainer::Gpt model(model_config);
+  auto method = peft::peft_method_from_config(config.peft);
+  auto mapper = peft::inject_peft_and_freeze(*method, model);
+  load_base(base_path, *mapper, model, device);
+  const auto trainable = peft::trainable_parameters(*model);
+  const int64_t n_trainable = count(trainable), n_total = count(model->parameters());
+  std::printf("peft: %s, training %s of %s parameters\n", peft::dump_peft_config(config.peft).c_str(),
+              thousands(n_trainable).c_str(), thousands(n_total).c_str());
+  const double b_before = trainer::accuracy(model, Task::Reverse, config.task, device);
+  const double a_before = trainer::accuracy(model, Task::Copy, config.task, device);
+
+  // 3. Fine-tune on task B.
+  std::printf("finetune: task %s, %lld steps\n", trainer::task_label(Task::Reverse),
+              static_cast<long long>(config.finetune.steps));
+  std::fflush(stdout);
+  options.phase = "finetune";
+  const trainer::TrainResult tuned = trainer::train(model, trainable, Task::Reverse, config.task, config.finetune, options);
+
+  // 4. The adapter, in Hugging Face PEFT format (LoRA layers only).
+  const fs::path adapter_dir = out / "adapter";
+  const bool has_lora = !peft::hf::get_peft_model_state_dict(*model).empty();
+  if (has_lora) {
+    peft::hf::SaveAdapterOptions save;
+    save.base_model_name_or_path = base_path.string();
+    peft::hf::save_adapter(*model, adapter_dir.string(), save);
+  }
+  if (tuned.interrupted) {
+    std::printf("interrupted after fine-tuning step %lld of %lld: %s; merge and export skipped\n",
+                static_cast<long long>(tuned.steps), static_cast<long long>(config.finetune.steps),
+                has_lora ? ("adapter saved to " + adapter_dir.string()).c_str() : "no LoRA layer, nothing saved");
+    return 130;
+  }
+  const double b_after = trainer::accuracy(model, Task::Reverse, config.task, device);
+  const double a_after = trainer::accuracy(model, Task::Copy, config.task, device);
+  const at::Tensor probe = trainer::heldout_set(Task::Reverse, config.task).inputs.to(device);
+  const at::Tensor tuned_logits = trainer::answer_logits(model, probe, config.task);
+
+  // 5. The adapter loads back into a fresh base and computes what the trained model did.
+  std::string reload = "skipped: no LoRA layer, so no adapter";
+  bool reload_ok = true;
+  std::optional<double> reload_diff;
+  if (has_lora && has_full_tune(config.peft)) {
+    reload = "skipped: full_tune weights are not part of a PEFT adapter (they are in merged/)";
+  } else if (has_lora) {
+    trainer::Gpt fresh(model_config);
+    load_base(base_path, *ms::identity_mapper_from_module(*fresh), fresh, device);
+    peft::hf::load_adapter(*fresh, adapter_dir.string());
+    reload_diff = max_abs_diff(trainer::answer_logits(fresh, probe, config.task), tuned_logits);
+    reload_ok = *reload_diff <= 1e-4;
+    reload = strf("max |diff| %.1e: %s", *reload_diff, reload_ok ? "ok" : "FAILED (> 1e-4)");
+  }
+
+  // 6. Merge, check, export.
+  peft::merge_peft(*method, model);
+  const double merge_diff = max_abs_diff(trainer::answer_logits(model, probe, config.task), tuned_logits);
+  const bool merge_ok = merge_diff <= 1e-4;
+  const fs::path merged_dir = out / "merged";
+  ms::SaveOptions save;
+  save.progress = ms::no_progress();
+  ms::save_model_state(merged_dir.string(), *ms::identity_mapper_from_module(*model), *model, save);
+
+  // 7. The summary.
+  const double wall = seconds_since(wall_start);
+  const uint64_t rss = peak_rss_bytes();
+  const auto cuda_peak = peak_cuda_bytes(device);
+  const double chance = 1.0 / static_cast<double>(config.task.symbols);
+  auto row = [](const std::string& label, const std::string& value) {
+    std::printf("  %-26s %s\n", label.c_str(), value.c_str());
+  };
+  std::printf("\nsummary (run \"%s\", %s)\n", config.name.c_str(), device.str().c_str());
+  row("", "  before    after");
+  row(strf("task %s accuracy", trainer::task_label(Task::Reverse)),
+      strf("%6.1f%%  %6.1f%%   (chance %.1f%%)", 100 * b_before, 100 * b_after, 100 * chance));
+  row(strf("task %s accuracy", trainer::task_label(Task::Copy)),
+      strf("%6.1f%%  %6.1f%%   (forgetting %.1f points)", 100 * a_before, 100 * a_after, 100 * (a_before - a_after)));
+  row("trainable parameters", strf("%s of %s (%.2f%%)", thousands(n_trainable).c_str(), thousands(n_total).c_str(),
+                                  100.0 * static_cast<double>(n_trainable) / static_cast<double>(n_total)));
+  row("pretraining", pretrained ? strf("%lld steps, %.1f s", static_cast<long long>(pretrained->steps),
+                                      pretrained->seconds)
+                                : std::string("skipped (base reused)"));
+  row("fine-tuning", strf("%lld steps, %.1f s, %.1fk tokens/s, final loss %.4f", static_cast<long long>(tuned.steps),
+                         tuned.seconds, tuned.seconds > 0 ? tuned.tokens / tuned.seconds / 1000.0 : 0.0,
+                         tuned.final_loss));
+  row("wall time", strf("%.1f s", wall));
+  row("peak memory", cuda_peak ? strf("%s on %s (max allocated), %s host (VmHWM)", mib(*cuda_peak).c_str(),
+                                     device.str().c_str(), mib(rss).c_str())
+                               : mib(rss) + " (VmHWM)");
+  row("merged vs unmerged", strf("max |diff| %.1e: %s", merge_diff, merge_ok ? "ok" : "FAILED (> 1e-4)"));
+  row("adapter reload", reload);
+  row("adapter", has_lora ? adapter_dir.string() : std::string("(none)"));
+  row("merged checkpoint", merged_dir.string());
+
+  nlohmann::ordered_json summary = {
+      {"task_b_accuracy_before", b_before}, {"task_b_accuracy_after", b_after},
+      {"task_a_accuracy_before", a_before}, {"task_a_accuracy_after", a_after},
+      {"trainable_parameters", n_trainable}, {"total_parameters", n_total},
+      {"pretrain_seconds", pretrained ? pretrained->seconds : 0.0}, {"finetune_seconds", tuned.seconds},
+      {"finetune_tokens_per_second", tuned.seconds > 0 ? tuned.tokens / tuned.seconds : 0.0},
+      {"wall_seconds", wall}, {"peak_rss_bytes", rss},
+      {"peak_cuda_bytes", cuda_peak ? nlohmann::ordered_json(*cuda_peak) : nlohmann::ordered_json(nullptr)},
+      {"merge_max_abs_diff", merge_diff},
+      {"reload_max_abs_diff", reload_diff ? nlohmann::ordered_json(*reload_diff) : nlohmann::ordered_json(nullptr)},
+      {"ok", merge_ok && reload_ok}};
+  ms::write_file_atomically((out / "summary.json").string(), summary.dump(2) + "\n");
+
+  if (!merge_ok || !reload_ok) {
+    std::printf("result: FAILED (merged or reloaded outputs differ from the trained model's)\n");
+    return 1;
+  }
+  std::printf("result: OK\n");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "d9d-peft-train: %s\n\n%s", e.what(), kUsage);
+    return 2;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "d9d-peft-train: error: %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "d9d-peft-train: error: %s\n", e.what());
+    return 1;
+  }
+}
