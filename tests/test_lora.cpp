@@ -132,6 +132,35 @@ TEST(LoRALayer, DropoutAppliesToTheAdapterInputOnlyInTraining) {
   EXPECT_TRUE(torch::allclose(lora.forward(x), expected, 1e-5, 1e-5));
 }
 
+TEST(LoRALayer, CpuDropoutDropsAtRateAndScalesTheRest) {
+  d9d::nn::Linear base(torch::nn::LinearOptions(256, 8).bias(false));
+  peft::LoRALinearImpl lora(base.ptr(), {4, 4, 0.25});
+  {
+    torch::NoGradGuard g;
+    lora.lora_A->weight.zero_();
+    lora.lora_A->weight.select(1, 0).fill_(1.0f);  // A picks the first input feature
+    lora.lora_B->weight.fill_(1.0f);
+  }
+  lora.train();
+  // Input: feature 0 is 1, the rest 0; so the adapter output shows whether
+  // feature 0 survived dropout (scaled by 1/(1-p)) or not, row by row.
+  auto x = torch::zeros({20000, 256});
+  x.select(1, 0).fill_(1.0f);
+  torch::manual_seed(3);
+  auto delta = (lora.forward(x) - base->forward_base(x)).select(1, 0) / (4.0 * 1.0);  // r rows of A, scale 1
+  const auto kept = delta.gt(0.5);
+  const double kept_fraction = kept.to(torch::kDouble).mean().item<double>();
+  EXPECT_NEAR(kept_fraction, 0.75, 0.015);
+  EXPECT_TRUE(torch::allclose(delta.masked_select(kept), torch::full({kept.sum().item<int64_t>()}, 1.0f / 0.75f)));
+  EXPECT_TRUE(torch::allclose(delta.masked_select(kept.logical_not()), torch::zeros({1})));
+  torch::manual_seed(3);
+  auto again = (lora.forward(x) - base->forward_base(x)).select(1, 0) / 4.0;
+  EXPECT_TRUE(torch::equal(again, delta)) << "torch::manual_seed makes the mask reproducible";
+  // Gradients flow to A and B through the mask.
+  lora.forward(x).sum().backward();
+  EXPECT_GT(lora.lora_B->weight.grad().abs().sum().item<float>(), 0.0f);
+}
+
 // ---------------------------------------------------- method: structure
 
 TEST(LoRAMethod, WrapsTypedMembersAndRoutesTheirCalls) {

@@ -10,9 +10,12 @@
 #include <torch/nn/functional/linear.h>
 #include <torch/nn/init.h>
 
+#include <ATen/Parallel.h>
+
 #include <fmt/format.h>
 
 #include <cmath>
+#include <limits>
 
 namespace d9d::peft {
 
@@ -27,6 +30,44 @@ void LoRALayerOptions::validate() const {
   if (!(alpha > 0)) throw ConfigError("alpha", fmt::format("must be > 0, got {}", alpha));
   if (!(dropout >= 0.0 && dropout < 1.0)) throw ConfigError("dropout", fmt::format("must be in [0, 1), got {}", dropout));
 }
+
+// ---------------------------------------------------------------- dropout
+
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+/// Inverted dropout of a contiguous float CPU tensor: `x * mask`, the mask
+/// 0 with probability p (resolution 2^-16) and 1/(1-p) otherwise. LibTorch's
+/// CPU Bernoulli costs several times the LoRA path itself; this draws four
+/// 16-bit uniforms per counter-based 64-bit hash, in parallel, seeded from
+/// LibTorch's generator (so torch::manual_seed makes it reproducible).
+at::Tensor fast_dropout(const at::Tensor& x, double p) {
+  const uint64_t seed = static_cast<uint64_t>(at::randint(std::numeric_limits<int64_t>::max(), {1}, at::kLong).item<int64_t>());
+  const uint32_t threshold = static_cast<uint32_t>(std::lround(p * 65536.0));
+  const float keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  at::Tensor mask = at::empty(x.sizes(), x.options().requires_grad(false));
+  float* m = mask.data_ptr<float>();
+  const int64_t n = mask.numel();
+  const int64_t words = (n + 3) / 4;
+  at::parallel_for(0, words, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const uint64_t bits = splitmix64(seed ^ static_cast<uint64_t>(w) * 0xD1B54A32D192ED03ull);
+      for (int64_t k = 0; k < 4 && 4 * w + k < n; ++k) {
+        const uint32_t u = static_cast<uint32_t>((bits >> (16 * k)) & 0xFFFFu);
+        m[4 * w + k] = u < threshold ? 0.0f : keep_scale;
+      }
+    }
+  });
+  return x * mask;
+}
+
+}  // namespace
 
 // ----------------------------------------------------------- linear layer
 
@@ -114,7 +155,11 @@ at::Tensor LoRALinearImpl::forward(const at::Tensor& input) {
   const at::Tensor& weight = base_weight();
   const at::Tensor& bias = base_bias();
   const bool drop = options_.dropout > 0.0 && is_training();
-  const at::Tensor h = drop ? dropout->forward(input) : input;
+  at::Tensor h = input;
+  if (drop) {
+    const bool fast = input.device().is_cpu() && input.scalar_type() == at::kFloat && input.is_contiguous();
+    h = fast ? fast_dropout(input, options_.dropout) : dropout->forward(input);
+  }
   if (options_.use_dora) {
     const at::Tensor out = torch::nn::functional::linear(input, weight, bias);
     const at::Tensor low_rank = lora_B->forward(lora_A->forward(h));
