@@ -170,13 +170,13 @@ TEST(HfAdapter, WrongBaseModelIsAnErrorNamingTheKeyAndLeavesTheModelAlone) {
             nullptr);
 }
 
-TEST(HfAdapter, MissingFilesAndSecondAdaptersAreErrors) {
+TEST(HfAdapter, MissingFilesAndTakenAdapterNamesAreErrors) {
   toy::Toy model = base_model();
   EXPECT_THAT([&] { peft::hf::load_adapter(*model, "/nonexistent/adapter"); },
               ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("/nonexistent/adapter: no adapter_config.json")));
   peft::hf::load_adapter(*model, kToy + "/adapters/lora_attn_r4");
   EXPECT_THAT([&] { peft::hf::load_adapter(*model, kToy + "/adapters/lora_rslora"); },
-              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("the model already holds LoRA layers")));
+              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("the model already holds an adapter \"default\"")));
 }
 
 TEST(HfAdapter, StateDictKeysArePefts) {

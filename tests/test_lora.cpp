@@ -339,9 +339,13 @@ TEST(LoRAMethod, NeverWrapsTheInsideOfAnAdapter) {
   Block block;
   peft::LoRA first({"q", {2, 4, 0.0}});
   peft::inject_peft_and_freeze(first, block);
+  // "q.*" would match 'q.base' and 'q.lora_A' inside the wrapper; only the
+  // wrapper 'q' itself is a candidate, and it already holds "default".
   peft::LoRA second({"q.*", {2, 4, 0.0}});
+  const auto keys = block->named_parameters().keys();
   EXPECT_THAT([&] { second.inject(*block); },
-              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("matches no module")));
+              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("'q' already holds an adapter \"default\"")));
+  EXPECT_EQ(block->named_parameters().keys(), keys);
 }
 
 TEST(LoRAMethod, DroppedWrapperIsReportedOnTheNextCall) {

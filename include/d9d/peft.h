@@ -30,5 +30,6 @@
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/config.h>
 #include <d9d/peft/lora/layer.h>
+#include <d9d/peft/lora/adapters.h>
 #include <d9d/peft/lora/method.h>
 #include <d9d/peft/module_tree.h>

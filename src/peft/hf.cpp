@@ -5,6 +5,7 @@
 #include <d9d/peft/errors.h>
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/config.h>
+#include <d9d/peft/lora/adapters.h>
 #include <d9d/peft/lora/method.h>
 #include <d9d/peft/module_tree.h>
 
@@ -248,10 +249,14 @@ std::string dump_lora_config(const LoraConfig& c) {
 
 // ----------------------------------------------------------------- method
 
-HfLoRA::HfLoRA(LoraConfig config) : PeftMethod(std::move(config)) {}
+HfLoRA::HfLoRA(LoraConfig config, std::string adapter_name)
+    : PeftMethod(std::move(config)), adapter_name_(std::move(adapter_name)) {
+  validate_adapter_name(adapter_name_);
+}
 
 PeftInjectionResult HfLoRA::inject(torch::nn::Module& module) {
   LoRATargeting targeting;
+  targeting.adapter_name = adapter_name_;
   targeting.what = fmt::format("target_modules {}", selector_json(config_.target_modules).dump());
   targeting.hint = "a target name matches a whole module name or its last dotted parts, a regex the whole name";
   targeting.select = [this](const std::string& name) { return config_.select(name); };
@@ -259,47 +264,73 @@ PeftInjectionResult HfLoRA::inject(torch::nn::Module& module) {
 }
 
 void HfLoRA::merge(torch::nn::Module& module) {
-  merge_lora(module, [this](const std::string& name) { return config_.select(name).has_value(); });
+  merge_lora(
+      module, [this](const std::string& name) { return config_.select(name).has_value(); }, adapter_name_);
 }
 
 // ------------------------------------------------------------- state dict
 
 namespace {
 
-/// Every LoRA layer of the module with its qualified name.
-std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> lora_layers(const torch::nn::Module& module) {
-  std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> out;
-  for (const auto& entry : list_modules(const_cast<torch::nn::Module&>(module))) {
-    if (std::dynamic_pointer_cast<LoRALinearImpl>(entry.module) ||
-        std::dynamic_pointer_cast<LoRAEmbeddingImpl>(entry.module)) {
-      out.emplace_back(entry.name, entry.module);
+/// One adapter of one LoRA layer: the layer's qualified name, the adapter
+/// module (its parameter names are PEFT's keys relative to the layer) and
+/// its options.
+struct AdapterAt {
+  std::string layer;
+  std::shared_ptr<torch::nn::Module> adapter;
+  LoRALayerOptions options;
+  bool embedding = false;
+};
+
+std::vector<AdapterAt> adapters_named(const torch::nn::Module& module, const std::string& adapter_name) {
+  std::vector<AdapterAt> out;
+  for (const auto& entry : list_modules(const_cast<torch::nn::Module&>(module), /*enter_adapters=*/false)) {
+    if (auto linear = std::dynamic_pointer_cast<LoRALinearImpl>(entry.module)) {
+      if (auto a = linear->find(adapter_name)) out.push_back({entry.name, a, a->options(), false});
+    } else if (auto embedding = std::dynamic_pointer_cast<LoRAEmbeddingImpl>(entry.module)) {
+      if (auto a = embedding->find(adapter_name)) out.push_back({entry.name, a, a->options(), true});
     }
   }
   return out;
 }
 
-/// In-model adapter keys (`layers.0.q_proj.lora_A.weight`) to their tensors.
-model_state::StateDict adapter_tensors(const torch::nn::Module& module) {
+/// `name`, or the model's only adapter when `name` is empty.
+std::string resolve_adapter(const torch::nn::Module& module, const std::string& name, const std::string& what) {
+  const auto names = lora_adapter_names(module);
+  auto listed = [&] { return "\"" + fmt::format("{}", fmt::join(names, "\", \"")) + "\""; };
+  if (names.empty()) throw PeftError(fmt::format("{}: the model holds no LoRA adapter", what));
+  if (name.empty()) {
+    if (names.size() == 1) return names.front();
+    throw PeftError(fmt::format("{}: the model holds several adapters ({}); name the one you mean", what, listed()));
+  }
+  if (std::find(names.begin(), names.end(), name) == names.end()) {
+    throw PeftError(fmt::format("{}: the model has no adapter \"{}\"; its adapters: {}", what, name, listed()));
+  }
+  return name;
+}
+
+/// In-model adapter keys without the adapter name (`layers.0.q_proj.lora_A.weight`) to their tensors.
+model_state::StateDict adapter_tensors(const torch::nn::Module& module, const std::string& adapter_name) {
   model_state::StateDict out;
-  for (const auto& [name, layer] : lora_layers(module)) {
-    const auto* fresh = dynamic_cast<const model_state::FreshState*>(layer.get());
-    const auto params = layer->named_parameters();
-    for (const auto& key : fresh->fresh_state_keys()) out.emplace(name + "." + key, params[key]);
+  for (const auto& a : adapters_named(module, adapter_name)) {
+    for (const auto& p : a.adapter->named_parameters()) out.emplace(a.layer + "." + p.key(), p.value());
   }
   return out;
 }
 
 }  // namespace
 
-model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module) {
+model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module, const std::string& adapter_name) {
+  const std::string adapter = resolve_adapter(module, adapter_name, "get_peft_model_state_dict");
   model_state::StateDict out;
-  for (const auto& [key, tensor] : adapter_tensors(module)) out.emplace(kPeftKeyPrefix + key, tensor.detach());
+  for (const auto& [key, tensor] : adapter_tensors(module, adapter)) out.emplace(kPeftKeyPrefix + key, tensor.detach());
   return out;
 }
 
 void set_peft_model_state_dict(torch::nn::Module& module, const model_state::StateDict& state,
-                               const std::string& source) {
-  const model_state::StateDict targets = adapter_tensors(module);
+                               const std::string& source, const std::string& adapter_name) {
+  const std::string adapter = resolve_adapter(module, adapter_name, source);
+  const model_state::StateDict targets = adapter_tensors(module, adapter);
   std::map<std::string, at::Tensor> given;
   std::vector<std::string> unexpected, missing, mismatched;
   for (const auto& [key, tensor] : state) {
@@ -341,18 +372,14 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
 
 // ------------------------------------------------------------------ files
 
-std::unique_ptr<PeftMethodBase> load_adapter(torch::nn::Module& module, const std::string& dir,
-                                             const std::string& adapter_name) {
+namespace {
+
+LoraConfig read_adapter_config(const std::string& dir) {
   const fs::path config_path = fs::path(dir) / "adapter_config.json";
   if (!fs::exists(config_path)) {
     throw PeftError(fmt::format("{}: no adapter_config.json (a Hugging Face PEFT adapter directory holds "
                                 "adapter_config.json and adapter_model.safetensors)",
                                 dir));
-  }
-  if (!lora_layers(module).empty()) {
-    throw PeftError(fmt::format("load_adapter('{}', adapter '{}'): the model already holds LoRA layers; one adapter "
-                                "per model is supported for now, so merge_peft the first one before loading another",
-                                dir, adapter_name));
   }
   json j;
   try {
@@ -361,7 +388,31 @@ std::unique_ptr<PeftMethodBase> load_adapter(torch::nn::Module& module, const st
   } catch (const json::exception& e) {
     throw ConfigError(config_path.string(), fmt::format("not valid JSON: {}", e.what()));
   }
-  auto method = std::make_unique<HfLoRA>(parse_lora_config(j, config_path.string()));
+  return parse_lora_config(j, config_path.string());
+}
+
+/// Adds the method's adapter: through `inject_peft_and_freeze` into a model
+/// without adapters, else beside the existing ones (inactive, frozen).
+void add_method(HfLoRA& method, torch::nn::Module& module, const std::string& what) {
+  const auto names = lora_adapter_names(module);
+  if (names.empty()) {
+    inject_peft_and_freeze(method, module);
+    return;
+  }
+  if (std::find(names.begin(), names.end(), method.adapter_name()) != names.end()) {
+    throw PeftError(fmt::format("{}: the model already holds an adapter \"{}\"; pass another adapter_name, or "
+                                "delete_adapter(\"{}\") first",
+                                what, method.adapter_name(), method.adapter_name()));
+  }
+  method.inject(module);
+}
+
+}  // namespace
+
+std::unique_ptr<PeftMethodBase> load_adapter(torch::nn::Module& module, const std::string& dir,
+                                             const std::string& adapter_name) {
+  const std::string what = fmt::format("load_adapter('{}', adapter \"{}\")", dir, adapter_name);
+  auto method = std::make_unique<HfLoRA>(read_adapter_config(dir), adapter_name);
 
   fs::path weights = fs::path(dir) / "adapter_model.safetensors";
   if (!fs::exists(weights) && fs::exists(fs::path(dir) / "adapter_model.bin")) weights = fs::path(dir) / "adapter_model.bin";
@@ -369,26 +420,33 @@ std::unique_ptr<PeftMethodBase> load_adapter(torch::nn::Module& module, const st
   model_state::StateDict state;
   for (const auto& key : source->keys()) state.emplace(key, source->read(key));
 
-  inject_peft_and_freeze(*method, module);
+  add_method(*method, module, what);
   try {
-    set_peft_model_state_dict(module, state, weights.string());
+    set_peft_model_state_dict(module, state, weights.string(), adapter_name);
   } catch (...) {
-    method->merge(module);  // the adapters were never trained: merging restores the model as it was
+    delete_adapter(module, adapter_name);  // nothing merged: the model is as it was
     throw;
   }
   return method;
 }
 
+std::unique_ptr<PeftMethodBase> add_adapter(torch::nn::Module& module, const std::string& adapter_name,
+                                            const LoraConfig& config) {
+  auto method = std::make_unique<HfLoRA>(config, adapter_name);
+  add_method(*method, module, fmt::format("add_adapter(\"{}\")", adapter_name));
+  return method;
+}
+
 void save_adapter(const torch::nn::Module& module, const std::string& dir, const SaveAdapterOptions& options) {
-  const auto layers = lora_layers(module);
-  if (layers.empty()) throw PeftError(fmt::format("save_adapter('{}'): the model holds no LoRA layer", dir));
+  const std::string adapter = resolve_adapter(module, options.adapter_name, fmt::format("save_adapter('{}')", dir));
+  const auto layers = adapters_named(module, adapter);
   LoraConfig config;
   config.base_model_name_or_path = options.base_model_name_or_path;
   config.task_type = options.task_type;
   bool first = true;
-  for (const auto& [name, layer] : layers) {
-    const LoRALayerOptions& o = layer->as<LoRALinearImpl>() ? layer->as<LoRALinearImpl>()->options()
-                                                            : layer->as<LoRAEmbeddingImpl>()->options();
+  for (const auto& at : layers) {
+    const std::string& name = at.layer;
+    const LoRALayerOptions& o = at.options;
     config.target_modules.names.push_back(name);
     if (first) {
       config.r = o.r;
@@ -402,12 +460,12 @@ void save_adapter(const torch::nn::Module& module, const std::string& dir, const
     if (o.dropout != config.lora_dropout || o.use_rslora != config.use_rslora) {
       throw PeftError(fmt::format("save_adapter: '{}' differs from '{}' in dropout or rsLoRA, which a PEFT config "
                                   "cannot express per module",
-                                  name, layers.front().first));
+                                  name, layers.front().layer));
     }
-    if (o.use_dora != config.use_dora && !layer->as<LoRAEmbeddingImpl>()) {
+    if (o.use_dora != config.use_dora && !at.embedding) {
       throw PeftError(fmt::format("save_adapter: '{}' differs from '{}' in DoRA, which a PEFT config cannot express "
                                   "per module",
-                                  name, layers.front().first));
+                                  name, layers.front().layer));
     }
     if (o.r != config.r) config.rank_pattern.emplace_back(regex_escape(name), o.r);
     if (o.alpha != config.lora_alpha) config.alpha_pattern.emplace_back(regex_escape(name), o.alpha);
@@ -415,7 +473,7 @@ void save_adapter(const torch::nn::Module& module, const std::string& dir, const
   std::error_code ec;
   fs::create_directories(dir, ec);
   model_state::StateDict tensors;
-  for (const auto& [key, tensor] : get_peft_model_state_dict(module)) tensors.emplace(key, tensor);
+  for (const auto& [key, tensor] : get_peft_model_state_dict(module, adapter)) tensors.emplace(key, tensor);
   model_state::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
   model_state::write_file_atomically((fs::path(dir) / "adapter_config.json").string(), dump_lora_config(config));
 }

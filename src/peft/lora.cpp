@@ -1,5 +1,6 @@
 #include <d9d/model_state/mapper/leaf/rename.h>
 #include <d9d/peft/errors.h>
+#include <d9d/peft/lora/adapters.h>
 #include <d9d/peft/lora/layer.h>
 #include <d9d/peft/lora/method.h>
 #include <d9d/peft/module_tree.h>
@@ -9,11 +10,14 @@
 #include <torch/nn/functional/embedding.h>
 #include <torch/nn/functional/linear.h>
 #include <torch/nn/init.h>
+#include <torch/nn/modules/container/moduledict.h>
 
 #include <ATen/Parallel.h>
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <limits>
 
@@ -69,61 +73,199 @@ at::Tensor fast_dropout(const at::Tensor& x, double p) {
 
 }  // namespace
 
-// ----------------------------------------------------------- linear layer
+// --------------------------------------------------------------- adapters
 
-LoRALinearImpl::LoRALinearImpl(std::shared_ptr<d9d::nn::LinearImpl> base, const LoRALayerOptions& options)
-    : d9d_base(std::move(base)), options_(options), scale_(options.scale()) {
-  TORCH_CHECK(d9d_base, "LoRALinearImpl: the base layer is null");
-  register_module("base", d9d_base);
-  build(d9d_base->weight.size(1), d9d_base->weight.size(0));
+void validate_adapter_name(const std::string& name) {
+  const bool ok = !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';
+  });
+  if (!ok) {
+    throw PeftError(fmt::format("adapter name \"{}\" is not usable: it becomes part of state-dict keys, so use "
+                                "letters, digits, '_' and '-' only (e.g. \"default\", \"task_b\")",
+                                name));
+  }
 }
 
-LoRALinearImpl::LoRALinearImpl(std::shared_ptr<torch::nn::LinearImpl> base, const LoRALayerOptions& options)
-    : torch_base(std::move(base)), options_(options), scale_(options.scale()) {
-  TORCH_CHECK(torch_base, "LoRALinearImpl: the base layer is null");
-  register_module("base", torch_base);
-  build(torch_base->weight.size(1), torch_base->weight.size(0));
-}
-
-void LoRALinearImpl::build(int64_t in_features, int64_t out_features) {
+LoRALinearAdapterImpl::LoRALinearAdapterImpl(int64_t in_features, int64_t out_features,
+                                             const LoRALayerOptions& options, const at::TensorOptions& like)
+    : options_(options), scale_(options.scale()) {
   options_.validate();
-  const auto& weight = base_weight();
   lora_A = register_module("lora_A", torch::nn::Linear(torch::nn::LinearOptions(in_features, options_.r).bias(false)));
   lora_B = register_module("lora_B", torch::nn::Linear(torch::nn::LinearOptions(options_.r, out_features).bias(false)));
   dropout = register_module("dropout", torch::nn::Dropout(options_.dropout));
-  lora_A->to(weight.device(), weight.scalar_type());
-  lora_B->to(weight.device(), weight.scalar_type());
+  lora_A->to(like.device(), like.dtype().toScalarType());
+  lora_B->to(like.device(), like.dtype().toScalarType());
   if (options_.use_dora) {
-    lora_magnitude_vector =
-        register_parameter("lora_magnitude_vector", at::empty({out_features}, weight.options()));
+    lora_magnitude_vector = register_parameter("lora_magnitude_vector", at::empty({out_features}, like));
   }
-  reset_parameters();
+}
+
+void LoRALinearAdapterImpl::pretty_print(std::ostream& stream) const {
+  stream << "d9d::peft::LoRALinearAdapter(r=" << options_.r << ", alpha=" << options_.alpha
+         << ", dropout=" << options_.dropout;
+  if (options_.use_rslora) stream << ", rslora";
+  if (options_.use_dora) stream << ", dora";
+  stream << ")";
+}
+
+LoRAEmbeddingAdapterImpl::LoRAEmbeddingAdapterImpl(int64_t num_embeddings, int64_t dim,
+                                                   const LoRALayerOptions& options, const at::TensorOptions& like)
+    : options_(options), scale_(options.scale()) {
+  options_.validate();
+  if (options_.use_dora) throw PeftError("LoRA: DoRA is supported on linear layers only, not on embeddings");
+  lora_embedding_A = register_parameter("lora_embedding_A", at::empty({options_.r, num_embeddings}, like));
+  lora_embedding_B = register_parameter("lora_embedding_B", at::empty({dim, options_.r}, like));
+}
+
+void LoRAEmbeddingAdapterImpl::pretty_print(std::ostream& stream) const {
+  stream << "d9d::peft::LoRAEmbeddingAdapter(r=" << options_.r << ", alpha=" << options_.alpha << ")";
+}
+
+namespace {
+
+/// Unregisters the children and parameters a wrapper's adapter layout uses.
+void clear_layout(torch::nn::Module& m, std::initializer_list<const char*> children) {
+  const auto registered = m.named_children();
+  for (const char* child : children) {
+    if (registered.contains(child)) m.unregister_module(child);
+  }
+}
+
+[[noreturn]] void no_such_adapter(const std::string& name, const std::vector<std::string>& held) {
+  throw PeftError(fmt::format("this LoRA layer has no adapter \"{}\"; it holds {}", name,
+                              held.empty() ? std::string("none") : "\"" + fmt::format("{}", fmt::join(held, "\", \"")) + "\""));
+}
+
+template <typename Adapter>
+void set_trainable(Adapter& adapter, bool trainable) {
+  for (auto& p : adapter.parameters()) p.requires_grad_(trainable);
+}
+
+}  // namespace
+
+// ----------------------------------------------------------- linear layer
+
+LoRALinearImpl::LoRALinearImpl(std::shared_ptr<d9d::nn::LinearImpl> base, const LoRALayerOptions& options,
+                               const std::string& adapter_name)
+    : d9d_base(std::move(base)) {
+  TORCH_CHECK(d9d_base, "LoRALinearImpl: the base layer is null");
+  register_module("base", d9d_base);
+  init(options, adapter_name);
+}
+
+LoRALinearImpl::LoRALinearImpl(std::shared_ptr<torch::nn::LinearImpl> base, const LoRALayerOptions& options,
+                               const std::string& adapter_name)
+    : torch_base(std::move(base)) {
+  TORCH_CHECK(torch_base, "LoRALinearImpl: the base layer is null");
+  register_module("base", torch_base);
+  init(options, adapter_name);
+}
+
+void LoRALinearImpl::init(const LoRALayerOptions& options, const std::string& adapter_name) {
+  add_adapter(adapter_name, options);
+  set_active_adapters({adapter_name});
+}
+
+void LoRALinearImpl::add_adapter(const std::string& name, const LoRALayerOptions& options) {
+  validate_adapter_name(name);
+  if (find(name)) throw PeftError(fmt::format("this LoRA layer already holds an adapter \"{}\"", name));
+  const auto& weight = base_weight();
+  auto adapter = std::make_shared<LoRALinearAdapterImpl>(weight.size(1), weight.size(0), options, weight.options());
+  reset_adapter(*adapter);
+  set_trainable(*adapter, false);
+  entries_.emplace_back(name, std::move(adapter));
+  relayout();
+}
+
+void LoRALinearImpl::delete_adapter(const std::string& name) {
+  auto it = std::find_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.first == name; });
+  if (it == entries_.end()) no_such_adapter(name, names());
+  entries_.erase(it);
+  active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
+  relayout();
+}
+
+void LoRALinearImpl::set_active_adapters(const std::vector<std::string>& names) {
+  active_.clear();
+  for (const auto& [name, adapter] : entries_) {
+    const bool on = std::find(names.begin(), names.end(), name) != names.end();
+    if (on) active_.push_back(name);
+    set_trainable(*adapter, on);
+  }
+}
+
+LoRALinearAdapterImpl& LoRALinearImpl::adapter(const std::string& name) const {
+  auto a = find(name);
+  if (!a) no_such_adapter(name, names());
+  return *a;
+}
+
+LoRALinearAdapterImpl& LoRALinearImpl::pick(const std::string& name) const {
+  if (name.empty()) return const_cast<LoRALinearAdapterImpl&>(first());
+  return adapter(name);
+}
+
+const LoRALinearAdapterImpl& LoRALinearImpl::first() const {
+  if (entries_.empty()) throw PeftError("this LoRA layer holds no adapter (the last one was deleted)");
+  return *entries_.front().second;
+}
+
+void LoRALinearImpl::relayout() {
+  clear_layout(*this, {"lora_A", "lora_B", "dropout", "adapters"});
+  if (parameters_.contains("lora_magnitude_vector")) parameters_.erase("lora_magnitude_vector");
+  lora_A = torch::nn::Linear(nullptr);
+  lora_B = torch::nn::Linear(nullptr);
+  dropout = torch::nn::Dropout(nullptr);
+  lora_magnitude_vector = at::Tensor();
+  if (entries_.empty()) return;
+  const auto& top = entries_.front().second;
+  lora_A = register_module("lora_A", top->lora_A);
+  lora_B = register_module("lora_B", top->lora_B);
+  dropout = register_module("dropout", top->dropout);
+  if (top->options().use_dora) {
+    lora_magnitude_vector = register_parameter("lora_magnitude_vector", top->lora_magnitude_vector,
+                                               top->lora_magnitude_vector.requires_grad());
+  }
+  if (entries_.size() > 1) {
+    torch::nn::ModuleDict more;
+    for (size_t i = 1; i < entries_.size(); ++i) {
+      more->update(std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{
+          {entries_[i].first, entries_[i].second}});
+    }
+    register_module("adapters", more);
+  }
 }
 
 void LoRALinearImpl::reset_parameters() {
-  torch::NoGradGuard no_grad;
-  switch (options_.init) {
-    case LoRAInit::Default:
-      lora_A->reset_parameters();
-      lora_B->weight.zero_();
-      break;
-    case LoRAInit::Gaussian:
-      lora_A->weight.normal_(0.0, 1.0 / static_cast<double>(options_.r));
-      lora_B->weight.zero_();
-      break;
-    case LoRAInit::Random:
-      lora_A->reset_parameters();
-      lora_B->reset_parameters();
-      break;
-  }
-  if (options_.use_dora) reset_magnitude();
+  for (auto& e : entries_) reset_adapter(*e.second);
 }
 
-void LoRALinearImpl::reset_magnitude() {
-  TORCH_CHECK(options_.use_dora, "reset_magnitude: this LoRA layer does not use DoRA");
+void LoRALinearImpl::reset_adapter(LoRALinearAdapterImpl& a) {
   torch::NoGradGuard no_grad;
-  const auto merged = base_weight() + scale_ * lora_B->weight.mm(lora_A->weight);
-  lora_magnitude_vector.copy_(at::linalg_vector_norm(merged, 2, {1}).to(lora_magnitude_vector.scalar_type()));
+  switch (a.options().init) {
+    case LoRAInit::Default:
+      a.lora_A->reset_parameters();
+      a.lora_B->weight.zero_();
+      break;
+    case LoRAInit::Gaussian:
+      a.lora_A->weight.normal_(0.0, 1.0 / static_cast<double>(a.options().r));
+      a.lora_B->weight.zero_();
+      break;
+    case LoRAInit::Random:
+      a.lora_A->reset_parameters();
+      a.lora_B->reset_parameters();
+      break;
+  }
+  if (a.options().use_dora) reset_magnitude(a);
+}
+
+void LoRALinearImpl::reset_magnitude(const std::string& name) { reset_magnitude(pick(name)); }
+
+void LoRALinearImpl::reset_magnitude(LoRALinearAdapterImpl& a) {
+  if (!a.options().use_dora) throw PeftError("reset_magnitude: this LoRA adapter does not use DoRA");
+  torch::NoGradGuard no_grad;
+  const auto merged = base_weight() + a.scale() * a.lora_B->weight.mm(a.lora_A->weight);
+  a.lora_magnitude_vector.copy_(at::linalg_vector_norm(merged, 2, {1}));
 }
 
 const at::Tensor& LoRALinearImpl::base_weight() const { return d9d_base ? d9d_base->weight : torch_base->weight; }
@@ -136,120 +278,268 @@ std::shared_ptr<torch::nn::Module> LoRALinearImpl::base() const {
 }
 
 std::vector<std::string> LoRALinearImpl::fresh_state_keys() const {
-  std::vector<std::string> keys{"lora_A.weight", "lora_B.weight"};
-  if (options_.use_dora) keys.push_back("lora_magnitude_vector");
+  std::vector<std::string> keys;
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const std::string prefix = i == 0 ? "" : "adapters." + entries_[i].first + ".";
+    for (const auto& p : entries_[i].second->named_parameters()) keys.push_back(prefix + p.key());
+  }
   return keys;
 }
 
-at::Tensor LoRALinearImpl::dora_scale() const {
+at::Tensor LoRALinearImpl::dora_scale(const LoRALinearAdapterImpl& a) const {
   // PEFT detaches the norm: the magnitude learns the scale, B and A the direction.
   at::Tensor norm;
   {
     torch::NoGradGuard no_grad;
-    norm = at::linalg_vector_norm(base_weight() + scale_ * lora_B->weight.mm(lora_A->weight), 2, {1});
+    norm = at::linalg_vector_norm(base_weight() + a.scale() * a.lora_B->weight.mm(a.lora_A->weight), 2, {1});
   }
-  return (lora_magnitude_vector / norm.to(lora_magnitude_vector.scalar_type())).view({1, -1});
+  return (a.lora_magnitude_vector / norm.to(a.lora_magnitude_vector.scalar_type())).view({1, -1});
 }
 
 at::Tensor LoRALinearImpl::forward(const at::Tensor& input) {
   const at::Tensor& weight = base_weight();
   const at::Tensor& bias = base_bias();
-  const bool drop = options_.dropout > 0.0 && is_training();
-  at::Tensor h = input;
-  if (drop) {
-    const bool fast = input.device().is_cpu() && input.scalar_type() == at::kFloat && input.is_contiguous();
-    h = fast ? fast_dropout(input, options_.dropout) : dropout->forward(input);
-  }
-  if (options_.use_dora) {
-    const at::Tensor out = torch::nn::functional::linear(input, weight, bias);
-    const at::Tensor low_rank = lora_B->forward(lora_A->forward(h));
-    const at::Tensor m_scale = dora_scale();
-    // Without dropout the base output (less its bias) is reused, as PEFT does.
-    const at::Tensor base_no_bias =
-        drop ? torch::nn::functional::linear(h, weight) : (bias.defined() ? out - bias : out);
-    return out + (m_scale - 1) * base_no_bias + m_scale * low_rank * scale_;
-  }
+  if (!enabled_ || active_.empty()) return torch::nn::functional::linear(input, weight, bias);
+  if (active_.size() > 1) return forward_general(input);
+  LoRALinearAdapterImpl& a = *find(active_.front());
+  if (a.options().use_dora || a.lora_A->weight.scalar_type() != input.scalar_type()) return forward_general(input);
+
   // base + scale * B(A(h)) on 2-D views, the low-rank product accumulated
   // into the base output in place (one addmm_) and the scale applied to the
   // small [tokens, r] intermediate rather than to the [tokens, out] result.
+  const double p = a.options().dropout;
+  const bool drop = p > 0.0 && is_training();
   const int64_t in_features = weight.size(1);
   const at::Tensor x2 = input.reshape({-1, in_features});
-  const at::Tensor h2 = drop ? h.reshape({-1, in_features}) : x2;
+  at::Tensor h2 = x2;
+  if (drop) {
+    const bool fast = input.device().is_cpu() && input.scalar_type() == at::kFloat && input.is_contiguous();
+    h2 = fast ? fast_dropout(x2, p) : a.dropout->forward(x2);
+  }
   at::Tensor out = bias.defined() ? at::addmm(bias, x2, weight.t()) : at::mm(x2, weight.t());
-  at::Tensor low = at::mm(h2, lora_A->weight.t());
-  if (scale_ != 1.0) low.mul_(scale_);
-  out.addmm_(low, lora_B->weight.t());
+  at::Tensor low = at::mm(h2, a.lora_A->weight.t());
+  if (a.scale() != 1.0) low.mul_(a.scale());
+  out.addmm_(low, a.lora_B->weight.t());
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = weight.size(0);
   return out.view(shape);
 }
 
-at::Tensor LoRALinearImpl::delta_weight() const { return lora_B->weight.mm(lora_A->weight) * scale_; }
-
-void LoRALinearImpl::merge_into_base() {
-  torch::NoGradGuard no_grad;
+at::Tensor LoRALinearImpl::forward_general(const at::Tensor& input) {
+  // Several active adapters, DoRA, or adapters in another dtype than the
+  // input (cast_adapter_dtype): each adapter adds its own term to the base
+  // output, computed in its own dtype, as PEFT does.
   const at::Tensor& weight = base_weight();
-  if (options_.use_dora) {
-    const at::Tensor merged = weight + scale_ * lora_B->weight.mm(lora_A->weight);
+  const at::Tensor& bias = base_bias();
+  const at::Tensor out = torch::nn::functional::linear(input, weight, bias);
+  at::Tensor result = out;
+  for (const auto& name : active_) {
+    LoRALinearAdapterImpl& a = *find(name);
+    const double p = a.options().dropout;
+    const bool drop = p > 0.0 && is_training();
+    at::Tensor h = input;
+    if (drop) {
+      const bool fast = input.device().is_cpu() && input.scalar_type() == at::kFloat && input.is_contiguous();
+      h = fast ? fast_dropout(input, p) : a.dropout->forward(input);
+    }
+    const auto dtype = a.lora_A->weight.scalar_type();
+    const at::Tensor low_rank = a.lora_B->forward(a.lora_A->forward(h.to(dtype)));
+    at::Tensor term;
+    if (a.options().use_dora) {
+      const at::Tensor m_scale = dora_scale(a);
+      // Without dropout the base output (less its bias) is reused, as PEFT does.
+      const at::Tensor base_no_bias =
+          drop ? torch::nn::functional::linear(h, weight) : (bias.defined() ? out - bias : out);
+      term = (m_scale - 1) * base_no_bias + m_scale * low_rank * a.scale();
+    } else {
+      term = low_rank * a.scale();
+    }
+    result = result + term.to(out.scalar_type());
+  }
+  return result;
+}
+
+at::Tensor LoRALinearImpl::delta_weight(const std::string& name) const {
+  const auto& a = pick(name);
+  if (a.options().use_dora) throw PeftError("delta_weight: a DoRA adapter's merge is not a sum; use merge_into_base");
+  return a.lora_B->weight.mm(a.lora_A->weight) * a.scale();
+}
+
+void LoRALinearImpl::merge_into_base(const std::string& name) {
+  torch::NoGradGuard no_grad;
+  const auto& a = pick(name);
+  const at::Tensor& weight = base_weight();
+  if (a.options().use_dora) {
+    const at::Tensor merged = weight + a.scale() * a.lora_B->weight.mm(a.lora_A->weight);
     const at::Tensor norm = at::linalg_vector_norm(merged, 2, {1});
-    weight.copy_(merged * (lora_magnitude_vector / norm).view({-1, 1}));
+    weight.copy_(merged * (a.lora_magnitude_vector / norm).view({-1, 1}));
     return;
   }
-  weight.addmm_(lora_B->weight, lora_A->weight, /*beta=*/1.0, /*alpha=*/scale_);
+  if (a.lora_A->weight.scalar_type() == weight.scalar_type()) {
+    weight.addmm_(a.lora_B->weight, a.lora_A->weight, /*beta=*/1.0, /*alpha=*/a.scale());
+  } else {
+    weight.add_((a.lora_B->weight.mm(a.lora_A->weight) * a.scale()).to(weight.scalar_type()));
+  }
 }
 
 void LoRALinearImpl::pretty_print(std::ostream& stream) const {
-  stream << "d9d::peft::LoRALinear(r=" << options_.r << ", alpha=" << options_.alpha
-         << ", dropout=" << options_.dropout;
-  if (options_.use_rslora) stream << ", rslora";
-  if (options_.use_dora) stream << ", dora";
+  stream << "d9d::peft::LoRALinear(";
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const auto& o = entries_[i].second->options();
+    if (i) stream << "; ";
+    if (entries_.size() > 1 || entries_[i].first != kDefaultAdapterName) {
+      stream << entries_[i].first
+             << (std::find(active_.begin(), active_.end(), entries_[i].first) != active_.end() ? "*" : "") << ": ";
+    }
+    stream << "r=" << o.r << ", alpha=" << o.alpha << ", dropout=" << o.dropout;
+    if (o.use_rslora) stream << ", rslora";
+    if (o.use_dora) stream << ", dora";
+  }
+  if (!enabled_) stream << "; disabled";
   stream << ")";
 }
 
 // -------------------------------------------------------- embedding layer
 
-LoRAEmbeddingImpl::LoRAEmbeddingImpl(std::shared_ptr<d9d::nn::EmbeddingImpl> base_, const LoRALayerOptions& options)
-    : base(std::move(base_)), options_(options), scale_(options.scale()) {
+LoRAEmbeddingImpl::LoRAEmbeddingImpl(std::shared_ptr<d9d::nn::EmbeddingImpl> base_, const LoRALayerOptions& options,
+                                     const std::string& adapter_name)
+    : base(std::move(base_)) {
   TORCH_CHECK(base, "LoRAEmbeddingImpl: the base layer is null");
-  options_.validate();
-  if (options_.use_dora) throw PeftError("LoRA: DoRA is supported on linear layers only, not on embeddings");
   register_module("base", base);
+  add_adapter(adapter_name, options);
+  set_active_adapters({adapter_name});
+}
+
+void LoRAEmbeddingImpl::add_adapter(const std::string& name, const LoRALayerOptions& options) {
+  validate_adapter_name(name);
+  if (find(name)) throw PeftError(fmt::format("this LoRA layer already holds an adapter \"{}\"", name));
   const auto& w = base->weight;
-  lora_embedding_A = register_parameter("lora_embedding_A", at::empty({options_.r, w.size(0)}, w.options()));
-  lora_embedding_B = register_parameter("lora_embedding_B", at::empty({w.size(1), options_.r}, w.options()));
-  dropout = register_module("dropout", torch::nn::Dropout(options_.dropout));
-  reset_parameters();
+  auto adapter = std::make_shared<LoRAEmbeddingAdapterImpl>(w.size(0), w.size(1), options, w.options());
+  reset_adapter(*adapter);
+  set_trainable(*adapter, false);
+  entries_.emplace_back(name, std::move(adapter));
+  relayout();
+}
+
+void LoRAEmbeddingImpl::delete_adapter(const std::string& name) {
+  auto it = std::find_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.first == name; });
+  if (it == entries_.end()) no_such_adapter(name, names());
+  entries_.erase(it);
+  active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
+  relayout();
+}
+
+void LoRAEmbeddingImpl::set_active_adapters(const std::vector<std::string>& names) {
+  active_.clear();
+  for (const auto& [name, adapter] : entries_) {
+    const bool on = std::find(names.begin(), names.end(), name) != names.end();
+    if (on) active_.push_back(name);
+    set_trainable(*adapter, on);
+  }
+}
+
+LoRAEmbeddingAdapterImpl& LoRAEmbeddingImpl::adapter(const std::string& name) const {
+  auto a = find(name);
+  if (!a) no_such_adapter(name, names());
+  return *a;
+}
+
+LoRAEmbeddingAdapterImpl& LoRAEmbeddingImpl::pick(const std::string& name) const {
+  if (name.empty()) return const_cast<LoRAEmbeddingAdapterImpl&>(first());
+  return adapter(name);
+}
+
+const LoRAEmbeddingAdapterImpl& LoRAEmbeddingImpl::first() const {
+  if (entries_.empty()) throw PeftError("this LoRA layer holds no adapter (the last one was deleted)");
+  return *entries_.front().second;
+}
+
+void LoRAEmbeddingImpl::relayout() {
+  clear_layout(*this, {"adapters"});
+  for (const char* p : {"lora_embedding_A", "lora_embedding_B"}) {
+    if (parameters_.contains(p)) parameters_.erase(p);
+  }
+  lora_embedding_A = at::Tensor();
+  lora_embedding_B = at::Tensor();
+  if (entries_.empty()) return;
+  const auto& top = entries_.front().second;
+  lora_embedding_A =
+      register_parameter("lora_embedding_A", top->lora_embedding_A, top->lora_embedding_A.requires_grad());
+  lora_embedding_B =
+      register_parameter("lora_embedding_B", top->lora_embedding_B, top->lora_embedding_B.requires_grad());
+  if (entries_.size() > 1) {
+    torch::nn::ModuleDict more;
+    for (size_t i = 1; i < entries_.size(); ++i) {
+      more->update(std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{
+          {entries_[i].first, entries_[i].second}});
+    }
+    register_module("adapters", more);
+  }
 }
 
 void LoRAEmbeddingImpl::reset_parameters() {
+  for (auto& e : entries_) reset_adapter(*e.second);
+}
+
+void LoRAEmbeddingImpl::reset_adapter(LoRAEmbeddingAdapterImpl& a) {
   torch::NoGradGuard no_grad;
-  if (options_.init == LoRAInit::Random) {
-    lora_embedding_A.normal_();
-    lora_embedding_B.normal_();
+  if (a.options().init == LoRAInit::Random) {
+    a.lora_embedding_A.normal_();
+    a.lora_embedding_B.normal_();
   } else {
-    lora_embedding_A.zero_();
-    lora_embedding_B.normal_();
+    a.lora_embedding_A.zero_();
+    a.lora_embedding_B.normal_();
   }
+}
+
+std::vector<std::string> LoRAEmbeddingImpl::fresh_state_keys() const {
+  std::vector<std::string> keys;
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const std::string prefix = i == 0 ? "" : "adapters." + entries_[i].first + ".";
+    for (const auto& p : entries_[i].second->named_parameters()) keys.push_back(prefix + p.key());
+  }
+  return keys;
 }
 
 at::Tensor LoRAEmbeddingImpl::forward(const at::Tensor& indices) {
   at::Tensor out = base->forward_base(indices);
+  if (!enabled_) return out;
   const auto& o = base->options;
-  at::Tensor after_a = torch::nn::functional::detail::embedding(indices, lora_embedding_A.t(), o.padding_idx(),
-                                                                o.max_norm(), o.norm_type(), o.scale_grad_by_freq(),
-                                                                o.sparse());
-  return out.add(after_a.matmul(lora_embedding_B.t()), scale_);
+  for (const auto& name : active_) {
+    const LoRAEmbeddingAdapterImpl& a = *find(name);
+    const at::Tensor after_a = torch::nn::functional::detail::embedding(
+        indices, a.lora_embedding_A.t(), o.padding_idx(), o.max_norm(), o.norm_type(), o.scale_grad_by_freq(),
+        o.sparse());
+    const at::Tensor term = after_a.matmul(a.lora_embedding_B.t());
+    out = term.scalar_type() == out.scalar_type() ? out.add(term, a.scale())
+                                                  : out.add((term * a.scale()).to(out.scalar_type()));
+  }
+  return out;
 }
 
-at::Tensor LoRAEmbeddingImpl::delta_weight() const { return lora_embedding_B.mm(lora_embedding_A).t() * scale_; }
+at::Tensor LoRAEmbeddingImpl::delta_weight(const std::string& name) const {
+  const auto& a = pick(name);
+  return a.lora_embedding_B.mm(a.lora_embedding_A).t() * a.scale();
+}
 
-void LoRAEmbeddingImpl::merge_into_base() {
+void LoRAEmbeddingImpl::merge_into_base(const std::string& name) {
   torch::NoGradGuard no_grad;
-  base->weight.add_(lora_embedding_B.mm(lora_embedding_A).t(), scale_);
+  base->weight.add_(delta_weight(name).to(base->weight.scalar_type()));
 }
 
 void LoRAEmbeddingImpl::pretty_print(std::ostream& stream) const {
-  stream << "d9d::peft::LoRAEmbedding(r=" << options_.r << ", alpha=" << options_.alpha << ")";
+  stream << "d9d::peft::LoRAEmbedding(";
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const auto& o = entries_[i].second->options();
+    if (i) stream << "; ";
+    if (entries_.size() > 1 || entries_[i].first != kDefaultAdapterName) {
+      stream << entries_[i].first
+             << (std::find(active_.begin(), active_.end(), entries_[i].first) != active_.end() ? "*" : "") << ": ";
+    }
+    stream << "r=" << o.r << ", alpha=" << o.alpha;
+  }
+  if (!enabled_) stream << "; disabled";
+  stream << ")";
 }
 
 // ---------------------------------------------------------- inject, merge
@@ -272,9 +562,18 @@ std::string example_names(torch::nn::Module& module) {
 }  // namespace
 
 PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& targeting) {
+  const std::string& adapter = targeting.adapter_name;
+  validate_adapter_name(adapter);
+  const auto existing = lora_adapter_names(module);
+  const auto active_now = active_lora_adapters(module);
+  const bool active =
+      existing.empty() || std::find(active_now.begin(), active_now.end(), adapter) != active_now.end();
+
   struct Plan {
     ModuleEntry entry;
-    std::shared_ptr<torch::nn::Module> wrapper;
+    std::shared_ptr<torch::nn::Module> wrapper;  // a new wrapper, or the existing LoRA layer
+    bool fresh = true;
+    LoRALayerOptions options;
     torch::nn::AnyModule any;
     d9d::nn::Adaptable* redirect = nullptr;
     std::shared_ptr<d9d::nn::LayerOverride> target;
@@ -283,21 +582,42 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
   std::vector<Plan> plans;
   std::vector<std::string> matched;
 
-  // Plan and build every wrapper first: a failure leaves the model untouched.
+  auto check_dora = [&](const LoRALayerOptions& o, const std::string& name) {
+    if (o.use_dora) {
+      throw PeftError(fmt::format("LoRA: cannot adapt '{}' with DoRA: DoRA is supported on linear layers only",
+                                  name));
+    }
+  };
+  auto check_free = [&](const auto& layer, const std::string& name) {
+    if (layer.find(adapter)) {
+      throw PeftError(fmt::format("LoRA: '{}' already holds an adapter \"{}\"; give the new adapter another "
+                                  "name, or delete_adapter(\"{}\") first",
+                                  name, adapter, adapter));
+    }
+  };
+
+  // Plan and build every new wrapper first: a failure leaves the model untouched.
   for (auto& entry : list_modules(module, /*enter_adapters=*/false)) {
     const auto options = targeting.select(entry.name);
     if (!options) continue;
     matched.push_back("'" + entry.name + "'");
-    if (auto linear = std::dynamic_pointer_cast<d9d::nn::LinearImpl>(entry.module)) {
-      auto wrapper = std::make_shared<LoRALinearImpl>(linear, *options);
-      plans.push_back({entry, wrapper, torch::nn::AnyModule(wrapper), linear.get(), wrapper, linear->bias.defined()});
+    if (auto lora = std::dynamic_pointer_cast<LoRALinearImpl>(entry.module)) {
+      check_free(*lora, entry.name);
+      options->validate();
+      plans.push_back({entry, lora, false, *options, torch::nn::AnyModule(), nullptr, nullptr, false});
+    } else if (auto lora_embedding = std::dynamic_pointer_cast<LoRAEmbeddingImpl>(entry.module)) {
+      check_free(*lora_embedding, entry.name);
+      options->validate();
+      check_dora(*options, entry.name);
+      plans.push_back({entry, lora_embedding, false, *options, torch::nn::AnyModule(), nullptr, nullptr, false});
+    } else if (auto linear = std::dynamic_pointer_cast<d9d::nn::LinearImpl>(entry.module)) {
+      auto wrapper = std::make_shared<LoRALinearImpl>(linear, *options, adapter);
+      plans.push_back(
+          {entry, wrapper, true, *options, torch::nn::AnyModule(wrapper), linear.get(), wrapper, linear->bias.defined()});
     } else if (auto embedding = std::dynamic_pointer_cast<d9d::nn::EmbeddingImpl>(entry.module)) {
-      if (options->use_dora) {
-        throw PeftError(fmt::format("LoRA: cannot adapt '{}' with DoRA: DoRA is supported on linear layers only",
-                                    entry.name));
-      }
-      auto wrapper = std::make_shared<LoRAEmbeddingImpl>(embedding, *options);
-      plans.push_back({entry, wrapper, torch::nn::AnyModule(wrapper), embedding.get(), wrapper, false});
+      check_dora(*options, entry.name);
+      auto wrapper = std::make_shared<LoRAEmbeddingImpl>(embedding, *options, adapter);
+      plans.push_back({entry, wrapper, true, *options, torch::nn::AnyModule(wrapper), embedding.get(), wrapper, false});
     } else if (auto plain = std::dynamic_pointer_cast<torch::nn::LinearImpl>(entry.module)) {
       if (!is_synced_container(*entry.parent)) {
         throw PeftError(fmt::format(
@@ -306,8 +626,9 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
             "d9d::nn::Linear (same options, keys and numerics), or narrow {} to exclude it.",
             entry.name, type_name(*entry.parent), targeting.what));
       }
-      auto wrapper = std::make_shared<LoRALinearImpl>(plain, *options);
-      plans.push_back({entry, wrapper, torch::nn::AnyModule(wrapper), nullptr, nullptr, plain->bias.defined()});
+      auto wrapper = std::make_shared<LoRALinearImpl>(plain, *options, adapter);
+      plans.push_back(
+          {entry, wrapper, true, *options, torch::nn::AnyModule(wrapper), nullptr, nullptr, plain->bias.defined()});
     } else if (entry.module->children().empty()) {
       const bool torch_embedding = entry.module->name() == "torch::nn::EmbeddingImpl";
       throw PeftError(fmt::format(
@@ -330,40 +651,35 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
   PeftInjectionResult result;
   for (auto& plan : plans) {
     const auto& name = plan.entry.name;
-    for (const auto& p : plan.wrapper->named_parameters(/*recurse=*/true)) {
-      if (p.key().rfind("base.", 0) != 0) result.parameters_to_train.push_back(p.value());
+    auto* linear = plan.wrapper->as<LoRALinearImpl>();
+    auto* embedding = plan.wrapper->as<LoRAEmbeddingImpl>();
+    std::vector<std::string> now_active;
+    if (plan.fresh) {
+      result.load_state_mappers.push_back(
+          std::make_shared<model_state::Rename>(name + ".weight", name + ".base.weight"));
+      if (plan.has_bias) {
+        result.load_state_mappers.push_back(
+            std::make_shared<model_state::Rename>(name + ".bias", name + ".base.bias"));
+      }
+      replace_child(*plan.entry.parent, plan.entry.child_name, plan.any);
+      if (plan.redirect) plan.redirect->set_override(plan.target);
+    } else {
+      if (linear) linear->add_adapter(adapter, plan.options);
+      else embedding->add_adapter(adapter, plan.options);
     }
-    result.load_state_mappers.push_back(std::make_shared<model_state::Rename>(name + ".weight", name + ".base.weight"));
-    if (plan.has_bias) {
-      result.load_state_mappers.push_back(std::make_shared<model_state::Rename>(name + ".bias", name + ".base.bias"));
+    // The layer's active set is the model's active set (plus this adapter
+    // when it is active), restricted to what the layer holds.
+    now_active = active_now;
+    if (active) now_active.push_back(adapter);
+    if (linear) linear->set_active_adapters(now_active);
+    else embedding->set_active_adapters(now_active);
+    if (active) {
+      torch::nn::Module& added = linear ? static_cast<torch::nn::Module&>(linear->adapter(adapter))
+                                        : static_cast<torch::nn::Module&>(embedding->adapter(adapter));
+      for (const auto& p : added.parameters()) result.parameters_to_train.push_back(p);
     }
-    replace_child(*plan.entry.parent, plan.entry.child_name, plan.any);
-    if (plan.redirect) plan.redirect->set_override(plan.target);
   }
   return result;
-}
-
-size_t merge_lora(torch::nn::Module& module, const std::function<bool(const std::string&)>& selects) {
-  size_t merged = 0;
-  for (auto& entry : list_modules(module)) {
-    if (!selects(entry.name)) continue;
-    if (auto linear = std::dynamic_pointer_cast<LoRALinearImpl>(entry.module)) {
-      linear->merge_into_base();
-      if (linear->d9d_base) {
-        linear->d9d_base->clear_override();
-        replace_child(*entry.parent, entry.child_name, torch::nn::AnyModule(linear->d9d_base));
-      } else {
-        replace_child(*entry.parent, entry.child_name, torch::nn::AnyModule(linear->torch_base));
-      }
-      ++merged;
-    } else if (auto embedding = std::dynamic_pointer_cast<LoRAEmbeddingImpl>(entry.module)) {
-      embedding->merge_into_base();
-      embedding->base->clear_override();
-      replace_child(*entry.parent, entry.child_name, torch::nn::AnyModule(embedding->base));
-      ++merged;
-    }
-  }
-  return merged;
 }
 
 // ----------------------------------------------------------------- method
@@ -386,7 +702,8 @@ PeftInjectionResult LoRA::inject(torch::nn::Module& module) {
 }
 
 void LoRA::merge(torch::nn::Module& module) {
-  merge_lora(module, [this](const std::string& name) { return std::regex_match(name, pattern_); });
+  merge_lora(
+      module, [this](const std::string& name) { return std::regex_match(name, pattern_); }, kDefaultAdapterName);
 }
 
 }  // namespace d9d::peft

@@ -130,7 +130,10 @@ model_state::MapperPtr inject_peft_and_freeze(PeftMethodBase& method, torch::nn:
   for (const auto& p : result.parameters_to_train) train.insert(p.unsafeGetTensorImpl());
   if (train.empty()) {
     method.merge(module);
-    throw PeftError("inject_peft_and_freeze: the method trains no parameter; check its module_name_pattern");
+    throw PeftError(
+        "inject_peft_and_freeze: the method trains no parameter; check its module_name_pattern (a LoRA adapter "
+        "added to a model that already has adapters starts inactive: add it with hf::add_adapter or "
+        "hf::load_adapter, then activate it with set_adapter)");
   }
   for (auto& p : module.parameters()) p.requires_grad_(train.count(p.unsafeGetTensorImpl()) > 0);
 

@@ -18,9 +18,9 @@ void collect(torch::nn::Module& parent, const std::string& prefix, bool enter_ad
     const auto& module = child.value();
     if (!module) continue;
     const bool is_adapter = dynamic_cast<const AdapterLayer*>(module.get()) != nullptr;
-    if (is_adapter && !enter_adapters) continue;
     const std::string name = prefix.empty() ? child.key() : prefix + "." + child.key();
     out.push_back(ModuleEntry{name, module, &parent, child.key()});
+    if (is_adapter && !enter_adapters) continue;
     collect(*module, name, enter_adapters, out);
   }
 }

@@ -19,8 +19,8 @@ struct ModuleEntry {
 };
 
 /// Every module below `root` (not the root itself), depth-first in
-/// registration order. With `enter_adapters` false, PEFT adapter layers and
-/// everything inside them are left out.
+/// registration order. With `enter_adapters` false, PEFT adapter layers are
+/// listed but what is inside them is not.
 std::vector<ModuleEntry> list_modules(torch::nn::Module& root, bool enter_adapters = true);
 
 /// True for LibTorch containers whose own call list this library can keep in

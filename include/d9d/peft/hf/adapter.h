@@ -19,29 +19,38 @@ namespace d9d::peft::hf {
 inline const std::string kPeftKeyPrefix = "base_model.model.";
 
 /// LoRA driven by a Hugging Face PEFT config: PEFT's target and exclusion
-/// rules, rank and alpha patterns, rsLoRA, DoRA, embeddings.
+/// rules, rank and alpha patterns, rsLoRA, DoRA, embeddings. Adds adapter
+/// `adapter_name` (see `inject_lora` for how a second adapter joins a model);
+/// `merge` folds that adapter alone into the base weights and removes it.
 class HfLoRA : public PeftMethod<LoraConfig> {
  public:
-  explicit HfLoRA(LoraConfig config);
+  explicit HfLoRA(LoraConfig config, std::string adapter_name = kDefaultAdapterName);
   PeftInjectionResult inject(torch::nn::Module& module) override;
   void merge(torch::nn::Module& module) override;
+  const std::string& adapter_name() const noexcept { return adapter_name_; }
+
+ private:
+  std::string adapter_name_;
 };
 
-/// The adapter weights of `module` under PEFT's file keys
+/// The weights of one adapter of `module` under PEFT's file keys
 /// (`base_model.model.<path>.lora_A.weight`, `...lora_magnitude_vector`,
-/// `...lora_embedding_A`): PEFT's `get_peft_model_state_dict`.
-model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module);
+/// `...lora_embedding_A`; no adapter name in them): PEFT's
+/// `get_peft_model_state_dict`. `adapter_name` may be left empty when the
+/// model holds a single adapter.
+model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module, const std::string& adapter_name = {});
 
 /// Loads adapter weights with PEFT's keys (with or without the
-/// `base_model.model.` prefix) into the LoRA layers of `module`, strictly:
-/// every adapter weight must be given, every given key must be one, shapes
-/// must match ("wrong base model?"); values are cast to each layer's dtype.
-/// PEFT's `set_peft_model_state_dict`. Nothing is written if anything is off.
+/// `base_model.model.` prefix) into adapter `adapter_name` (empty: the only
+/// one) of `module`, strictly: every weight of that adapter must be given,
+/// every given key must be one, shapes must match ("wrong base model?");
+/// values are cast to each layer's dtype. PEFT's `set_peft_model_state_dict`.
+/// Nothing is written if anything is off.
 void set_peft_model_state_dict(torch::nn::Module& module, const model_state::StateDict& state,
-                               const std::string& source = "<state dict>");
+                               const std::string& source = "<state dict>", const std::string& adapter_name = {});
 
 /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`,
-/// injects what the config says into `module` (freezing the rest) and loads
+/// adds what the config says to `module` as adapter `adapter_name` and loads
 /// the weights. Returns the applied method, for `merge_peft`.
 ///
 /// ```
@@ -49,17 +58,29 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
 /// auto logits = model->forward(ids);
 /// d9d::peft::merge_peft(*adapter, *model);
 /// ```
-/// One adapter per model for now: a module that already holds LoRA layers is
-/// an error (merge the first one).
+///
+/// Into a model without adapters, the adapter comes active and trainable and
+/// everything else is frozen (as `inject_peft_and_freeze`). Into a model that
+/// has adapters, it is added inactive and frozen, as PEFT's `load_adapter`
+/// does: `set_adapter(*model, adapter_name)` activates it. A name already in
+/// the model is an error. On any error the model is left as it was.
 std::unique_ptr<PeftMethodBase> load_adapter(torch::nn::Module& module, const std::string& dir,
-                                             const std::string& adapter_name = "default");
+                                             const std::string& adapter_name = kDefaultAdapterName);
+
+/// Adds a fresh adapter `adapter_name` configured by `config` (PEFT's
+/// `add_adapter`; as `load_adapter` without the weights file): active and
+/// trainable in a model without adapters, inactive and frozen otherwise.
+std::unique_ptr<PeftMethodBase> add_adapter(torch::nn::Module& module, const std::string& adapter_name,
+                                            const LoraConfig& config);
 
 struct SaveAdapterOptions {
+  /// Which adapter to write; empty: the only one (an error if there are several).
+  std::string adapter_name;
   std::optional<std::string> base_model_name_or_path;
   std::optional<std::string> task_type;
 };
 
-/// Writes the LoRA layers of `module` to `dir` as PEFT does:
+/// Writes one adapter of `module` (`options.adapter_name`) to `dir` as PEFT does:
 /// `adapter_model.safetensors` (keys without the adapter name,
 /// `{"format":"pt"}` metadata) and `adapter_config.json` (sorted; targets are
 /// the adapted modules' names; differing ranks or alphas go to

@@ -9,6 +9,11 @@
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
 
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
 namespace d9d::peft {
 
 /// How fresh adapter weights start.
@@ -43,40 +48,142 @@ struct LoRALayerOptions {
   void validate() const;
 };
 
+/// The name an adapter gets when none is given (PEFT's too).
+inline const std::string kDefaultAdapterName = "default";
+
+/// Throws `PeftError` unless `name` is a usable adapter name: non-empty,
+/// letters, digits, `_` and `-` only (it becomes part of state-dict keys).
+void validate_adapter_name(const std::string& name);
+
+/// One named LoRA adapter of a linear layer: `lora_A` `[r, in]`, `lora_B`
+/// `[out, r]`, `dropout`, and with DoRA `lora_magnitude_vector` `[out]`.
+/// Its parameter names are PEFT's file keys relative to the layer.
+class LoRALinearAdapterImpl : public torch::nn::Module {
+ public:
+  LoRALinearAdapterImpl(int64_t in_features, int64_t out_features, const LoRALayerOptions& options,
+                        const at::TensorOptions& like);
+
+  const LoRALayerOptions& options() const noexcept { return options_; }
+  double scale() const noexcept { return scale_; }
+  void pretty_print(std::ostream& stream) const override;
+
+  torch::nn::Linear lora_A{nullptr};
+  torch::nn::Linear lora_B{nullptr};
+  torch::nn::Dropout dropout{nullptr};
+  /// DoRA only: `[out]`.
+  at::Tensor lora_magnitude_vector;
+
+ private:
+  LoRALayerOptions options_;
+  double scale_;
+};
+
+/// One named LoRA adapter of an embedding, laid out as PEFT does:
+/// `lora_embedding_A` `[r, num_embeddings]`, `lora_embedding_B` `[dim, r]`.
+class LoRAEmbeddingAdapterImpl : public torch::nn::Module {
+ public:
+  LoRAEmbeddingAdapterImpl(int64_t num_embeddings, int64_t dim, const LoRALayerOptions& options,
+                           const at::TensorOptions& like);
+
+  const LoRALayerOptions& options() const noexcept { return options_; }
+  double scale() const noexcept { return scale_; }
+  void pretty_print(std::ostream& stream) const override;
+
+  at::Tensor lora_embedding_A;
+  at::Tensor lora_embedding_B;
+
+ private:
+  LoRALayerOptions options_;
+  double scale_;
+};
+
+/// The named adapters of one LoRA layer: their order, which are active, and
+/// whether adapters are enabled at all. Shared by the linear and embedding
+/// wrappers.
+template <typename Adapter>
+class AdapterSet {
+ public:
+  using Entry = std::pair<std::string, std::shared_ptr<Adapter>>;
+
+  const std::vector<Entry>& entries() const noexcept { return entries_; }
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const auto& e : entries_) out.push_back(e.first);
+    return out;
+  }
+  std::shared_ptr<Adapter> find(const std::string& name) const {
+    for (const auto& e : entries_) {
+      if (e.first == name) return e.second;
+    }
+    return nullptr;
+  }
+  const std::vector<std::string>& active() const noexcept { return active_; }
+  bool enabled() const noexcept { return enabled_; }
+
+ protected:
+  std::vector<Entry> entries_;
+  std::vector<std::string> active_;
+  bool enabled_ = true;
+};
+
 /// A LoRA wrapper around a linear layer:
-/// `base(x) + scale * lora_B(lora_A(dropout(x)))`, `scale = alpha / r`
-/// (`alpha / sqrt(r)` with rsLoRA). With DoRA the result is rescaled per
-/// output row: `m / ||W + scale * B A||_row * (W + scale * B A) x + bias`,
+/// `base(x) + sum over active adapters of scale * lora_B(lora_A(dropout(x)))`,
+/// `scale = alpha / r` (`alpha / sqrt(r)` with rsLoRA). A DoRA adapter
+/// rescales per output row: `m / ||W + scale * B A||_row * (W + scale * B A) x + bias`,
 /// the norm detached from the graph as PEFT does.
 ///
-/// Children: `base` (keys `base.weight`, `base.bias`), `lora_A` (`[r, in]`),
-/// `lora_B` (`[out, r]`), `dropout`; with DoRA the parameter
-/// `lora_magnitude_vector` (`[out]`). Adapters are created on the base
-/// weight's device and dtype. The base is a `d9d::nn::Linear` (its calls are
-/// routed here) or a `torch::nn::Linear` held by a `Sequential`,
-/// `ModuleList` or `ModuleDict`.
-class LoRALinearImpl : public torch::nn::Module, public d9d::nn::LayerOverride, public AdapterLayer {
+/// Keys: the base is `base` (`base.weight`, `base.bias`). The first adapter
+/// sits directly on the wrapper (`lora_A.weight` `[r, in]`, `lora_B.weight`
+/// `[out, r]`, DoRA's `lora_magnitude_vector` `[out]`), so a model with one
+/// LoRA keeps d9d's keys; every further adapter `name` sits under
+/// `adapters.<name>.` (`adapters.<name>.lora_A.weight`, ...). Deleting the first
+/// adapter moves the next one to the top.
+///
+/// Adapters are created on the base weight's device and dtype. The base is a
+/// `d9d::nn::Linear` (its calls are routed here) or a `torch::nn::Linear` held
+/// by a `Sequential`, `ModuleList` or `ModuleDict`.
+class LoRALinearImpl : public torch::nn::Module,
+                       public d9d::nn::LayerOverride,
+                       public AdapterLayer,
+                       public AdapterSet<LoRALinearAdapterImpl> {
  public:
-  LoRALinearImpl(std::shared_ptr<d9d::nn::LinearImpl> base, const LoRALayerOptions& options);
-  LoRALinearImpl(std::shared_ptr<torch::nn::LinearImpl> base, const LoRALayerOptions& options);
+  /// Wraps `base` with one adapter, `adapter_name`, active.
+  LoRALinearImpl(std::shared_ptr<d9d::nn::LinearImpl> base, const LoRALayerOptions& options,
+                 const std::string& adapter_name = kDefaultAdapterName);
+  LoRALinearImpl(std::shared_ptr<torch::nn::LinearImpl> base, const LoRALayerOptions& options,
+                 const std::string& adapter_name = kDefaultAdapterName);
 
   at::Tensor forward(const at::Tensor& input) override;
 
-  /// Re-initialises the adapter as `options().init` says (and DoRA's
-  /// magnitude from the current weights).
+  /// Adds an inactive adapter (`PeftError` if the name is taken).
+  void add_adapter(const std::string& name, const LoRALayerOptions& options);
+  /// Removes an adapter; its weights leave the wrapper, nothing is merged.
+  void delete_adapter(const std::string& name);
+  /// Activates the adapters of `names` this layer holds (others are ignored)
+  /// and deactivates the rest; only active adapters' weights require grad.
+  void set_active_adapters(const std::vector<std::string>& names);
+  /// With adapters disabled the layer computes its base alone.
+  void set_adapters_enabled(bool enabled) noexcept { enabled_ = enabled; }
+  /// The adapter `name` (`PeftError` naming the ones held if absent).
+  LoRALinearAdapterImpl& adapter(const std::string& name) const;
+
+  /// Re-initialises every adapter as its options say (and DoRA's magnitude
+  /// from the current weights).
   void reset_parameters();
   /// DoRA: sets the magnitude to `||W + scale * B A||_row` of the current
   /// weights. Called at construction; call it again after loading base
-  /// weights into a model injected before loading.
-  void reset_magnitude();
+  /// weights into a model injected before loading. Empty name: the first adapter.
+  void reset_magnitude(const std::string& name = {});
 
-  /// Folds the adapter into the base weight in place (DoRA: `W' = m / ||W + sBA||_row * (W + sBA)`).
-  void merge_into_base();
-  /// The weight delta merging would add, `scale * B @ A` (not for DoRA).
-  at::Tensor delta_weight() const;
+  /// Folds adapter `name` (empty: the first) into the base weight in place
+  /// (DoRA: `W' = m / ||W + sBA||_row * (W + sBA)`); the adapter stays.
+  void merge_into_base(const std::string& name = {});
+  /// The weight delta merging adapter `name` would add, `scale * B @ A` (not for DoRA).
+  at::Tensor delta_weight(const std::string& name = {}) const;
 
-  double scale() const noexcept { return scale_; }
-  const LoRALayerOptions& options() const noexcept { return options_; }
+  /// The first adapter's scale and options.
+  double scale() const { return first().scale(); }
+  const LoRALayerOptions& options() const { return first().options(); }
   std::shared_ptr<torch::nn::Module> base() const;
   const at::Tensor& base_weight() const;
   const at::Tensor& base_bias() const;
@@ -84,6 +191,7 @@ class LoRALinearImpl : public torch::nn::Module, public d9d::nn::LayerOverride, 
   std::vector<std::string> fresh_state_keys() const override;
   void pretty_print(std::ostream& stream) const override;
 
+  /// The first adapter's modules (the single-adapter layout).
   torch::nn::Linear lora_A{nullptr};
   torch::nn::Linear lora_B{nullptr};
   torch::nn::Dropout dropout{nullptr};
@@ -95,42 +203,60 @@ class LoRALinearImpl : public torch::nn::Module, public d9d::nn::LayerOverride, 
   std::shared_ptr<torch::nn::LinearImpl> torch_base;
 
  private:
-  void build(int64_t in_features, int64_t out_features);
-  at::Tensor dora_scale() const;
-
-  LoRALayerOptions options_;
-  double scale_;
+  void init(const LoRALayerOptions& options, const std::string& adapter_name);
+  void reset_adapter(LoRALinearAdapterImpl& adapter);
+  void reset_magnitude(LoRALinearAdapterImpl& adapter);
+  /// Registers the adapters as the key layout above says.
+  void relayout();
+  const LoRALinearAdapterImpl& first() const;
+  LoRALinearAdapterImpl& pick(const std::string& name) const;
+  at::Tensor dora_scale(const LoRALinearAdapterImpl& adapter) const;
+  at::Tensor forward_general(const at::Tensor& input);
 };
 
 TORCH_MODULE(LoRALinear);
 
 /// A LoRA wrapper around a `d9d::nn::Embedding`, laid out as PEFT does:
-/// `lora_embedding_A` `[r, num_embeddings]`, `lora_embedding_B`
-/// `[embedding_dim, r]`; forward `base(ids) + scale * embedding(ids, A^T) @ B^T`;
-/// merge `W += scale * (B @ A)^T`.
-class LoRAEmbeddingImpl : public torch::nn::Module, public d9d::nn::LayerOverride, public AdapterLayer {
+/// forward `base(ids) + sum over active adapters of scale * embedding(ids, A^T) @ B^T`;
+/// merge `W += scale * (B @ A)^T`. Keys as `LoRALinearImpl`: the first
+/// adapter's `lora_embedding_A`/`lora_embedding_B` on the wrapper, further
+/// ones under `adapters.<name>.`.
+class LoRAEmbeddingImpl : public torch::nn::Module,
+                          public d9d::nn::LayerOverride,
+                          public AdapterLayer,
+                          public AdapterSet<LoRAEmbeddingAdapterImpl> {
  public:
-  LoRAEmbeddingImpl(std::shared_ptr<d9d::nn::EmbeddingImpl> base, const LoRALayerOptions& options);
+  LoRAEmbeddingImpl(std::shared_ptr<d9d::nn::EmbeddingImpl> base, const LoRALayerOptions& options,
+                    const std::string& adapter_name = kDefaultAdapterName);
 
   at::Tensor forward(const at::Tensor& indices) override;
+
+  void add_adapter(const std::string& name, const LoRALayerOptions& options);
+  void delete_adapter(const std::string& name);
+  void set_active_adapters(const std::vector<std::string>& names);
+  void set_adapters_enabled(bool enabled) noexcept { enabled_ = enabled; }
+  LoRAEmbeddingAdapterImpl& adapter(const std::string& name) const;
+
   void reset_parameters();
-  void merge_into_base();
-  at::Tensor delta_weight() const;
+  void merge_into_base(const std::string& name = {});
+  at::Tensor delta_weight(const std::string& name = {}) const;
 
-  double scale() const noexcept { return scale_; }
-  const LoRALayerOptions& options() const noexcept { return options_; }
+  double scale() const { return first().scale(); }
+  const LoRALayerOptions& options() const { return first().options(); }
 
-  std::vector<std::string> fresh_state_keys() const override { return {"lora_embedding_A", "lora_embedding_B"}; }
+  std::vector<std::string> fresh_state_keys() const override;
   void pretty_print(std::ostream& stream) const override;
 
   std::shared_ptr<d9d::nn::EmbeddingImpl> base;
+  /// The first adapter's weights.
   at::Tensor lora_embedding_A;
   at::Tensor lora_embedding_B;
-  torch::nn::Dropout dropout{nullptr};
 
  private:
-  LoRALayerOptions options_;
-  double scale_;
+  void reset_adapter(LoRAEmbeddingAdapterImpl& adapter);
+  void relayout();
+  const LoRAEmbeddingAdapterImpl& first() const;
+  LoRAEmbeddingAdapterImpl& pick(const std::string& name) const;
 };
 
 TORCH_MODULE(LoRAEmbedding);

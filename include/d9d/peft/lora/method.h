@@ -3,6 +3,7 @@
 #include <d9d/peft/base.h>
 #include <d9d/peft/lora/config.h>
 
+#include <d9d/peft/lora/adapters.h>
 #include <d9d/peft/lora/layer.h>
 
 #include <functional>
@@ -20,17 +21,23 @@ struct LoRATargeting {
   std::string what;
   /// How names are matched, for the "matches no module" message.
   std::string hint;
+  /// The adapter the selected layers get.
+  std::string adapter_name = kDefaultAdapterName;
 };
 
-/// Wraps every layer `targeting` selects in a LoRA wrapper (see `LoRA` for
-/// what can be adapted) and returns the adapter parameters and one `Rename`
-/// per base parameter. Plans and builds every wrapper before touching the
-/// model, so an error leaves it as it was.
+/// Adds adapter `targeting.adapter_name` to every layer `targeting` selects:
+/// a plain layer gets a LoRA wrapper (see `LoRA` for what can be adapted),
+/// an existing LoRA layer gets one more adapter. Returns one `Rename` per
+/// newly wrapped base parameter and the new adapter's parameters to train.
+///
+/// In a model without adapters the new one is active. In a model that has
+/// some, it joins the model's active set only if its name is already active
+/// (a second method adding to the same adapter); otherwise it is added
+/// inactive and frozen and `parameters_to_train` is empty: activate it with
+/// `set_adapter`. A layer that already holds an adapter of that name is a
+/// `PeftError`. Plans everything before touching the model, so an error
+/// leaves it as it was.
 PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& targeting);
-
-/// Merges every LoRA wrapper whose qualified name `selects` accepts and puts
-/// its base layer back in place. Returns how many were merged.
-size_t merge_lora(torch::nn::Module& module, const std::function<bool(const std::string&)>& selects);
 
 /// Low-Rank Adaptation: wraps every linear layer whose qualified name fully
 /// matches the pattern in a `LoRALinearImpl`, and emits a `Rename` per wrapped

@@ -1,0 +1,79 @@
+#pragma once
+
+// Several named LoRA adapters in one model, as Hugging Face PEFT has them:
+// list, activate, delete, disable for a scope, cast.
+//
+// ```
+// auto a = d9d::peft::hf::load_adapter(*model, "adapters/summarise", "summarise");
+// auto b = d9d::peft::hf::load_adapter(*model, "adapters/translate", "translate");  // added inactive
+// d9d::peft::set_adapter(*model, "translate");  // only "translate" computes and trains
+// {
+//   d9d::peft::DisableAdapters off(*model);  // the base model alone in this scope
+//   auto reference = model->forward(ids);
+// }
+// d9d::peft::delete_adapter(*model, "summarise");
+// ```
+//
+// The active set is the model's: every LoRA layer computes the active
+// adapters it holds (a layer holding none of them computes its base alone),
+// and only active adapters' weights require grad.
+
+#include <c10/core/ScalarType.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace torch::nn {
+class Module;
+}
+
+namespace d9d::peft {
+
+/// The LoRA adapters in `model`, in the order they were added (first seen).
+std::vector<std::string> lora_adapter_names(const torch::nn::Module& model);
+
+/// The active LoRA adapters of `model`, in the order they were added.
+std::vector<std::string> active_lora_adapters(const torch::nn::Module& model);
+
+/// Makes `names` the active adapters (several are summed) and every other
+/// adapter inactive; active adapters' weights require grad, inactive ones'
+/// do not. An unknown name is a `PeftError` listing the adapters there are.
+void set_adapter(torch::nn::Module& model, const std::vector<std::string>& names);
+void set_adapter(torch::nn::Module& model, const std::string& name);
+
+/// Removes adapter `name` from every layer without merging it. A layer left
+/// with no adapter gets its base layer back in place (original keys and
+/// forward). If `name` was active, the other active adapters stay active; if
+/// none was, the first remaining adapter becomes active, as PEFT does.
+void delete_adapter(torch::nn::Module& model, const std::string& name);
+
+/// Folds adapter `name` into the base weights of the layers whose qualified
+/// name `selects` accepts and removes it from them (layers left with no
+/// adapter get their base back). Returns how many layers were merged.
+size_t merge_lora(torch::nn::Module& model, const std::function<bool(const std::string&)>& selects,
+                  const std::string& adapter_name);
+
+/// Casts adapter `name`'s weights to `dtype` (PEFT's `cast_adapter_dtype`
+/// keeps adapters in float32 under a bf16/fp16 base). The layer computes the
+/// adapter's term in the adapter's dtype and adds it in the base's, as PEFT
+/// does. Parameters keep their identity, so an optimizer built before still
+/// holds them. Unknown name: `PeftError`.
+void cast_adapter_dtype(torch::nn::Module& model, const std::string& name, c10::ScalarType dtype = c10::kFloat);
+
+/// Switches every LoRA adapter of a model off for a scope (PEFT's
+/// `disable_adapter()` context): inside it the model computes its base
+/// alone; on leaving the scope every layer is enabled again as it was.
+class DisableAdapters {
+ public:
+  explicit DisableAdapters(torch::nn::Module& model);
+  ~DisableAdapters();
+  DisableAdapters(const DisableAdapters&) = delete;
+  DisableAdapters& operator=(const DisableAdapters&) = delete;
+
+ private:
+  std::vector<std::pair<std::shared_ptr<torch::nn::Module>, bool>> saved_;
+};
+
+}  // namespace d9d::peft
