@@ -161,6 +161,36 @@ TEST(LoRALayer, CpuDropoutDropsAtRateAndScalesTheRest) {
   EXPECT_GT(lora.lora_B->weight.grad().abs().sum().item<float>(), 0.0f);
 }
 
+TEST(LoRALayer, CpuDropoutBackwardUsesTheForwardsMask) {
+  // Base zero, A = B = identity, scale 1: the layer's output is the dropped
+  // input itself, so it shows the mask; the input gradient must be the same
+  // mask times 1/(1-p), element by element.
+  const int64_t n = 64;
+  d9d::nn::Linear base(torch::nn::LinearOptions(n, n).bias(false));
+  peft::LoRALinearImpl lora(base.ptr(), {n, static_cast<double>(n), 0.3});
+  {
+    torch::NoGradGuard g;
+    base->weight.zero_();
+    lora.lora_A->weight.copy_(torch::eye(n));
+    lora.lora_B->weight.copy_(torch::eye(n));
+  }
+  lora.train();
+  auto x = (torch::rand({33, n}) + 0.5).requires_grad_(true);
+  auto y = lora.forward(x);
+  y.sum().backward();
+  const auto kept = y.detach().ne(0);
+  const float keep = 1.0f / 0.7f;
+  EXPECT_TRUE(torch::allclose(y.detach(), x.detach() * kept * keep, 1e-5, 1e-5));
+  EXPECT_TRUE(torch::allclose(x.grad(), kept.to(torch::kFloat) * keep, 1e-5, 1e-5));
+  EXPECT_NEAR(kept.to(torch::kDouble).mean().item<double>(), 0.7, 0.03);
+  // A non-contiguous input is dropped the same way as its contiguous copy.
+  auto xt = torch::rand({n, 17}).t();
+  torch::manual_seed(9);
+  const auto from_view = lora.forward(xt);
+  torch::manual_seed(9);
+  EXPECT_TRUE(torch::equal(from_view, lora.forward(xt.contiguous())));
+}
+
 // ---------------------------------------------------- method: structure
 
 TEST(LoRAMethod, WrapsTypedMembersAndRoutesTheirCalls) {
