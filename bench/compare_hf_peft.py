@@ -20,9 +20,13 @@ both PyTorch's and LibTorch's default for matmuls. PEFT runs with its defaults,
 so a bf16 model gets fp32 adapters (``autocast_adapter_dtype=True``); the table
 says which, and ``--no-autocast-adapter-dtype`` keeps them in bf16 as ours are.
 
-The comparison of one LoRA training step of the example trainer's model (the
-issue's tokens/s and peak-memory targets) is not here: it comes with the
-example trainer.
+With ``--train-step BIN`` it also compares one training step of the example
+trainer's model (examples/trainer/gpt.h, rebuilt below in PyTorch layer for
+layer: same attention with an explicit causal mask, GELU MLP, pre-norm, no
+SDPA) with LoRA r=16, lora_alpha=32 on every projection and AdamW, at the
+trainer's default size and at a large one (d_model 2048, 16 layers, 2048
+tokens a step): tokens/s of PEFT and of ``bench_train_step``, and each side's
+peak CUDA memory for LoRA against full fine-tuning of the same model.
 
 Usage (on the GPU machine, from the repository root)::
 
@@ -30,6 +34,9 @@ Usage (on the GPU machine, from the repository root)::
         -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')"
     cmake --build build -j --target gpu_bench
     python3 bench/compare_hf_peft.py --gpu-bench build/bench/gpu_bench
+    cmake --build build -j --target bench_train_step
+    python3 bench/compare_hf_peft.py --gpu-bench build/bench/gpu_bench \\
+        --train-step build/bench/bench_train_step
 
 Needs PyTorch with CUDA and peft (tested against torch 2.11, peft 0.21).
 """
@@ -203,6 +210,157 @@ def run_ours(gpu_bench: str) -> dict[tuple[str, str, int], dict]:
     return rows
 
 
+# ----------------------------------------------------------- training step
+# Sizes as bench_train_step's: (vocab, context, d_model, layers, heads, d_ff, batch, tokens a sequence).
+TRAIN_SIZES = {
+    "default": (26, 17, 128, 2, 4, 256, 64, 16),
+    "large": (32000, 2048, 2048, 16, 16, 8192, 1, 2048),
+}
+TRAIN_STEPS = {"default": 50, "large": 10}
+TRAIN_WARMUP = 5
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def build_gpt(vocab, context, d_model, n_layers, n_heads, d_ff):
+    """examples/trainer/gpt.h in PyTorch, with the same module names."""
+    import math
+
+    import torch
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d_model, d_model) for _ in range(4))
+
+        def forward(self, x):
+            b, t, d = x.shape
+            dh = d // n_heads
+
+            def heads(y):
+                return y.view(b, t, n_heads, dh).transpose(1, 2)
+
+            q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+            scores = q @ k.transpose(-2, -1) / math.sqrt(dh)
+            future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+            return self.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up_proj = nn.Linear(d_model, d_ff)
+            self.down_proj = nn.Linear(d_ff, d_model)
+
+        def forward(self, x):
+            return self.down_proj(nn.functional.gelu(self.up_proj(x)))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn_norm = nn.LayerNorm(d_model)
+            self.attention = Attention()
+            self.mlp_norm = nn.LayerNorm(d_model)
+            self.mlp = Mlp()
+
+        def forward(self, x):
+            x = x + self.attention(self.attn_norm(x))
+            return x + self.mlp(self.mlp_norm(x))
+
+    class Gpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(vocab, d_model)
+            self.embed_positions = nn.Embedding(context, d_model)
+            self.layers = nn.ModuleList(Block() for _ in range(n_layers))
+            self.norm = nn.LayerNorm(d_model)
+            self.lm_head = nn.Linear(d_model, vocab, bias=False)
+
+        def forward(self, ids):
+            x = self.embed_tokens(ids) + self.embed_positions(torch.arange(ids.shape[1], device=ids.device))
+            for layer in self.layers:
+                x = layer(x)
+            return self.lm_head(self.norm(x))
+
+    return Gpt()
+
+
+def measure_peft_step(size: str, mode: str, dtype_name: str, autocast_adapter_dtype: bool) -> dict:
+    import time
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    vocab, context, d_model, n_layers, n_heads, d_ff, batch, tokens = TRAIN_SIZES[size]
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    torch.manual_seed(0)
+    model = build_gpt(vocab, context, d_model, n_layers, n_heads, d_ff).to(device="cuda", dtype=dtype)
+    if mode == "lora":
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJECTIONS)
+        model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    ids = torch.randint(0, vocab, (batch, tokens + 1), device="cuda")
+    inputs, targets = ids[:, :tokens], ids[:, 1:].reshape(-1)
+
+    def step():
+        optimizer.zero_grad()
+        logits = model(inputs)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets).backward()
+        optimizer.step()
+
+    for _ in range(TRAIN_WARMUP):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    steps = TRAIN_STEPS[size]
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated()
+    del model, optimizer, params
+    torch.cuda.empty_cache()
+    return {"tokens_per_s": batch * tokens * steps / seconds, "peak_bytes": peak}
+
+
+def run_our_step(binary: str, size: str, mode: str, dtype_name: str) -> dict:
+    cmd = [binary, "--size", size, "--mode", mode, "--device", "cuda", "--dtype", dtype_name,
+           "--steps", str(TRAIN_STEPS[size]), "--warmup", str(TRAIN_WARMUP), "--csv"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    lines = proc.stdout.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("mode,")), None)
+    if header is None:
+        raise SystemExit(f"{' '.join(cmd)} printed no CSV header:\n{proc.stdout}")
+    row = next(csv.DictReader(io.StringIO("\n".join(lines[header:]))))
+    return {"tokens_per_s": float(row["tokens_per_s"]), "peak_bytes": int(row["peak_bytes"])}
+
+
+def print_train_steps(binary: str, autocast_adapter_dtype: bool) -> None:
+    import torch
+
+    print("\nOne training step of the example trainer's model (LoRA r=16 on every projection, AdamW; "
+          "full = full fine-tuning of the same model). Peak memory: CUDA allocator peak over the timed steps, "
+          "weights included.\n")
+    print("| size | dtype | PEFT tokens/s | ours tokens/s | ours / PEFT | PEFT peak MiB LoRA / full "
+          "| ours peak MiB LoRA / full |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    mib = 1024.0 * 1024.0
+    for size in TRAIN_SIZES:
+        for dtype_name in ("bfloat16", "float32"):
+            theirs = {m: measure_peft_step(size, m, dtype_name, autocast_adapter_dtype) for m in ("lora", "full")}
+            ours = {m: run_our_step(binary, size, m, dtype_name) for m in ("lora", "full")}
+            torch.cuda.empty_cache()
+            print(f"| {size} | {dtype_name} | {theirs['lora']['tokens_per_s']:.0f} | {ours['lora']['tokens_per_s']:.0f} "
+                  f"| {ours['lora']['tokens_per_s'] / theirs['lora']['tokens_per_s']:.2f}x "
+                  f"| {theirs['lora']['peak_bytes'] / mib:.0f} / {theirs['full']['peak_bytes'] / mib:.0f} "
+                  f"| {ours['lora']['peak_bytes'] / mib:.0f} / {ours['full']['peak_bytes'] / mib:.0f} |")
+
+
 def fmt(v: float | None, digits: int = 1) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -213,6 +371,9 @@ def main() -> int:
     parser.add_argument("--no-autocast-adapter-dtype", action="store_true",
                         help="keep PEFT's adapters in the model's dtype (get_peft_model(..., "
                              "autocast_adapter_dtype=False)); by default PEFT keeps bf16 models' adapters in fp32")
+    parser.add_argument("--train-step", metavar="BIN",
+                        help="path to d9d-peft's bench_train_step binary: also compare one training step of "
+                             "the example trainer's model")
     args = parser.parse_args()
 
     import torch
@@ -250,6 +411,8 @@ def main() -> int:
               f"| {fmt(row['lora_us'])} | {peft_ratio:.3f}x | {fmt(ours_us)} "
               f"| {fmt(ours_ratio, 3) + 'x' if ours_ratio else 'n/a'} | {fmt(speedup, 2) + 'x' if speedup else 'n/a'} "
               f"| {fmt(row['lora_us']) if is_merge else ''} | {fmt(ours_us) if is_merge else ''} |")
+    if args.train_step:
+        print_train_steps(args.train_step, autocast_adapter_dtype=not args.no_autocast_adapter_dtype)
     return 0
 
 
