@@ -194,17 +194,88 @@ void clear_layout(torch::nn::Module& m, std::initializer_list<const char*> child
   }
 }
 
-[[noreturn]] void no_such_adapter(const std::string& name, const std::vector<std::string>& held) {
+}  // namespace
+
+// ------------------------------------------------------------ adapter set
+
+template <typename Adapter>
+std::vector<std::string> AdapterSet<Adapter>::names() const {
+  std::vector<std::string> out;
+  for (const auto& e : entries_) out.push_back(e.first);
+  return out;
+}
+
+template <typename Adapter>
+std::shared_ptr<Adapter> AdapterSet<Adapter>::find(const std::string& name) const {
+  for (const auto& e : entries_) {
+    if (e.first == name) return e.second;
+  }
+  return nullptr;
+}
+
+template <typename Adapter>
+Adapter& AdapterSet<Adapter>::adapter(const std::string& name) const {
+  if (auto a = find(name)) return *a;
+  const auto held = names();
   throw PeftError(fmt::format("this LoRA layer has no adapter \"{}\"; it holds {}", name,
                               held.empty() ? std::string("none") : "\"" + fmt::format("{}", fmt::join(held, "\", \"")) + "\""));
 }
 
 template <typename Adapter>
-void set_trainable(Adapter& adapter, bool trainable) {
-  for (auto& p : adapter.parameters()) p.requires_grad_(trainable);
+Adapter& AdapterSet<Adapter>::pick(const std::string& name) const {
+  if (!name.empty()) return adapter(name);
+  if (entries_.empty()) throw PeftError("this LoRA layer holds no adapter (the last one was deleted)");
+  return *entries_.front().second;
 }
 
-}  // namespace
+template <typename Adapter>
+void AdapterSet<Adapter>::set_active_adapters(const std::vector<std::string>& names) {
+  active_.clear();
+  for (const auto& [name, adapter] : entries_) {
+    const bool on = std::find(names.begin(), names.end(), name) != names.end();
+    if (on) active_.push_back(name);
+    for (auto& p : adapter->parameters()) p.requires_grad_(on);
+  }
+}
+
+template <typename Adapter>
+void AdapterSet<Adapter>::append(const std::string& name, std::shared_ptr<Adapter> adapter) {
+  validate_adapter_name(name);
+  if (find(name)) throw PeftError(fmt::format("this LoRA layer already holds an adapter \"{}\"", name));
+  for (auto& p : adapter->parameters()) p.requires_grad_(false);
+  entries_.emplace_back(name, std::move(adapter));
+}
+
+template <typename Adapter>
+void AdapterSet<Adapter>::remove(const std::string& name) {
+  adapter(name);  // throws if absent
+  entries_.erase(std::find_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.first == name; }));
+  active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
+}
+
+template <typename Adapter>
+std::vector<std::string> AdapterSet<Adapter>::adapter_state_keys() const {
+  std::vector<std::string> keys;
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const std::string prefix = i == 0 ? "" : "adapters." + entries_[i].first + ".";
+    for (const auto& p : entries_[i].second->named_parameters()) keys.push_back(prefix + p.key());
+  }
+  return keys;
+}
+
+template <typename Adapter>
+std::shared_ptr<torch::nn::Module> AdapterSet<Adapter>::further_adapters() const {
+  if (entries_.size() < 2) return nullptr;
+  torch::nn::ModuleDict more;
+  for (size_t i = 1; i < entries_.size(); ++i) {
+    more->update(std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{
+        {entries_[i].first, entries_[i].second}});
+  }
+  return more.ptr();
+}
+
+template class AdapterSet<LoRALinearAdapterImpl>;
+template class AdapterSet<LoRAEmbeddingAdapterImpl>;
 
 // ----------------------------------------------------------- linear layer
 
@@ -230,47 +301,16 @@ void LoRALinearImpl::init(const LoRALayerOptions& options, const std::string& ad
 }
 
 void LoRALinearImpl::add_adapter(const std::string& name, const LoRALayerOptions& options) {
-  validate_adapter_name(name);
-  if (find(name)) throw PeftError(fmt::format("this LoRA layer already holds an adapter \"{}\"", name));
   const auto& weight = base_weight();
   auto adapter = std::make_shared<LoRALinearAdapterImpl>(weight.size(1), weight.size(0), options, weight.options());
   reset_adapter(*adapter);
-  set_trainable(*adapter, false);
-  entries_.emplace_back(name, std::move(adapter));
+  append(name, std::move(adapter));
   relayout();
 }
 
 void LoRALinearImpl::delete_adapter(const std::string& name) {
-  auto it = std::find_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.first == name; });
-  if (it == entries_.end()) no_such_adapter(name, names());
-  entries_.erase(it);
-  active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
+  remove(name);
   relayout();
-}
-
-void LoRALinearImpl::set_active_adapters(const std::vector<std::string>& names) {
-  active_.clear();
-  for (const auto& [name, adapter] : entries_) {
-    const bool on = std::find(names.begin(), names.end(), name) != names.end();
-    if (on) active_.push_back(name);
-    set_trainable(*adapter, on);
-  }
-}
-
-LoRALinearAdapterImpl& LoRALinearImpl::adapter(const std::string& name) const {
-  auto a = find(name);
-  if (!a) no_such_adapter(name, names());
-  return *a;
-}
-
-LoRALinearAdapterImpl& LoRALinearImpl::pick(const std::string& name) const {
-  if (name.empty()) return const_cast<LoRALinearAdapterImpl&>(first());
-  return adapter(name);
-}
-
-const LoRALinearAdapterImpl& LoRALinearImpl::first() const {
-  if (entries_.empty()) throw PeftError("this LoRA layer holds no adapter (the last one was deleted)");
-  return *entries_.front().second;
 }
 
 void LoRALinearImpl::relayout() {
@@ -289,14 +329,7 @@ void LoRALinearImpl::relayout() {
     lora_magnitude_vector = register_parameter("lora_magnitude_vector", top->lora_magnitude_vector,
                                                top->lora_magnitude_vector.requires_grad());
   }
-  if (entries_.size() > 1) {
-    torch::nn::ModuleDict more;
-    for (size_t i = 1; i < entries_.size(); ++i) {
-      more->update(std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{
-          {entries_[i].first, entries_[i].second}});
-    }
-    register_module("adapters", more);
-  }
+  if (auto more = further_adapters()) register_module("adapters", more);
 }
 
 void LoRALinearImpl::reset_parameters() {
@@ -338,15 +371,6 @@ const at::Tensor& LoRALinearImpl::base_bias() const { return d9d_base ? d9d_base
 std::shared_ptr<torch::nn::Module> LoRALinearImpl::base() const {
   if (d9d_base) return d9d_base;
   return torch_base;
-}
-
-std::vector<std::string> LoRALinearImpl::fresh_state_keys() const {
-  std::vector<std::string> keys;
-  for (size_t i = 0; i < entries_.size(); ++i) {
-    const std::string prefix = i == 0 ? "" : "adapters." + entries_[i].first + ".";
-    for (const auto& p : entries_[i].second->named_parameters()) keys.push_back(prefix + p.key());
-  }
-  return keys;
 }
 
 at::Tensor LoRALinearImpl::dora_scale(const LoRALinearAdapterImpl& a) const {
@@ -474,47 +498,16 @@ LoRAEmbeddingImpl::LoRAEmbeddingImpl(std::shared_ptr<d9d::nn::EmbeddingImpl> bas
 }
 
 void LoRAEmbeddingImpl::add_adapter(const std::string& name, const LoRALayerOptions& options) {
-  validate_adapter_name(name);
-  if (find(name)) throw PeftError(fmt::format("this LoRA layer already holds an adapter \"{}\"", name));
   const auto& w = base->weight;
   auto adapter = std::make_shared<LoRAEmbeddingAdapterImpl>(w.size(0), w.size(1), options, w.options());
   reset_adapter(*adapter);
-  set_trainable(*adapter, false);
-  entries_.emplace_back(name, std::move(adapter));
+  append(name, std::move(adapter));
   relayout();
 }
 
 void LoRAEmbeddingImpl::delete_adapter(const std::string& name) {
-  auto it = std::find_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return e.first == name; });
-  if (it == entries_.end()) no_such_adapter(name, names());
-  entries_.erase(it);
-  active_.erase(std::remove(active_.begin(), active_.end(), name), active_.end());
+  remove(name);
   relayout();
-}
-
-void LoRAEmbeddingImpl::set_active_adapters(const std::vector<std::string>& names) {
-  active_.clear();
-  for (const auto& [name, adapter] : entries_) {
-    const bool on = std::find(names.begin(), names.end(), name) != names.end();
-    if (on) active_.push_back(name);
-    set_trainable(*adapter, on);
-  }
-}
-
-LoRAEmbeddingAdapterImpl& LoRAEmbeddingImpl::adapter(const std::string& name) const {
-  auto a = find(name);
-  if (!a) no_such_adapter(name, names());
-  return *a;
-}
-
-LoRAEmbeddingAdapterImpl& LoRAEmbeddingImpl::pick(const std::string& name) const {
-  if (name.empty()) return const_cast<LoRAEmbeddingAdapterImpl&>(first());
-  return adapter(name);
-}
-
-const LoRAEmbeddingAdapterImpl& LoRAEmbeddingImpl::first() const {
-  if (entries_.empty()) throw PeftError("this LoRA layer holds no adapter (the last one was deleted)");
-  return *entries_.front().second;
 }
 
 void LoRAEmbeddingImpl::relayout() {
@@ -530,14 +523,7 @@ void LoRAEmbeddingImpl::relayout() {
       register_parameter("lora_embedding_A", top->lora_embedding_A, top->lora_embedding_A.requires_grad());
   lora_embedding_B =
       register_parameter("lora_embedding_B", top->lora_embedding_B, top->lora_embedding_B.requires_grad());
-  if (entries_.size() > 1) {
-    torch::nn::ModuleDict more;
-    for (size_t i = 1; i < entries_.size(); ++i) {
-      more->update(std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{
-          {entries_[i].first, entries_[i].second}});
-    }
-    register_module("adapters", more);
-  }
+  if (auto more = further_adapters()) register_module("adapters", more);
 }
 
 void LoRAEmbeddingImpl::reset_parameters() {
@@ -553,15 +539,6 @@ void LoRAEmbeddingImpl::reset_adapter(LoRAEmbeddingAdapterImpl& a) {
     a.lora_embedding_A.zero_();
     a.lora_embedding_B.normal_();
   }
-}
-
-std::vector<std::string> LoRAEmbeddingImpl::fresh_state_keys() const {
-  std::vector<std::string> keys;
-  for (size_t i = 0; i < entries_.size(); ++i) {
-    const std::string prefix = i == 0 ? "" : "adapters." + entries_[i].first + ".";
-    for (const auto& p : entries_[i].second->named_parameters()) keys.push_back(prefix + p.key());
-  }
-  return keys;
 }
 
 at::Tensor LoRAEmbeddingImpl::forward(const at::Tensor& indices) {

@@ -99,28 +99,39 @@ class LoRAEmbeddingAdapterImpl : public torch::nn::Module {
 
 /// The named adapters of one LoRA layer: their order, which are active, and
 /// whether adapters are enabled at all. Shared by the linear and embedding
-/// wrappers.
+/// wrappers (defined for `LoRALinearAdapterImpl` and `LoRAEmbeddingAdapterImpl`).
 template <typename Adapter>
 class AdapterSet {
  public:
   using Entry = std::pair<std::string, std::shared_ptr<Adapter>>;
 
   const std::vector<Entry>& entries() const noexcept { return entries_; }
-  std::vector<std::string> names() const {
-    std::vector<std::string> out;
-    for (const auto& e : entries_) out.push_back(e.first);
-    return out;
-  }
-  std::shared_ptr<Adapter> find(const std::string& name) const {
-    for (const auto& e : entries_) {
-      if (e.first == name) return e.second;
-    }
-    return nullptr;
-  }
+  std::vector<std::string> names() const;
+  /// The adapter `name`, or null.
+  std::shared_ptr<Adapter> find(const std::string& name) const;
+  /// The adapter `name` (`PeftError` naming the ones held if absent).
+  Adapter& adapter(const std::string& name) const;
   const std::vector<std::string>& active() const noexcept { return active_; }
+  /// Activates the adapters of `names` this layer holds (others are ignored)
+  /// and deactivates the rest; only active adapters' weights require grad.
+  void set_active_adapters(const std::vector<std::string>& names);
   bool enabled() const noexcept { return enabled_; }
+  /// With adapters disabled the layer computes its base alone.
+  void set_adapters_enabled(bool enabled) noexcept { enabled_ = enabled; }
 
  protected:
+  /// `name`'s adapter; the first one for an empty name.
+  Adapter& pick(const std::string& name) const;
+  /// Appends an inactive, frozen adapter (`PeftError` if the name is taken or unusable).
+  void append(const std::string& name, std::shared_ptr<Adapter> adapter);
+  /// Removes `name` (`PeftError` if absent).
+  void remove(const std::string& name);
+  /// Every adapter's parameter keys relative to the wrapper: the first
+  /// adapter's as they are, the others' under `adapters.<name>.`.
+  std::vector<std::string> adapter_state_keys() const;
+  /// The second and later adapters as a `ModuleDict`, or null if there are none.
+  std::shared_ptr<torch::nn::Module> further_adapters() const;
+
   std::vector<Entry> entries_;
   std::vector<std::string> active_;
   bool enabled_ = true;
@@ -159,13 +170,6 @@ class LoRALinearImpl : public torch::nn::Module,
   void add_adapter(const std::string& name, const LoRALayerOptions& options);
   /// Removes an adapter; its weights leave the wrapper, nothing is merged.
   void delete_adapter(const std::string& name);
-  /// Activates the adapters of `names` this layer holds (others are ignored)
-  /// and deactivates the rest; only active adapters' weights require grad.
-  void set_active_adapters(const std::vector<std::string>& names);
-  /// With adapters disabled the layer computes its base alone.
-  void set_adapters_enabled(bool enabled) noexcept { enabled_ = enabled; }
-  /// The adapter `name` (`PeftError` naming the ones held if absent).
-  LoRALinearAdapterImpl& adapter(const std::string& name) const;
 
   /// Re-initialises every adapter as its options say (and DoRA's magnitude
   /// from the current weights).
@@ -188,7 +192,7 @@ class LoRALinearImpl : public torch::nn::Module,
   const at::Tensor& base_weight() const;
   const at::Tensor& base_bias() const;
 
-  std::vector<std::string> fresh_state_keys() const override;
+  std::vector<std::string> fresh_state_keys() const override { return adapter_state_keys(); }
   void pretty_print(std::ostream& stream) const override;
 
   /// The first adapter's modules (the single-adapter layout).
@@ -208,8 +212,7 @@ class LoRALinearImpl : public torch::nn::Module,
   void reset_magnitude(LoRALinearAdapterImpl& adapter);
   /// Registers the adapters as the key layout above says.
   void relayout();
-  const LoRALinearAdapterImpl& first() const;
-  LoRALinearAdapterImpl& pick(const std::string& name) const;
+  const LoRALinearAdapterImpl& first() const { return pick({}); }
   at::Tensor dora_scale(const LoRALinearAdapterImpl& adapter) const;
   at::Tensor forward_general(const at::Tensor& input);
 };
@@ -233,9 +236,6 @@ class LoRAEmbeddingImpl : public torch::nn::Module,
 
   void add_adapter(const std::string& name, const LoRALayerOptions& options);
   void delete_adapter(const std::string& name);
-  void set_active_adapters(const std::vector<std::string>& names);
-  void set_adapters_enabled(bool enabled) noexcept { enabled_ = enabled; }
-  LoRAEmbeddingAdapterImpl& adapter(const std::string& name) const;
 
   void reset_parameters();
   void merge_into_base(const std::string& name = {});
@@ -244,7 +244,7 @@ class LoRAEmbeddingImpl : public torch::nn::Module,
   double scale() const { return first().scale(); }
   const LoRALayerOptions& options() const { return first().options(); }
 
-  std::vector<std::string> fresh_state_keys() const override;
+  std::vector<std::string> fresh_state_keys() const override { return adapter_state_keys(); }
   void pretty_print(std::ostream& stream) const override;
 
   std::shared_ptr<d9d::nn::EmbeddingImpl> base;
@@ -255,8 +255,7 @@ class LoRAEmbeddingImpl : public torch::nn::Module,
  private:
   void reset_adapter(LoRAEmbeddingAdapterImpl& adapter);
   void relayout();
-  const LoRAEmbeddingAdapterImpl& first() const;
-  LoRAEmbeddingAdapterImpl& pick(const std::string& name) const;
+  const LoRAEmbeddingAdapterImpl& first() const { return pick({}); }
 };
 
 TORCH_MODULE(LoRAEmbedding);
