@@ -6,6 +6,7 @@
 #include <torch/nn/module.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <chrono>
 

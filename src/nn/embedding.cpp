@@ -46,9 +46,13 @@ at::Tensor EmbeddingImpl::forward(const at::Tensor& indices) {
 }
 
 at::Tensor EmbeddingImpl::forward_base(const at::Tensor& indices) const {
-  return torch::nn::functional::detail::embedding(indices, weight, options.padding_idx(), options.max_norm(),
-                                                  options.norm_type(), options.scale_grad_by_freq(),
-                                                  options.sparse());
+  return torch::nn::functional::embedding(indices, weight,
+                                          torch::nn::functional::EmbeddingFuncOptions()
+                                              .padding_idx(options.padding_idx())
+                                              .max_norm(options.max_norm())
+                                              .norm_type(options.norm_type())
+                                              .scale_grad_by_freq(options.scale_grad_by_freq())
+                                              .sparse(options.sparse()));
 }
 
 }  // namespace d9d::nn

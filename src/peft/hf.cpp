@@ -13,6 +13,7 @@
 #include <torch/nn/module.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "../json_text.h"
 

@@ -8,6 +8,7 @@
 #include <ATen/Functions.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include <unistd.h>

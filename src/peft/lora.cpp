@@ -1,3 +1,4 @@
+#include <d9d/detail/torch_compat.h>
 #include <d9d/model_state/mapper/leaf/rename.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/lora/adapters.h>
@@ -12,11 +13,11 @@
 #include <torch/nn/init.h>
 #include <torch/nn/modules/container/moduledict.h>
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cctype>
@@ -44,11 +45,7 @@ namespace {
 
 /// A seed from LibTorch's default CPU generator, so `torch::manual_seed`
 /// makes masks reproducible (without allocating a tensor to draw it).
-uint64_t draw_seed() {
-  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(c10::nullopt, at::detail::getDefaultCPUGenerator());
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  return gen->random64();
-}
+uint64_t draw_seed() { return d9d::detail::torch_compat::draw_cpu_random64(); }
 
 uint32_t mix32(uint32_t h) {
   h ^= h >> 16;
@@ -315,7 +312,7 @@ void LoRALinearImpl::delete_adapter(const std::string& name) {
 
 void LoRALinearImpl::relayout() {
   clear_layout(*this, {"lora_A", "lora_B", "dropout", "adapters"});
-  if (parameters_.contains("lora_magnitude_vector")) parameters_.erase("lora_magnitude_vector");
+  d9d::detail::torch_compat::unregister_parameter(*this, "lora_magnitude_vector");
   lora_A = torch::nn::Linear(nullptr);
   lora_B = torch::nn::Linear(nullptr);
   dropout = torch::nn::Dropout(nullptr);

@@ -12,6 +12,7 @@
 #include <torch/nn/module.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <unordered_set>
 

@@ -5,6 +5,7 @@
 #include <torch/nn/module.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <chrono>
 #include <cstdio>
