@@ -214,6 +214,23 @@ TEST(LoRAMethod, WrapsTypedMembersAndRoutesTheirCalls) {
   EXPECT_TRUE(torch::allclose(block->forward(x), k_impl->forward_base(q_out), 1e-5, 1e-6));
 }
 
+TEST(LoRAMethod, InjectedLayersKeepTheModelsTrainingMode) {
+  // A model in eval mode must stay deterministic after injection: the new
+  // wrappers (LibTorch modules start in training mode) take the adapted
+  // layer's mode, so dropout stays off until train() is called.
+  Block block;
+  block->eval();
+  peft::LoRA lora({"q|k", {2, 4, 0.5}});
+  peft::inject_peft_and_freeze(lora, block);
+  for (const auto& m : block->modules()) EXPECT_FALSE(m->is_training()) << m->name();
+  auto q_wrapper = block->named_children()["q"]->as<peft::LoRALinearImpl>();
+  fill_adapters(*q_wrapper, 0.5f, 0.1f);
+  const auto x = torch::randn({64, 4});
+  EXPECT_TRUE(torch::equal(block->forward(x), block->forward(x)));
+  block->train();
+  EXPECT_FALSE(torch::equal(block->forward(x), block->forward(x))) << "dropout 0.5 in training mode";
+}
+
 TEST(LoRAMethod, FreezesEverythingButTheAdapters) {
   Block block;
   peft::LoRA lora({"q|k", {2, 4, 0.0}});

@@ -706,6 +706,10 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
     }
     // The layer's active set is the model's active set (plus this adapter
     // when it is active), restricted to what the layer holds.
+    // A new wrapper or adapter starts in the mode of the layer it adapts
+    // (LibTorch modules start in training mode): injecting into a model in
+    // eval mode must not switch dropout on.
+    plan.wrapper->train(plan.entry.module->is_training());
     now_active = active_now;
     if (active) now_active.push_back(adapter);
     if (linear) linear->set_active_adapters(now_active);
