@@ -463,7 +463,7 @@ void save_adapter(const torch::nn::Module& module, const std::string& dir, const
                                   "cannot express per module",
                                   name, layers.front().layer));
     }
-    if (o.use_dora != config.use_dora && !at.embedding) {
+    if (o.use_dora != config.use_dora) {
       throw PeftError(fmt::format("save_adapter: '{}' differs from '{}' in DoRA, which a PEFT config cannot express "
                                   "per module",
                                   name, layers.front().layer));

@@ -63,7 +63,7 @@ Part find_part(const AdapterTensors& adapter, const std::string& module_path, co
   return {};
 }
 
-enum class Kind { Linear, Dora, Embedding };
+enum class Kind { Linear, Dora, Embedding, DoraEmbedding };
 
 /// Everything needed to merge one module, checked against the base weight's shape.
 struct Resolved {
@@ -93,13 +93,9 @@ Resolved resolve(at::IntArrayRef base_shape, const std::string& base_key, const 
                                 module_path));
   }
   if (embedding) {
-    r.kind = Kind::Embedding;
+    r.kind = r.magnitude ? Kind::DoraEmbedding : Kind::Embedding;
     r.a = ea;
     r.b = eb;
-    if (r.magnitude) {
-      throw PeftError(fmt::format("'{}': DoRA on embeddings is not supported by d9d-peft (only on linear layers)",
-                                  r.magnitude.key));
-    }
   } else {
     r.kind = r.magnitude ? Kind::Dora : Kind::Linear;
   }
@@ -116,7 +112,7 @@ Resolved resolve(at::IntArrayRef base_shape, const std::string& base_key, const 
                                 "(target_modules/exclude_modules disagree with the weights)",
                                 r.a.key, module_path));
   }
-  if (options->use_dora != (r.kind == Kind::Dora) && r.kind != Kind::Embedding) {
+  if (options->use_dora != bool(r.magnitude)) {
     throw PeftError(options->use_dora
                         ? fmt::format("adapter_config.json sets use_dora but the adapter has no '{}{}{}'",
                                       kPeftKeyPrefix, module_path, kMagnitude)
@@ -153,9 +149,13 @@ Resolved resolve(at::IntArrayRef base_shape, const std::string& base_key, const 
                                 base_key, shape_str(base_shape), r.a.key, shape_str(r.a.tensor.sizes()), r.b.key,
                                 shape_str(r.b.tensor.sizes()), shape_str(implied)));
   }
-  if (r.magnitude && r.magnitude.tensor.sizes().vec() != std::vector<int64_t>{implied[0]}) {
-    throw PeftError(fmt::format("'{}' has shape {}, but '{}' has {} rows (wrong base model?)", r.magnitude.key,
-                                shape_str(r.magnitude.tensor.sizes()), base_key, implied[0]));
+  // DoRA's magnitude: one per output row of a linear weight, one per column
+  // (embedding dimension) of an embedding's.
+  const int64_t magnitudes = embedding ? implied[1] : implied[0];
+  if (r.magnitude && r.magnitude.tensor.sizes().vec() != std::vector<int64_t>{magnitudes}) {
+    throw PeftError(fmt::format("'{}' has shape {}, but '{}' has {} {} (wrong base model?)", r.magnitude.key,
+                                shape_str(r.magnitude.tensor.sizes()), base_key, magnitudes,
+                                embedding ? "columns" : "rows"));
   }
   r.scale = options->scale() * extra_scale;
   return r;
@@ -183,6 +183,12 @@ at::Tensor compute_merged(const at::Tensor& base_weight, const Resolved& r) {
       const at::Tensor norm = at::linalg_vector_norm(merged, 2, {1});
       const at::Tensor factor = r.magnitude.tensor.to(at::kDouble) / norm;
       return (merged * factor.view({-1, 1})).to(base_weight.scalar_type());
+    }
+    case Kind::DoraEmbedding: {
+      const at::Tensor merged = w.add(b.mm(a).t(), r.scale).to(at::kDouble);
+      const at::Tensor norm = at::linalg_vector_norm(merged, 2, {0});
+      const at::Tensor factor = r.magnitude.tensor.to(at::kDouble) / norm;
+      return (merged * factor.view({1, -1})).to(base_weight.scalar_type());
     }
   }
   throw std::logic_error("unreachable");

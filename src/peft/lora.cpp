@@ -172,9 +172,10 @@ LoRAEmbeddingAdapterImpl::LoRAEmbeddingAdapterImpl(int64_t num_embeddings, int64
                                                    const LoRALayerOptions& options, const at::TensorOptions& like)
     : options_(options), scale_(options.scale()) {
   options_.validate();
-  if (options_.use_dora) throw PeftError("LoRA: DoRA is supported on linear layers only, not on embeddings");
   lora_embedding_A = register_parameter("lora_embedding_A", at::empty({options_.r, num_embeddings}, like));
   lora_embedding_B = register_parameter("lora_embedding_B", at::empty({dim, options_.r}, like));
+  // DoRA: one magnitude per embedding dimension (PEFT's DoraEmbeddingLayer).
+  if (options_.use_dora) lora_magnitude_vector = register_parameter("lora_magnitude_vector", at::empty({dim}, like));
 }
 
 void LoRAEmbeddingAdapterImpl::pretty_print(std::ostream& stream) const {
@@ -509,17 +510,22 @@ void LoRAEmbeddingImpl::delete_adapter(const std::string& name) {
 
 void LoRAEmbeddingImpl::relayout() {
   clear_layout(*this, {"adapters"});
-  for (const char* p : {"lora_embedding_A", "lora_embedding_B"}) {
-    if (parameters_.contains(p)) parameters_.erase(p);
+  for (const char* p : {"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}) {
+    d9d::detail::torch_compat::unregister_parameter(*this, p);
   }
   lora_embedding_A = at::Tensor();
   lora_embedding_B = at::Tensor();
+  lora_magnitude_vector = at::Tensor();
   if (entries_.empty()) return;
   const auto& top = entries_.front().second;
   lora_embedding_A =
       register_parameter("lora_embedding_A", top->lora_embedding_A, top->lora_embedding_A.requires_grad());
   lora_embedding_B =
       register_parameter("lora_embedding_B", top->lora_embedding_B, top->lora_embedding_B.requires_grad());
+  if (top->options().use_dora) {
+    lora_magnitude_vector = register_parameter("lora_magnitude_vector", top->lora_magnitude_vector,
+                                               top->lora_magnitude_vector.requires_grad());
+  }
   if (auto more = further_adapters()) register_module("adapters", more);
 }
 
@@ -536,6 +542,23 @@ void LoRAEmbeddingImpl::reset_adapter(LoRAEmbeddingAdapterImpl& a) {
     a.lora_embedding_A.zero_();
     a.lora_embedding_B.normal_();
   }
+  if (a.options().use_dora) reset_magnitude(a);
+}
+
+void LoRAEmbeddingImpl::reset_magnitude(const std::string& name) { reset_magnitude(pick(name)); }
+
+void LoRAEmbeddingImpl::reset_magnitude(LoRAEmbeddingAdapterImpl& a) {
+  if (!a.options().use_dora) throw PeftError("reset_magnitude: this LoRA adapter does not use DoRA");
+  torch::NoGradGuard no_grad;
+  a.lora_magnitude_vector.copy_(dora_norm(a));
+}
+
+at::Tensor LoRAEmbeddingImpl::dora_norm(const LoRAEmbeddingAdapterImpl& a) const {
+  // The norm of each embedding dimension (column of the [V, d] weight) over the
+  // vocabulary, of the weight with the adapter's delta added, as PEFT computes it.
+  torch::NoGradGuard no_grad;
+  const at::Tensor delta = a.lora_embedding_B.mm(a.lora_embedding_A).t();
+  return at::linalg_vector_norm(base->weight + a.scale() * delta.to(base->weight.scalar_type()), 2, {0});
 }
 
 at::Tensor LoRAEmbeddingImpl::forward(const at::Tensor& indices) {
@@ -544,10 +567,18 @@ at::Tensor LoRAEmbeddingImpl::forward(const at::Tensor& indices) {
   const auto& o = base->options;
   for (const auto& name : active_) {
     const LoRAEmbeddingAdapterImpl& a = *find(name);
-    const at::Tensor after_a = torch::nn::functional::detail::embedding(
-        indices, a.lora_embedding_A.t(), o.padding_idx(), o.max_norm(), o.norm_type(), o.scale_grad_by_freq(),
-        o.sparse());
+    const at::Tensor after_a = torch::nn::functional::embedding(
+        indices, a.lora_embedding_A.t(),
+        torch::nn::functional::EmbeddingFuncOptions().padding_idx(o.padding_idx()).max_norm(o.max_norm())
+            .norm_type(o.norm_type()).scale_grad_by_freq(o.scale_grad_by_freq()).sparse(o.sparse()));
     const at::Tensor term = after_a.matmul(a.lora_embedding_B.t());
+    if (a.options().use_dora) {
+      // PEFT: m / ||W + s·ΔW|| (norm detached) scales the base lookup and the
+      // low-rank term alike.
+      const at::Tensor m_scale = a.lora_magnitude_vector / dora_norm(a).to(a.lora_magnitude_vector.scalar_type());
+      out = out + ((m_scale - 1) * out.to(m_scale.scalar_type()) + m_scale * term * a.scale()).to(out.scalar_type());
+      continue;
+    }
     out = term.scalar_type() == out.scalar_type() ? out.add(term, a.scale())
                                                   : out.add((term * a.scale()).to(out.scalar_type()));
   }
@@ -556,11 +587,20 @@ at::Tensor LoRAEmbeddingImpl::forward(const at::Tensor& indices) {
 
 at::Tensor LoRAEmbeddingImpl::delta_weight(const std::string& name) const {
   const auto& a = pick(name);
+  if (a.options().use_dora) throw PeftError("delta_weight: a DoRA adapter's merge is not a sum; use merge_into_base");
   return a.lora_embedding_B.mm(a.lora_embedding_A).t() * a.scale();
 }
 
 void LoRAEmbeddingImpl::merge_into_base(const std::string& name) {
   torch::NoGradGuard no_grad;
+  const auto& a = pick(name);
+  if (a.options().use_dora) {
+    const at::Tensor factor = a.lora_magnitude_vector / dora_norm(a).to(a.lora_magnitude_vector.scalar_type());
+    const at::Tensor delta = a.lora_embedding_B.mm(a.lora_embedding_A).t() * a.scale();
+    base->weight.copy_((base->weight + delta.to(base->weight.scalar_type())) *
+                       factor.to(base->weight.scalar_type()).view({1, -1}));
+    return;
+  }
   base->weight.add_(delta_weight(name).to(base->weight.scalar_type()));
 }
 
@@ -574,6 +614,8 @@ void LoRAEmbeddingImpl::pretty_print(std::ostream& stream) const {
              << (std::find(active_.begin(), active_.end(), entries_[i].first) != active_.end() ? "*" : "") << ": ";
     }
     stream << "r=" << o.r << ", alpha=" << o.alpha;
+    if (o.use_rslora) stream << ", rslora";
+    if (o.use_dora) stream << ", dora";
   }
   if (!enabled_) stream << "; disabled";
   stream << ")";
@@ -619,12 +661,6 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
   std::vector<Plan> plans;
   std::vector<std::string> matched;
 
-  auto check_dora = [&](const LoRALayerOptions& o, const std::string& name) {
-    if (o.use_dora) {
-      throw PeftError(fmt::format("LoRA: cannot adapt '{}' with DoRA: DoRA is supported on linear layers only",
-                                  name));
-    }
-  };
   auto check_free = [&](const auto& layer, const std::string& name) {
     if (layer.find(adapter)) {
       throw PeftError(fmt::format("LoRA: '{}' already holds an adapter \"{}\"; give the new adapter another "
@@ -645,14 +681,12 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
     } else if (auto lora_embedding = std::dynamic_pointer_cast<LoRAEmbeddingImpl>(entry.module)) {
       check_free(*lora_embedding, entry.name);
       options->validate();
-      check_dora(*options, entry.name);
       plans.push_back({entry, lora_embedding, false, *options, torch::nn::AnyModule(), nullptr, nullptr, false});
     } else if (auto linear = std::dynamic_pointer_cast<d9d::nn::LinearImpl>(entry.module)) {
       auto wrapper = std::make_shared<LoRALinearImpl>(linear, *options, adapter);
       plans.push_back(
           {entry, wrapper, true, *options, torch::nn::AnyModule(wrapper), linear.get(), wrapper, linear->bias.defined()});
     } else if (auto embedding = std::dynamic_pointer_cast<d9d::nn::EmbeddingImpl>(entry.module)) {
-      check_dora(*options, entry.name);
       auto wrapper = std::make_shared<LoRAEmbeddingImpl>(embedding, *options, adapter);
       plans.push_back({entry, wrapper, true, *options, torch::nn::AnyModule(wrapper), embedding.get(), wrapper, false});
     } else if (auto plain = std::dynamic_pointer_cast<torch::nn::LinearImpl>(entry.module)) {

@@ -91,6 +91,8 @@ class LoRAEmbeddingAdapterImpl : public torch::nn::Module {
 
   at::Tensor lora_embedding_A;
   at::Tensor lora_embedding_B;
+  /// DoRA only: the magnitude of each embedding dimension, `[embedding_dim]`.
+  at::Tensor lora_magnitude_vector;
 
  private:
   LoRALayerOptions options_;
@@ -238,6 +240,10 @@ class LoRAEmbeddingImpl : public torch::nn::Module,
   void delete_adapter(const std::string& name);
 
   void reset_parameters();
+  /// DoRA: sets adapter `name`'s magnitude to the column norms of the weight
+  /// with its delta added (as at creation); call it after loading base weights
+  /// into a freshly injected DoRA adapter.
+  void reset_magnitude(const std::string& name = {});
   void merge_into_base(const std::string& name = {});
   at::Tensor delta_weight(const std::string& name = {}) const;
 
@@ -251,9 +257,13 @@ class LoRAEmbeddingImpl : public torch::nn::Module,
   /// The first adapter's weights.
   at::Tensor lora_embedding_A;
   at::Tensor lora_embedding_B;
+  /// The first adapter's DoRA magnitude (undefined without DoRA).
+  at::Tensor lora_magnitude_vector;
 
  private:
   void reset_adapter(LoRAEmbeddingAdapterImpl& adapter);
+  void reset_magnitude(LoRAEmbeddingAdapterImpl& adapter);
+  at::Tensor dora_norm(const LoRAEmbeddingAdapterImpl& adapter) const;
   void relayout();
   const LoRAEmbeddingAdapterImpl& first() const { return pick({}); }
 };
