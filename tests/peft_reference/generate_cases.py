@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""PEFT -> d9d-peft, differential: fresh LoRA adapters written by real Hugging Face PEFT.
+
+Makes COUNT cases from SEED (case i uses seed SEED + i, so one case is
+reproduced alone with --seed SEED+i --count 1). Each case draws a toy
+transformer's sizes and weights (tests/peft_reference/twins.py: Toy), a PEFT
+LoraConfig (random r and lora_alpha; rsLoRA; DoRA; embeddings; biased and
+unbiased layers; rank_pattern / alpha_pattern; target_modules as a list or a
+regex; exclude_modules as a list or a regex; init_lora_weights=False so that B
+is not zero), applies it with get_peft_model and writes, under OUT/case_NNN/:
+
+  config.json                 the toy's sizes, the case seed, the LoraConfig (for the log)
+  model.safetensors           the base weights (standard keys)
+  inputs.safetensors          input_ids
+  adapter/                    PEFT's save_pretrained
+  expected.safetensors        logits (adapter active), merged_logits (after
+                              merge_and_unload) and merged.<key> for every base weight
+
+tests/peft_reference/reference_tool.cpp (`check`) then loads each case in C++.
+The seed is printed first; without --seed a fresh one is drawn.
+"""
+import argparse
+import json
+import os
+import pathlib
+import random
+import sys
+
+import warnings
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.utils.error import NoMatchingPeftModuleError
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from twins import Toy  # noqa: E402
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["up_proj", "down_proj"]  # biased
+OTHERS = ["lm_head", "embed_tokens"]
+
+
+def module_names(n_layers):
+    names = ["embed_tokens", "lm_head"]
+    for i in range(n_layers):
+        names += [f"layers.{i}.attention.{p}" for p in ATTENTION]
+        names += [f"layers.{i}.mlp.{p}" for p in MLP]
+    return names
+
+
+def draw_case(seed):
+    rng = random.Random(seed)
+    sizes = {
+        "vocab": rng.randint(9, 41),
+        "d": rng.choice([8, 12, 16, 24]),
+        "f": rng.randint(6, 40),
+        "n_layers": rng.randint(1, 2),
+    }
+    use_dora = rng.random() < 0.3
+    names = module_names(sizes["n_layers"])
+    # Targets: a list of short names (PEFT matches a name or a dotted suffix of it),
+    # a list with full paths, or a regex over the whole path.
+    style = rng.choice(["names", "names", "paths", "regex"])
+    pool = ATTENTION + MLP + ([o for o in OTHERS if o in names] if rng.random() < 0.5 else [])
+    if style == "names":
+        targets = sorted(rng.sample(pool, rng.randint(1, len(pool))))
+    elif style == "paths":
+        targets = sorted(rng.sample(names, rng.randint(1, min(6, len(names)))))
+    else:
+        picked = sorted(rng.sample(pool, rng.randint(1, 3)))
+        layer = rng.choice([r"\d+", "0"])
+        alts = "|".join(p for p in picked if p not in OTHERS)
+        parts = []
+        if alts:
+            parts.append(rf"layers\.{layer}\.(attention|mlp)\.({alts})")
+        parts += [p for p in picked if p in OTHERS]
+        targets = "|".join(parts)
+    exclude = None
+    if rng.random() < 0.3:
+        if rng.random() < 0.5:
+            exclude = [rng.choice(names)]
+        else:
+            exclude = r"layers\.0\.attention\..*"
+    r = rng.randint(1, 8)
+    config = {
+        "r": r,
+        "lora_alpha": rng.choice([r, 2 * r, rng.randint(1, 32), round(rng.uniform(0.5, 20.0), 3)]),
+        "lora_dropout": rng.choice([0.0, 0.0, 0.1]),
+        "target_modules": targets,
+        "exclude_modules": exclude,
+        "use_rslora": rng.random() < 0.3,
+        "use_dora": use_dora,
+        "init_lora_weights": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    if rng.random() < 0.4:
+        key = rng.choice(["q_proj", "up_proj", "down_proj", "layers.0.attention.v_proj", r"layers\.\d+\.mlp\.up_proj"])
+        config["rank_pattern"][key] = rng.randint(1, 8)
+    if rng.random() < 0.4:
+        key = rng.choice(["k_proj", "o_proj", "down_proj", "lm_head", "layers.0.mlp.down_proj"])
+        config["alpha_pattern"][key] = rng.choice([1, 3, 16, round(rng.uniform(0.5, 20.0), 3)])
+    batch, time = rng.randint(1, 3), rng.randint(2, 9)
+    return sizes, config, (batch, time)
+
+
+def make_case(seed, out_dir):
+    sizes, config, (batch, time) = draw_case(seed)
+    torch.manual_seed(seed)
+    base = Toy(**sizes)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "norm" in name:  # LayerNorm away from identity, so its affine terms matter
+                p.add_(0.1 * torch.randn_like(p))
+    base_state = {k: v.clone().contiguous() for k, v in base.state_dict().items()}
+    ids = torch.randint(0, sizes["vocab"], (batch, time))
+
+    try:
+        model = get_peft_model(base, LoraConfig(**config)).eval()
+    except NoMatchingPeftModuleError:
+        return None  # the exclusions left nothing to adapt: draw another case
+    adapted = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                     if hasattr(m, "lora_A") and "default" in getattr(m, "r", {}))
+    if not adapted:
+        return None
+    if config["use_dora"]:
+        # DoRA's magnitude starts as the weight norm; move it so the scaling shows.
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_magnitude_vector" in n:
+                    p.mul_(1.0 + 0.2 * torch.rand_like(p))
+    with torch.no_grad():
+        logits = model(ids)
+    case = out_dir / f"case_{seed}"
+    case.mkdir(parents=True)
+    model.save_pretrained(str(case / "adapter"))
+    merged = model.merge_and_unload().eval()
+    with torch.no_grad():
+        merged_logits = merged(ids)
+    expected = {"logits": logits, "merged_logits": merged_logits}
+    for k, v in merged.state_dict().items():
+        expected[f"merged.{k}"] = v.contiguous()
+    save_file(base_state, str(case / "model.safetensors"))
+    save_file({"input_ids": ids}, str(case / "inputs.safetensors"))
+    save_file(expected, str(case / "expected.safetensors"))
+    (case / "config.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "lora_config": config,
+                                                  "adapted_modules": adapted}, indent=1))
+    return case
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="directory for the cases (emptied first)")
+    parser.add_argument("--seed", type=int, help="first case's seed (default: $D9D_PEFT_SEED, else drawn fresh)")
+    parser.add_argument("--count", type=int, default=60, help="number of cases (default 60)")
+    args = parser.parse_args()
+    seed = args.seed
+    if seed is None and os.environ.get("D9D_PEFT_SEED"):
+        seed = int(os.environ["D9D_PEFT_SEED"])
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") % 1_000_000_000
+    print(f"peft-reference: generating {args.count} PEFT LoRA cases from seed {seed} "
+          f"(reproduce: bash scripts/peft-reference.sh --seed {seed} --count {args.count})", flush=True)
+    if args.out.exists():
+        for p in sorted(args.out.glob("case_*"), reverse=True):
+            for f in sorted(p.rglob("*"), reverse=True):
+                f.unlink() if f.is_file() else f.rmdir()
+            p.rmdir()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")  # PEFT's notes on unmatched rank_pattern keys and the like
+    made, s = 0, seed
+    counts = {"dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
+              "alpha_pattern": 0, "biased": 0}
+    while made < args.count:
+        case = make_case(s, args.out)
+        s += 1
+        if case is None:
+            continue
+        made += 1
+        info = json.loads((case / "config.json").read_text())
+        c = info["lora_config"]
+        counts["dora"] += c["use_dora"]
+        counts["rslora"] += c["use_rslora"]
+        counts["embedding"] += "embed_tokens" in info["adapted_modules"]
+        counts["regex"] += isinstance(c["target_modules"], str)
+        counts["exclude"] += c["exclude_modules"] is not None
+        counts["rank_pattern"] += bool(c["rank_pattern"])
+        counts["alpha_pattern"] += bool(c["alpha_pattern"])
+        counts["biased"] += any(".mlp." in m for m in info["adapted_modules"])
+    print(f"peft-reference: wrote {made} cases to {args.out} (seeds {seed}..{s - 1}); cases with "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+// The C++ half of the checks against real Hugging Face PEFT (tests/peft_reference/).
+//
+//   peft_reference_tool check CASES --cli D9D_PEFT
+//       PEFT -> d9d-peft: every case written by generate_cases.py is loaded
+//       here (tests/toy_model.h), and its logits with the adapter, its merged
+//       weights and merged logits, and the weights `d9d-peft merge` writes must
+//       all match what PEFT computed, to 1e-5.
+//   peft_reference_tool export OUT --fixtures DIR --trainer-run RUN --cli D9D_PEFT
+//       d9d-peft -> PEFT: writes what this library produces (adapters re-saved
+//       from the fixtures, several named adapters saved one by one, one trained
+//       here, one trained by d9d-peft-train; a sharded checkpoint; `d9d-peft
+//       merge` output) with the logits this library computes, and beside each
+//       safetensors file a `.reference.pt` (LibTorch's own `torch::pickle_save`)
+//       of the tensors as they were in memory, for check_exports.py.
+//
+// Exit status 0 when everything matched; every failure names its case.
+#include "../toy_model.h"
+#include "gpt.h"
+
+#include <d9d/model_state/io/safetensors.h>
+#include <d9d/model_state/io/stream.h>
+#include <d9d/model_state/load.h>
+#include <d9d/model_state/mapper/adapters.h>
+#include <d9d/peft.h>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <torch/nn/functional/loss.h>
+#include <torch/optim/sgd.h>
+#include <torch/serialize.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+namespace ms = d9d::model_state;
+namespace peft = d9d::peft;
+using nlohmann::json;
+
+namespace {
+
+/// Agreement required, relative to the reference's magnitude: fp32 rounding
+/// grows with it (and LibTorch's BLAS need not be PEFT's), so the bound is
+/// 1e-5 · max(1, max |reference|): 1e-5 absolute for values up to 1.
+constexpr double kTolerance = 1e-5;
+
+json read_json(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot open " + path.string());
+  return json::parse(in);
+}
+
+double max_diff(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return std::numeric_limits<double>::infinity();
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+/// max |ours - reference| in units of max(1, max |reference|).
+double relative_diff(const at::Tensor& ours, const at::Tensor& reference) {
+  return max_diff(ours, reference) / std::max(1.0, reference.abs().max().item<double>());
+}
+
+ms::LoadOptions quiet() {
+  ms::LoadOptions o;
+  o.progress = nullptr;
+  return o;
+}
+
+int run(const std::string& command) {
+  const int status = std::system(command.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+}
+
+std::string quote(const fs::path& p) { return "'" + p.string() + "'"; }
+
+// ------------------------------------------------------------------ check
+
+/// One PEFT case; returns the failures (empty when it matched).
+std::vector<std::string> check_case(const fs::path& dir, const std::string& cli, const fs::path& scratch) {
+  std::vector<std::string> failures;
+  const json info = read_json(dir / "config.json");
+  const json& s = info.at("sizes");
+  toy::Toy model(toy::ToyConfig{s.at("vocab").get<int64_t>(), s.at("d").get<int64_t>(), s.at("f").get<int64_t>(),
+                                s.at("n_layers").get<int64_t>()});
+  const std::string base = (dir / "model.safetensors").string();
+  ms::load_model_state(base, *ms::identity_mapper_from_module(*model), *model, quiet());
+  model->eval();
+  const auto ids = ms::SafetensorsFile::open((dir / "inputs.safetensors").string())->get("input_ids");
+  const auto expected = ms::SafetensorsFile::open((dir / "expected.safetensors").string());
+  torch::NoGradGuard no_grad;
+
+  auto adapter = peft::hf::load_adapter(*model, (dir / "adapter").string());
+  auto expect = [&](const std::string& what, const at::Tensor& ours, const at::Tensor& peft) {
+    const double diff = relative_diff(ours, peft);
+    if (!(diff <= kTolerance)) {
+      failures.push_back(fmt::format("{}: max |d9d - peft| = {:.3g} with max |peft| = {:.3g}", what,
+                                     max_diff(ours, peft), peft.abs().max().item<double>()));
+    }
+  };
+  expect("logits with the adapter", model->forward(ids), expected->get("logits"));
+
+  peft::merge_peft(*adapter, model);
+  const auto state = ms::module_state_dict(*model);
+  size_t merged_keys = 0;
+  for (const auto& key : expected->keys()) {
+    if (key.rfind("merged.", 0) != 0) continue;
+    ++merged_keys;
+    const std::string name = key.substr(7);
+    if (!state.count(name)) {
+      failures.push_back("merged model has no '" + name + "'");
+      continue;
+    }
+    expect("merged weight " + name, state.at(name), expected->get(key));
+  }
+  if (merged_keys != state.size()) {
+    failures.push_back("merged model has " + std::to_string(state.size()) + " tensors, PEFT's " +
+                       std::to_string(merged_keys));
+  }
+  expect("logits after merging", model->forward(ids), expected->get("merged_logits"));
+
+  // The offline merge, without model code, must give PEFT's merged weights too.
+  const fs::path out = scratch / dir.filename();
+  fs::remove_all(out);
+  const std::string cmd = quote(cli) + " merge --base " + quote(base) + " --adapter " +
+                          quote(dir / "adapter") + " --out " + quote(out) + " > " + quote(scratch / "cli.log") +
+                          " 2>&1";
+  if (run(cmd) != 0) {
+    std::ifstream log(scratch / "cli.log");
+    std::stringstream text;
+    text << log.rdbuf();
+    failures.push_back("d9d-peft merge failed: " + text.str());
+  } else {
+    const auto written = ms::SafetensorsFile::open((out / "model.safetensors").string());
+    for (const auto& key : expected->keys()) {
+      if (key.rfind("merged.", 0) != 0) continue;
+      const std::string name = key.substr(7);
+      if (!written->keys().count(name)) {
+        failures.push_back("d9d-peft merge output has no '" + name + "'");
+        continue;
+      }
+      expect("d9d-peft merge: " + name, written->get(name), expected->get(key));
+    }
+    if (written->keys().size() != merged_keys) failures.push_back("d9d-peft merge output has a different key set");
+  }
+  fs::remove_all(out);
+  return failures;
+}
+
+int check(const fs::path& cases, const std::string& cli) {
+  std::vector<fs::path> dirs;
+  for (const auto& e : fs::directory_iterator(cases)) {
+    if (e.is_directory() && e.path().filename().string().rfind("case_", 0) == 0) dirs.push_back(e.path());
+  }
+  std::sort(dirs.begin(), dirs.end());
+  if (dirs.empty()) {
+    std::fprintf(stderr, "peft-reference: no case_* directories under %s (run generate_cases.py first)\n",
+                 cases.string().c_str());
+    return 1;
+  }
+  const fs::path scratch = cases / "cli_scratch";
+  fs::create_directories(scratch);
+  int failed = 0;
+  for (const auto& dir : dirs) {
+    const std::string seed = dir.filename().string().substr(5);
+    std::vector<std::string> failures;
+    try {
+      failures = check_case(dir, cli, scratch);
+    } catch (const std::exception& e) {
+      failures.push_back(std::string("error: ") + e.what());
+    }
+    if (failures.empty()) continue;
+    ++failed;
+    const json info = read_json(dir / "config.json");
+    std::printf("FAIL %s\n  LoraConfig: %s\n  adapted: %s\n", dir.filename().string().c_str(),
+                info.at("lora_config").dump().c_str(), info.at("adapted_modules").dump().c_str());
+    for (const auto& f : failures) std::printf("  %s\n", f.c_str());
+    std::printf("  reproduce: bash scripts/peft-reference.sh --seed %s --count 1\n", seed.c_str());
+  }
+  fs::remove_all(scratch);
+  std::printf("peft-reference: %zu PEFT cases checked (logits, merged weights, merged logits, d9d-peft merge): "
+              "%zu matched to %g relative to max(1, max |peft|), %d failed\n",
+              dirs.size(), dirs.size() - failed, kTolerance, failed);
+  return failed ? 1 : 0;
+}
+
+// ----------------------------------------------------------------- export
+
+void save_reference(const ms::StateDict& state, const fs::path& path) {
+  c10::Dict<std::string, at::Tensor> dict;
+  for (const auto& [k, v] : state) dict.insert(k, v.detach().contiguous());
+  const std::vector<char> bytes = torch::pickle_save(c10::IValue(dict));
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out) throw std::runtime_error("cannot write " + path.string());
+}
+
+/// Saves adapter `name` (empty: the only one) of `model` and the logits it gives
+/// on `ids` with that adapter alone active.
+template <typename Model>
+void export_adapter(Model& model, const fs::path& dir, const at::Tensor& ids, const std::string& name = {}) {
+  peft::hf::SaveAdapterOptions options;
+  options.adapter_name = name;
+  peft::hf::save_adapter(*model, dir.string(), options);
+  save_reference(peft::hf::get_peft_model_state_dict(*model, name), dir / "adapter_model.reference.pt");
+  torch::NoGradGuard no_grad;
+  model->eval();
+  ms::save_safetensors((dir / "cpp_logits.safetensors").string(), {{"logits", model->forward(ids)}, {"input_ids", ids}});
+}
+
+int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& trainer_run, const std::string& cli) {
+  const fs::path toy_dir = fixtures / "hf_peft" / "toy";
+  fs::remove_all(out);
+  fs::create_directories(out / "adapters");
+  const auto ids = ms::SafetensorsFile::open((toy_dir / "inputs.safetensors").string())->get("input_ids");
+  auto toy_base = [&] {
+    toy::Toy model;
+    ms::load_model_state((toy_dir / "model.safetensors").string(), *ms::identity_mapper_from_module(*model), *model,
+                         quiet());
+    model->eval();
+    return model;
+  };
+  int count = 0;
+
+  // 1. Every fixture adapter, loaded and saved again.
+  for (const char* name : {"lora_attn_r4", "lora_all_linear_r8", "lora_rslora", "lora_embed_head", "dora_mlp"}) {
+    toy::Toy model = toy_base();
+    peft::hf::load_adapter(*model, (toy_dir / "adapters" / name).string());
+    export_adapter(model, out / "adapters" / (std::string("resaved_") + name), ids);
+    ++count;
+  }
+
+  // 2. Several named adapters in one model, saved one by one.
+  {
+    toy::Toy model = toy_base();
+    const std::vector<std::pair<std::string, std::string>> named = {
+        {"attn", "lora_attn_r4"}, {"rs", "lora_rslora"}, {"embed", "lora_embed_head"}};
+    for (const auto& [name, fixture] : named) peft::hf::load_adapter(*model, (toy_dir / "adapters" / fixture).string(), name);
+    for (const auto& [name, fixture] : named) {
+      peft::set_adapter(*model, name);
+      export_adapter(model, out / "adapters" / ("named_" + name), ids, name);
+      ++count;
+    }
+  }
+
+  // 3. One trained here: LoRA with dropout on every projection, a few SGD steps.
+  {
+    toy::Toy model = toy_base();
+    torch::manual_seed(0);
+    peft::LoRA lora({R"(.*_proj|lm_head)", {4, 8, 0.1}});
+    peft::inject_peft_and_freeze(lora, model);
+    model->train();
+    torch::optim::SGD opt(peft::trainable_parameters(*model), torch::optim::SGDOptions(0.5));
+    for (int step = 0; step < 20; ++step) {
+      opt.zero_grad();
+      auto logits = model->forward(ids.slice(1, 0, -1));
+      torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}), ids.slice(1, 1).reshape({-1}))
+          .backward();
+      opt.step();
+    }
+    export_adapter(model, out / "adapters" / "trained_by_cpp", ids);
+    ++count;
+  }
+
+  // 4. The adapter d9d-peft-train wrote, on the trainer's GPT: its base saved
+  // again as a sharded checkpoint, and the trainer's adapter merged offline.
+  {
+    const json run_config = read_json(trainer_run / "run_config.json");
+    const auto base_file = ms::SafetensorsFile::open((trainer_run / "base" / "model.safetensors").string());
+    const json& m = run_config.at("model");
+    trainer::GptConfig config;
+    config.vocab = base_file->get("embed_tokens.weight").size(0);
+    config.context = base_file->get("embed_positions.weight").size(0);
+    config.d_model = m.at("d_model").get<int64_t>();
+    config.n_layers = m.at("n_layers").get<int64_t>();
+    config.n_heads = m.at("n_heads").get<int64_t>();
+    config.d_ff = m.at("d_ff").get<int64_t>();
+    trainer::Gpt gpt(config);
+    ms::load_model_state((trainer_run / "base").string(), *ms::identity_mapper_from_module(*gpt), *gpt, quiet());
+
+    const fs::path sharded = out / "checkpoint_sharded";
+    ms::SaveOptions save;
+    save.progress = nullptr;
+    save.shard_size = 64 * 1024;  // several shards and an index
+    ms::save_model_state(sharded.string(), *ms::identity_mapper_from_module(*gpt), *gpt, save);
+    save_reference(ms::module_state_dict(*gpt), sharded / "model.reference.pt");
+
+    peft::hf::load_adapter(*gpt, (trainer_run / "adapter").string());
+    torch::manual_seed(1);
+    const auto gpt_ids = torch::randint(0, config.vocab, {4, config.context}, at::kLong);
+    const fs::path dir = out / "trainer" / "adapter";
+    fs::create_directories(dir.parent_path());
+    fs::copy(trainer_run / "adapter", dir, fs::copy_options::recursive);
+    {
+      torch::NoGradGuard no_grad;
+      gpt->eval();
+      ms::save_safetensors((dir / "cpp_logits.safetensors").string(),
+                           {{"logits", gpt->forward(gpt_ids)}, {"input_ids", gpt_ids}});
+    }
+    std::ofstream(out / "trainer" / "gpt.json")
+        << json{{"vocab", config.vocab}, {"context", config.context}, {"d_model", config.d_model},
+                {"n_layers", config.n_layers}, {"n_heads", config.n_heads}, {"d_ff", config.d_ff}}
+               .dump();
+    fs::copy(trainer_run / "merged", out / "trainer" / "trainer_merged", fs::copy_options::recursive);
+    const std::string cmd = quote(cli) + " merge --base " + quote(sharded) + " --adapter " + quote(dir) +
+                            " --out " + quote(out / "trainer" / "cli_merged");
+    if (run(cmd) != 0) throw std::runtime_error("d9d-peft merge failed: " + cmd);
+    count += 1;
+  }
+  std::printf("peft-reference: exported %d adapters (fixtures re-saved, named, trained here, trained by "
+              "d9d-peft-train), a sharded checkpoint and d9d-peft merge output to %s\n",
+              count, out.string().c_str());
+  return 0;
+}
+
+[[noreturn]] void usage() {
+  std::fprintf(stderr,
+               "usage: peft_reference_tool check CASES --cli D9D_PEFT\n"
+               "       peft_reference_tool export OUT --fixtures DIR --trainer-run RUN --cli D9D_PEFT\n");
+  std::exit(2);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) usage();
+  const std::string command = argv[1];
+  const fs::path target = argv[2];
+  std::string cli, fixtures, trainer_run;
+  for (int i = 3; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (i + 1 >= argc) usage();
+    if (arg == "--cli") cli = argv[++i];
+    else if (arg == "--fixtures") fixtures = argv[++i];
+    else if (arg == "--trainer-run") trainer_run = argv[++i];
+    else usage();
+  }
+  if (cli.empty()) usage();
+  try {
+    if (command == "check") return check(target, cli);
+    if (command == "export" && !fixtures.empty() && !trainer_run.empty()) {
+      return export_all(target, fixtures, trainer_run, cli);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "peft-reference: %s\n", e.what());
+    return 1;
+  }
+  usage();
+}
