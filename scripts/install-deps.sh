@@ -9,6 +9,8 @@ packages=(
   nlohmann-json3-dev libfmt-dev libcli11-dev  # CLI11: the d9d-peft tool
   googletest libgtest-dev libbenchmark-dev
   clang libclang-rt-14-dev  # libFuzzer and the sanitizers for scripts/fuzz.sh
+  ccache  # rebuilds of the two LibTorch builds
+  python3 python3-venv  # the Python reference environment (scripts/python-env.sh)
   git ca-certificates
 )
 
