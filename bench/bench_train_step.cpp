@@ -7,10 +7,12 @@
 //   bench_train_step --size tiny --steps 2        # a smoke test, any machine
 //
 // Sizes: tiny (d 32, 1 layer); default (the trainer's default model: vocab 26,
-// d 128, 2 layers, 4 heads, d_ff 256, batch 64 x 16 tokens); large (vocab
+// d 128, 2 layers, 4 heads, d_ff 256, batch 64 x 16 tokens); mid (vocab 1024,
+// d 1024, 4 layers, 16 heads, d_ff 4096, 512 tokens a step); large (vocab
 // 32000, d 2048, 16 layers, 16 heads, d_ff 8192, 2048 tokens a step).
 // Peak memory: on CUDA the caching allocator's peak allocated bytes over the
-// timed steps (weights included); on the CPU the process's peak RSS.
+// timed steps (weights included); on the CPU the process's peak RSS above its
+// RSS before the model was built (weights included, the program's own code not).
 #include "gpt.h"
 
 #include <d9d/peft.h>
@@ -23,7 +25,7 @@
 #include <c10/cuda/CUDAFunctions.h>
 #endif
 
-#include <sys/resource.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -50,12 +52,16 @@ Size size_named(const std::string& name) {
     s.gpt = {26, 17, 128, 2, 4, 256};
     s.batch = 64;
     s.tokens = 16;
+  } else if (name == "mid") {
+    s.gpt = {1024, 512, 1024, 4, 16, 4096};
+    s.batch = 1;
+    s.tokens = 512;
   } else if (name == "large") {
     s.gpt = {32000, 2048, 2048, 16, 16, 8192};
     s.batch = 1;
     s.tokens = 2048;
   } else {
-    throw std::invalid_argument("--size: expected tiny, default or large, got '" + name + "'");
+    throw std::invalid_argument("--size: expected tiny, default, mid or large, got '" + name + "'");
   }
   return s;
 }
@@ -76,7 +82,17 @@ void reset_peak(const torch::Device& device) {
 #endif
 }
 
-uint64_t peak_bytes(const torch::Device& device) {
+/// Resident bytes now (/proc/self/statm), 0 where that is not readable.
+uint64_t current_rss_bytes() {
+  unsigned long long size = 0, resident = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%llu %llu", &size, &resident) != 2) resident = 0;
+    std::fclose(f);
+  }
+  return static_cast<uint64_t>(resident) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+}
+
+uint64_t peak_bytes(const torch::Device& device, uint64_t rss_baseline) {
 #ifdef D9D_BENCH_CUDA
   if (device.is_cuda()) {
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.has_index() ? device.index() : 0);
@@ -84,14 +100,24 @@ uint64_t peak_bytes(const torch::Device& device) {
   }
 #endif
   (void)device;
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<uint64_t>(usage.ru_maxrss) * 1024;
+  // VmHWM, this process image's peak RSS. Not getrusage's ru_maxrss: Linux
+  // carries a parent's peak across fork and exec, so a benchmark started by a
+  // large process (a Python driver) would report the parent's.
+  uint64_t peak = 0;
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    unsigned long long kib = 0;
+    while (std::fgets(line, sizeof line, f)) {
+      if (std::sscanf(line, "VmHWM: %llu kB", &kib) == 1) peak = static_cast<uint64_t>(kib) * 1024;
+    }
+    std::fclose(f);
+  }
+  return peak > rss_baseline ? peak - rss_baseline : 0;
 }
 
 [[noreturn]] void usage(const char* error) {
   std::fprintf(stderr,
-               "%s\nusage: bench_train_step [--size tiny|default|large] [--mode lora|full] [--device cpu|cuda]\n"
+               "%s\nusage: bench_train_step [--size tiny|default|mid|large] [--mode lora|full] [--device cpu|cuda]\n"
                "                        [--dtype float32|bfloat16] [--steps N] [--warmup N] [--csv]\n",
                error);
   std::exit(2);
@@ -125,6 +151,7 @@ int main(int argc, char** argv) {
   const torch::Device device(device_name);
   const auto dtype = dtype_name == "bfloat16" ? at::kBFloat16 : at::kFloat;
 
+  const uint64_t rss_baseline = current_rss_bytes();
   torch::manual_seed(0);
   trainer::Gpt model(size.gpt);
   std::vector<at::Tensor> trainable;
@@ -163,7 +190,7 @@ int main(int argc, char** argv) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const int64_t tokens_per_step = size.batch * size.tokens;
   const double tokens_per_s = static_cast<double>(tokens_per_step * steps) / seconds;
-  const uint64_t peak = peak_bytes(device);
+  const uint64_t peak = peak_bytes(device, rss_baseline);
 
   if (csv) {
     std::printf("mode,size,device,dtype,tokens_per_step,steps,seconds,tokens_per_s,peak_bytes,trainable,total\n");
@@ -178,7 +205,7 @@ int main(int argc, char** argv) {
     std::printf("  %lld steps in %.3f s: %.0f tokens/s, %.2f ms a step; peak memory %.1f MiB (%s)\n",
                 static_cast<long long>(steps), seconds, tokens_per_s, 1e3 * seconds / static_cast<double>(steps),
                 static_cast<double>(peak) / (1024.0 * 1024.0),
-                device.is_cuda() ? "CUDA allocator peak" : "process peak RSS");
+                device.is_cuda() ? "CUDA allocator peak" : "process peak RSS above the start");
   }
   return 0;
 }
