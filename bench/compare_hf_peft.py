@@ -115,6 +115,23 @@ def time_pair_us(plain, lora) -> tuple[float, float]:
     return statistics.median(p), statistics.median(q)
 
 
+def backward_steps(plain, layer, x, lora_a, lora_b):
+    """Forward+backward of the plain layer and of PEFT's LoRA layer (base frozen, input requiring grad),
+    resetting the gradients each call as zero_grad(set_to_none) does."""
+
+    def plain_step():
+        plain(x).sum().backward()
+        x.grad = None
+
+    def lora_step():
+        layer(x).sum().backward()
+        x.grad = None
+        lora_a.grad = None
+        lora_b.grad = None
+
+    return plain_step, lora_step
+
+
 def time_single_calls_us(fn, between=None) -> float:
     """Median of single calls, each alone between two events after a sync."""
     import torch
@@ -179,18 +196,7 @@ def measure_peft(dtype_name: str, autocast_adapter_dtype: bool) -> list[dict]:
 
         layer.train()
         x = torch.randn(tokens, DIM, device=device, dtype=dtype, requires_grad=True)
-
-        def plain_step():
-            plain(x).sum().backward()
-            x.grad = None
-
-        def lora_step():
-            layer(x).sum().backward()
-            x.grad = None
-            lora_a.grad = None
-            lora_b.grad = None
-
-        p, q = time_pair_us(plain_step, lora_step)
+        p, q = time_pair_us(*backward_steps(plain, layer, x, lora_a, lora_b))
         rows.append(dict(kind="forward_backward", dtype=dtype_name, tokens=tokens, plain_us=p, lora_us=q,
                          adapter_dtype=adapter_dtype))
         del x
@@ -244,86 +250,31 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
 def build_gpt(vocab, context, d_model, n_layers, n_heads, d_ff):
-    """examples/trainer/gpt.h in PyTorch, with the same module names."""
-    import math
+    """examples/trainer/gpt.h in PyTorch, with the same module names (tests/peft_reference/twins.py)."""
+    import pathlib
 
-    import torch
-    from torch import nn
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests" / "peft_reference"))
+    from twins import Gpt
 
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d_model, d_model) for _ in range(4))
-
-        def forward(self, x):
-            b, t, d = x.shape
-            dh = d // n_heads
-
-            def heads(y):
-                return y.view(b, t, n_heads, dh).transpose(1, 2)
-
-            q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-            scores = q @ k.transpose(-2, -1) / math.sqrt(dh)
-            future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
-            return self.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
-
-    class Mlp(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up_proj = nn.Linear(d_model, d_ff)
-            self.down_proj = nn.Linear(d_ff, d_model)
-
-        def forward(self, x):
-            return self.down_proj(nn.functional.gelu(self.up_proj(x)))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn_norm = nn.LayerNorm(d_model)
-            self.attention = Attention()
-            self.mlp_norm = nn.LayerNorm(d_model)
-            self.mlp = Mlp()
-
-        def forward(self, x):
-            x = x + self.attention(self.attn_norm(x))
-            return x + self.mlp(self.mlp_norm(x))
-
-    class Gpt(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed_tokens = nn.Embedding(vocab, d_model)
-            self.embed_positions = nn.Embedding(context, d_model)
-            self.layers = nn.ModuleList(Block() for _ in range(n_layers))
-            self.norm = nn.LayerNorm(d_model)
-            self.lm_head = nn.Linear(d_model, vocab, bias=False)
-
-        def forward(self, ids):
-            x = self.embed_tokens(ids) + self.embed_positions(torch.arange(ids.shape[1], device=ids.device))
-            for layer in self.layers:
-                x = layer(x)
-            return self.lm_head(self.norm(x))
-
-    return Gpt()
+    return Gpt(vocab, context, d_model, n_layers, n_heads, d_ff)
 
 
-def measure_peft_step(size: str, mode: str, dtype_name: str, autocast_adapter_dtype: bool) -> dict:
-    import time
-
+def peft_training_step(size: str, mode: str, device: str, dtype, autocast_adapter_dtype: bool = True):
+    """The trainer's GPT with PEFT's LoRA r 16 on every projection (or nothing: full fine-tuning)
+    and AdamW: returns one training step as a function, and the tokens it processes."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     vocab, context, d_model, n_layers, n_heads, d_ff, batch, tokens = TRAIN_SIZES[size]
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
     torch.manual_seed(0)
-    model = build_gpt(vocab, context, d_model, n_layers, n_heads, d_ff).to(device="cuda", dtype=dtype)
+    model = build_gpt(vocab, context, d_model, n_layers, n_heads, d_ff).to(device=device, dtype=dtype)
     if mode == "lora":
         config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJECTIONS)
         model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    ids = torch.randint(0, vocab, (batch, tokens + 1), device="cuda")
+    ids = torch.randint(0, vocab, (batch, tokens + 1), device=device)
     inputs, targets = ids[:, :tokens], ids[:, 1:].reshape(-1)
 
     def step():
@@ -332,6 +283,16 @@ def measure_peft_step(size: str, mode: str, dtype_name: str, autocast_adapter_dt
         torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets).backward()
         optimizer.step()
 
+    return step, batch * tokens
+
+
+def measure_peft_step(size: str, mode: str, dtype_name: str, autocast_adapter_dtype: bool) -> dict:
+    import time
+
+    import torch
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    step, tokens_per_step = peft_training_step(size, mode, "cuda", dtype, autocast_adapter_dtype)
     for _ in range(TRAIN_WARMUP):
         step()
     torch.cuda.synchronize()
@@ -343,14 +304,16 @@ def measure_peft_step(size: str, mode: str, dtype_name: str, autocast_adapter_dt
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated()
-    del model, optimizer, params
+    del step
     torch.cuda.empty_cache()
-    return {"tokens_per_s": batch * tokens * steps / seconds, "peak_bytes": peak}
+    return {"tokens_per_s": tokens_per_step * steps / seconds, "peak_bytes": peak}
 
 
-def run_our_step(binary: str, size: str, mode: str, dtype_name: str) -> dict:
-    cmd = [binary, "--size", size, "--mode", mode, "--device", "cuda", "--dtype", dtype_name,
-           "--steps", str(TRAIN_STEPS[size]), "--warmup", str(TRAIN_WARMUP), "--csv"]
+def run_our_step(binary: str, size: str, mode: str, dtype_name: str, device: str = "cuda",
+                 warmup: int = TRAIN_WARMUP) -> dict:
+    """One bench_train_step process: its tokens/s and peak bytes."""
+    cmd = [binary, "--size", size, "--mode", mode, "--device", device, "--dtype", dtype_name,
+           "--steps", str(TRAIN_STEPS[size]), "--warmup", str(warmup), "--csv"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
@@ -449,18 +412,7 @@ def measure_peft_cpu() -> dict:
                 rows[("forward", d, t)] = cpu_time_pair_us(lambda: plain(x), lambda: layer(x))
             layer.train()
             xg = torch.randn(t, d, requires_grad=True)
-
-            def plain_step():
-                plain(xg).sum().backward()
-                xg.grad = None
-
-            def lora_step():
-                layer(xg).sum().backward()
-                xg.grad = None
-                lora_a.grad = None
-                lora_b.grad = None
-
-            rows[("forward_backward", d, t)] = cpu_time_pair_us(plain_step, lora_step)
+            rows[("forward_backward", d, t)] = cpu_time_pair_us(*backward_steps(plain, layer, xg, lora_a, lora_b))
     return rows
 
 
@@ -497,27 +449,11 @@ def peft_step_cpu(size: str, mode: str) -> dict:
     """One size and mode in this process (run as a child, so peak RSS is its own)."""
     import time
 
+    import peft  # noqa: F401 - imported before the baseline, so that its own memory is not counted
     import torch
-    from peft import LoraConfig, get_peft_model
 
     baseline = current_rss_bytes()
-    vocab, context, d_model, n_layers, n_heads, d_ff, batch, tokens = TRAIN_SIZES[size]
-    torch.manual_seed(0)
-    model = build_gpt(vocab, context, d_model, n_layers, n_heads, d_ff)
-    if mode == "lora":
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJECTIONS))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    ids = torch.randint(0, vocab, (batch, tokens + 1))
-    inputs, targets = ids[:, :tokens], ids[:, 1:].reshape(-1)
-
-    def step():
-        optimizer.zero_grad()
-        logits = model(inputs)
-        torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets).backward()
-        optimizer.step()
-
+    step, tokens_per_step = peft_training_step(size, mode, "cpu", torch.float32)
     for _ in range(CPU_TRAIN_WARMUP[size]):
         step()
     steps = TRAIN_STEPS[size]
@@ -525,7 +461,7 @@ def peft_step_cpu(size: str, mode: str) -> dict:
     for _ in range(steps):
         step()
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": batch * tokens * steps / seconds, "peak_bytes": peak_rss_bytes() - baseline}
+    return {"tokens_per_s": tokens_per_step * steps / seconds, "peak_bytes": peak_rss_bytes() - baseline}
 
 
 def peak_rss_bytes() -> int:
@@ -556,15 +492,7 @@ def run_peft_step_cpu(size: str, mode: str) -> dict:
 
 
 def run_our_step_cpu(binary: str, size: str, mode: str) -> dict:
-    cmd = [binary, "--size", size, "--mode", mode, "--device", "cpu", "--dtype", "float32",
-           "--steps", str(TRAIN_STEPS[size]), "--warmup", str(CPU_TRAIN_WARMUP[size]), "--csv"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    lines = proc.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("mode,"))
-    row = next(csv.DictReader(io.StringIO("\n".join(lines[header:]))))
-    return {"tokens_per_s": float(row["tokens_per_s"]), "peak_bytes": int(row["peak_bytes"])}
+    return run_our_step(binary, size, mode, "float32", device="cpu", warmup=CPU_TRAIN_WARMUP[size])
 
 
 def main_cpu(args) -> int:
