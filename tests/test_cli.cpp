@@ -309,3 +309,74 @@ TEST(CliMerge, ReportsProgressPerTensor) {
   EXPECT_TRUE(seen.back().finished);
   EXPECT_EQ(seen.back().bytes_done, seen.back().bytes_total);
 }
+
+TEST(CliMerge, NonFiniteAdapterIsRefusedBeforeAnythingIsWritten) {
+  // PEFT's safe_merge: a NaN in the adapter must not reach the merged checkpoint.
+  TempDir tmp;
+  const std::string adapter = tmp / "nan-adapter";
+  fs::create_directories(adapter);
+  fs::copy_file(kToy + "/adapters/lora_attn_r4/adapter_config.json", adapter + "/adapter_config.json");
+  auto tensors = ms::SafetensorsFile::open(kToy + "/adapters/lora_attn_r4/adapter_model.safetensors")->load_all();
+  const std::string bad_key = "base_model.model.layers.1.attention.v_proj.lora_B.weight";
+  ASSERT_TRUE(tensors.count(bad_key));
+  tensors[bad_key] = tensors[bad_key].clone();  // the mapped file is read-only
+  tensors[bad_key].view(-1)[3] = std::numeric_limits<float>::quiet_NaN();
+  ms::save_safetensors(adapter + "/adapter_model.safetensors", tensors);
+
+  fs::create_directories(tmp / "existing");
+  std::ofstream(tmp / "existing/config.json") << "{}";
+  for (const std::string out : {tmp / "fresh", tmp / "existing"}) {
+    try {
+      hf::merge_adapter_into_checkpoint(kToy + "/model.safetensors", adapter, out, 1.0, ms::no_progress());
+      ADD_FAILURE() << "no error";
+    } catch (const d9d::peft::PeftError& e) {
+      EXPECT_THAT(e.what(), HasSubstr("'" + bad_key + "' holds 1 NaN or Inf value (of 64)"));
+      EXPECT_THAT(e.what(), HasSubstr("layers.1.attention.v_proj.weight"));
+      EXPECT_THAT(e.what(), HasSubstr("--allow-non-finite"));
+    }
+  }
+  EXPECT_FALSE(fs::exists(tmp / "fresh"));
+  EXPECT_EQ(files_in(tmp / "existing"), std::vector<std::string>{"config.json"});
+
+  // Asked for, the NaN is merged (into that row of the weight only).
+  hf::MergeOptions options;
+  options.allow_non_finite = true;
+  options.progress = ms::no_progress();
+  hf::merge_adapter_into_checkpoint(kToy + "/model.safetensors", adapter, tmp / "anyway", options);
+  const at::Tensor merged = ms::SafetensorsFile::open(tmp / "anyway/model.safetensors")->get("layers.1.attention.v_proj.weight");
+  EXPECT_GT(at::isnan(merged).sum().item<int64_t>(), 0);
+  EXPECT_LT(at::isnan(merged).sum().item<int64_t>(), merged.numel());
+}
+
+TEST(CliMerge, OverflowingMergeIsRefusedAndNamesTheWeight) {
+  // Finite adapter, finite base, but the sum leaves float32's range.
+  TempDir tmp;
+  auto base = ms::SafetensorsFile::open(kToy + "/model.safetensors")->load_all();
+  const std::string key = "layers.0.attention.q_proj.weight";
+  base[key] = at::full_like(base[key], std::numeric_limits<float>::max());
+  ms::save_safetensors(tmp / "huge.safetensors", base);
+  try {
+    hf::merge_adapter_into_checkpoint(tmp / "huge.safetensors", kToy + "/adapters/lora_attn_r4", tmp / "out", 1e38,
+                                      ms::no_progress());
+    ADD_FAILURE() << "no error";
+  } catch (const d9d::peft::PeftError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("merging into '" + key + "' gives"));
+    EXPECT_THAT(e.what(), HasSubstr("the sum overflows Float"));
+  }
+  EXPECT_FALSE(fs::exists(tmp / "out"));
+  const hf::AdapterFiles files = hf::read_adapter_files(kToy + "/adapters/lora_attn_r4");
+  EXPECT_THROW(hf::merge_lora_weight(base[key], "layers.0.attention.q_proj", files.tensors, files.config, 1e38),
+               d9d::peft::PeftError);
+  EXPECT_TRUE(at::isinf(hf::merge_lora_weight(base[key], "layers.0.attention.q_proj", files.tensors, files.config,
+                                              1e38, /*allow_non_finite=*/true))
+                  .any()
+                  .item<bool>());
+  // A scale float32 cannot hold is refused by name, not by a LibTorch conversion error.
+  try {
+    hf::merge_adapter_into_checkpoint(kToy + "/model.safetensors", kToy + "/adapters/lora_attn_r4", tmp / "out", 1e40,
+                                      ms::no_progress());
+    ADD_FAILURE() << "no error";
+  } catch (const d9d::peft::PeftError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("does not fit float32"));
+  }
+}

@@ -192,8 +192,12 @@ void inspect(const std::string& path, bool all) {
   }
 }
 
-void merge(const std::string& base, const std::string& adapter, const std::string& out, double scale) {
-  hf::merge_adapter_into_checkpoint(base, adapter, out, scale, ms::stderr_progress());
+void merge(const std::string& base, const std::string& adapter, const std::string& out, double scale,
+           bool allow_non_finite) {
+  hf::MergeOptions options;
+  options.scale = scale;
+  options.allow_non_finite = allow_non_finite;
+  hf::merge_adapter_into_checkpoint(base, adapter, out, options);
   const ms::SourcePtr written = ms::open_checkpoint(out);
   fmt::print("merged {} into {} (scale {}): wrote {} tensors to {}\n", adapter, base, scale, written->keys().size(),
              written->describe());
@@ -244,10 +248,14 @@ int main(int argc, char** argv) {
   merge_cmd->add_option("--out", out, "output directory (not the base's own directory)")->required();
   merge_cmd->add_option("--scale", scale, "multiplies the adapter's delta (DoRA: its scale)")
       ->capture_default_str();
+  bool allow_non_finite = false;
+  merge_cmd->add_flag("--allow-non-finite", allow_non_finite,
+                      "write merged weights even where they hold NaN or Inf (refused by default)");
   merge_cmd->footer(
       "Writes OUT/model.safetensors for a single-file or torch.save base, the same shard files and index for a\n"
       "sharded one. Every adapted module's weight is checked against the base first (\"wrong base model?\");\n"
-      "then the base is streamed shard by shard, and the files appear in OUT only once all are written.\n\n"
+      "then the base is streamed shard by shard, and the files appear in OUT only once all are written.\n"
+      "NaN or Inf in the adapter, or a merged weight that overflows, is refused (--allow-non-finite).\n\n"
       "Examples:\n"
       "  d9d-peft merge --base llama-7b --adapter adapters/my-lora --out llama-7b-merged\n"
       "  d9d-peft merge --base model.pt --adapter my-lora --out merged --scale 0.5");
@@ -263,7 +271,7 @@ int main(int argc, char** argv) {
 
   try {
     if (*inspect_cmd) inspect(inspect_path, inspect_all);
-    if (*merge_cmd) merge(base, adapter, out, scale);
+    if (*merge_cmd) merge(base, adapter, out, scale, allow_non_finite);
   } catch (const c10::Error& e) {
     return fail(e.what_without_backtrace());
   } catch (const std::exception& e) {  // CheckpointError, ConfigError, PeftError and the rest

@@ -15,7 +15,9 @@
 
 #include <chrono>
 #include <filesystem>
+#include <cmath>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -171,6 +173,11 @@ void check_base_dtype(const at::Tensor& base_weight, const std::string& base_key
 
 at::Tensor compute_merged(const at::Tensor& base_weight, const Resolved& r) {
   const at::ScalarType compute = base_weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (compute == at::kFloat && !(std::abs(r.scale) <= std::numeric_limits<float>::max())) {
+    throw PeftError(fmt::format("the merge scale of '{}' ({:g}: the adapter's alpha / r times --scale) does not fit "
+                                "float32; pass a smaller --scale",
+                                r.a.key, r.scale));
+  }
   const at::Tensor w = base_weight.to(compute);
   const at::Tensor a = r.a.tensor.to(compute), b = r.b.tensor.to(compute);
   switch (r.kind) {
@@ -192,6 +199,39 @@ at::Tensor compute_merged(const at::Tensor& base_weight, const Resolved& r) {
     }
   }
   throw std::logic_error("unreachable");
+}
+
+int64_t count_non_finite(const at::Tensor& t) {
+  return t.numel() - at::isfinite(t).sum().item<int64_t>();
+}
+
+const char* const kAllowHint =
+    "Nothing was written. Fix or retrain the adapter, or merge anyway with --allow-non-finite "
+    "(MergeOptions::allow_non_finite)";
+
+/// PEFT's safe_merge, before anything is computed: NaN or Inf in an adapter
+/// tensor would land in the merged weight.
+void check_adapter_finite(const Resolved& r, const std::string& source, const std::string& base_key) {
+  for (const Part* p : {&r.a, &r.b, &r.magnitude}) {
+    if (!*p) continue;
+    if (const int64_t bad = count_non_finite(p->tensor)) {
+      throw PeftError(fmt::format("{}: '{}' holds {} NaN or Inf value{} (of {}); merging it would write them into "
+                                  "'{}'. {}",
+                                  source, p->key, bad, bad == 1 ? "" : "s", p->tensor.numel(), base_key, kAllowHint));
+    }
+  }
+}
+
+/// After computing: finite inputs can still overflow the base's dtype.
+void check_merged_finite(const at::Tensor& merged, const at::Tensor& base_weight, const std::string& base_key) {
+  const int64_t bad = count_non_finite(merged);
+  if (!bad) return;
+  const bool base_bad = count_non_finite(base_weight) > 0;
+  throw PeftError(fmt::format("merging into '{}' gives {} NaN or Inf value{} (of {}): {}. {}", base_key, bad,
+                              bad == 1 ? "" : "s", merged.numel(),
+                              base_bad ? "the base checkpoint's weight already holds NaN or Inf"
+                                       : fmt::format("the sum overflows {}", c10::toString(merged.scalar_type())),
+                              kAllowHint));
 }
 
 std::string read_text(const fs::path& path) {
@@ -309,14 +349,29 @@ std::vector<std::string> adapted_module_paths(const AdapterTensors& tensors, con
 }
 
 at::Tensor merge_lora_weight(const at::Tensor& base_weight, const std::string& module_path,
-                             const AdapterTensors& adapter, const LoraConfig& config, double extra_scale) {
+                             const AdapterTensors& adapter, const LoraConfig& config, double extra_scale,
+                             bool allow_non_finite) {
   const std::string base_key = module_path + ".weight";
   check_base_dtype(base_weight, base_key);
-  return compute_merged(base_weight, resolve(base_weight.sizes(), base_key, module_path, adapter, config, extra_scale));
+  const Resolved r = resolve(base_weight.sizes(), base_key, module_path, adapter, config, extra_scale);
+  if (!allow_non_finite) check_adapter_finite(r, "<adapter>", base_key);
+  at::Tensor merged = compute_merged(base_weight, r);
+  if (!allow_non_finite) check_merged_finite(merged, base_weight, base_key);
+  return merged;
 }
 
 void merge_adapter_into_checkpoint(const std::string& base, const std::string& adapter_dir, const std::string& out,
                                    double scale, ms::ProgressCallback progress) {
+  MergeOptions options;
+  options.scale = scale;
+  options.progress = std::move(progress);
+  merge_adapter_into_checkpoint(base, adapter_dir, out, options);
+}
+
+void merge_adapter_into_checkpoint(const std::string& base, const std::string& adapter_dir, const std::string& out,
+                                   const MergeOptions& options) {
+  const double scale = options.scale;
+  const ms::ProgressCallback& progress = options.progress;
   const AdapterFiles adapter = read_adapter_files(adapter_dir);
   const std::vector<std::string> modules = adapted_module_paths(adapter.tensors, adapter.weights_path);
   if (modules.empty()) throw PeftError(fmt::format("{}: the adapter holds no weights", adapter.weights_path));
@@ -333,7 +388,9 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
     }
     const at::Tensor weight = source->read(key);
     check_base_dtype(weight, key);
-    plan.emplace(key, resolve(weight.sizes(), key, module, adapter.tensors, adapter.config, scale));
+    const Resolved& r =
+        plan.emplace(key, resolve(weight.sizes(), key, module, adapter.tensors, adapter.config, scale)).first->second;
+    if (!options.allow_non_finite) check_adapter_finite(r, adapter.weights_path, key);
     source->release(key);
   }
 
@@ -406,7 +463,11 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
     for (const auto& key : keys) {
       at::Tensor tensor = source->read(key);
       auto it = plan.find(key);
-      if (it != plan.end()) tensor = compute_merged(tensor, it->second);
+      if (it != plan.end()) {
+        at::Tensor merged = compute_merged(tensor, it->second);
+        if (!options.allow_non_finite) check_merged_finite(merged, tensor, key);
+        tensor = std::move(merged);
+      }
       info.bytes_done += source->nbytes(key);
       ++info.done;
       shard.emplace(key, std::move(tensor));

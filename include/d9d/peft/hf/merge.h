@@ -51,8 +51,21 @@ std::vector<std::string> adapted_module_paths(const AdapterTensors& tensors, con
 /// at::Tensor w = d9d::peft::hf::merge_lora_weight(base->read("layers.0.q_proj.weight"),
 ///                                                 "layers.0.q_proj", adapter.tensors, adapter.config);
 /// ```
+/// A merged weight holding NaN or Inf is refused (`PeftError` naming the adapter
+/// key or the base key, and the cause: NaN/Inf in the adapter, in the base, or
+/// an overflow), as PEFT's `safe_merge` does, unless `allow_non_finite`.
 at::Tensor merge_lora_weight(const at::Tensor& base_weight, const std::string& module_path,
-                             const AdapterTensors& adapter, const LoraConfig& config, double extra_scale = 1.0);
+                             const AdapterTensors& adapter, const LoraConfig& config, double extra_scale = 1.0,
+                             bool allow_non_finite = false);
+
+struct MergeOptions {
+  /// Multiplies every adapter's delta (0.5 merges half of it; for DoRA it multiplies `s`).
+  double scale = 1.0;
+  /// Write merged weights even where they hold NaN or Inf (refused by default,
+  /// before anything is written where the adapter itself holds them).
+  bool allow_non_finite = false;
+  model_state::ProgressCallback progress = model_state::stderr_progress();
+};
 
 /// Merges the adapter in `adapter_dir` into the checkpoint `base` (a
 /// `model.safetensors` file or directory, a sharded directory or index, or a
@@ -67,13 +80,17 @@ at::Tensor merge_lora_weight(const at::Tensor& base_weight, const std::string& m
 /// shard by shard (only one shard is held in memory); every output file is
 /// written under a temporary name and renamed into place only once all are
 /// complete, so a failed merge leaves nothing new in `out`. `out` must not be
-/// the base's own directory. `scale` multiplies every adapter's delta
-/// (0.5 merges half of it; for DoRA it multiplies `s`). Progress is reported
-/// per tensor, stage "merge".
+/// the base's own directory. NaN or Inf in an adapter tensor is refused before
+/// anything is written, and a merged weight that overflows to Inf is refused
+/// before its file is renamed into place (`options.allow_non_finite` writes
+/// them anyway). Progress is reported per tensor, stage "merge".
 ///
 /// ```
 /// d9d::peft::hf::merge_adapter_into_checkpoint("llama-7b", "adapters/my-lora", "llama-7b-merged");
 /// ```
+void merge_adapter_into_checkpoint(const std::string& base, const std::string& adapter_dir, const std::string& out,
+                                   const MergeOptions& options);
+/// The same with `MergeOptions{scale, false, progress}`.
 void merge_adapter_into_checkpoint(const std::string& base, const std::string& adapter_dir, const std::string& out,
                                    double scale = 1.0,
                                    model_state::ProgressCallback progress = model_state::stderr_progress());
