@@ -261,3 +261,29 @@ TEST(HfAdapter, DoraOnAnEmbeddingScalesEachDimensionByItsMagnitude) {
   EXPECT_LE(max_diff(model->embed_tokens->weight, expected), 1e-5);
   EXPECT_LE(max_diff(model->forward(ids), logits), 1e-5);
 }
+
+TEST(HfAdapter, MergingAnAdapterHoldingNanIsRefusedAndChangesNothing) {
+  toy::Toy model = base_model();
+  auto adapter = peft::hf::load_adapter(*model, kToy + "/adapters/lora_all_linear_r8");
+  auto* v_proj = model->named_modules()["layers.1.attention.v_proj"]->as<peft::LoRALinearImpl>();
+  ASSERT_NE(v_proj, nullptr);
+  {
+    torch::NoGradGuard g;
+    v_proj->lora_B->weight.view(-1)[5] = std::numeric_limits<float>::quiet_NaN();
+  }
+  std::map<std::string, at::Tensor> before;
+  for (const auto& [key, tensor] : ms::module_state_dict(*model)) before.emplace(key, tensor.clone());
+  try {
+    peft::merge_peft(*adapter, model);
+    ADD_FAILURE() << "no error";
+  } catch (const peft::PeftError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("of 'layers.1.attention.v_proj' holds 1 NaN or Inf value in lora_B.weight"));
+    EXPECT_THAT(e.what(), HasSubstr("Nothing was merged"));
+  }
+  const auto after = ms::module_state_dict(*model);
+  ASSERT_EQ(before.size(), after.size());
+  for (const auto& [key, tensor] : before) {
+    EXPECT_TRUE(after.count(key)) << key;
+    if (after.count(key)) EXPECT_TRUE(torch::equal(tensor.nan_to_num(), after.at(key).nan_to_num())) << key;
+  }
+}

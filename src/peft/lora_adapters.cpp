@@ -112,6 +112,22 @@ void delete_adapter(torch::nn::Module& model, const std::string& name) {
 
 size_t merge_lora(torch::nn::Module& model, const std::function<bool(const std::string&)>& selects,
                   const std::string& adapter_name) {
+  // As PEFT's safe_merge: NaN or Inf in an adapter (a diverged run) must not
+  // reach the base weights. Checked for every layer before any is merged, so a
+  // refused merge leaves the model as it was.
+  for_each_lora_layer(model, [&](const ModuleEntry& entry, auto& layer) {
+    if (!selects(entry.name)) return;
+    const auto adapter = layer.find(adapter_name);
+    if (!adapter) return;
+    for (const auto& p : adapter->named_parameters()) {
+      const int64_t bad = p.value().numel() - at::isfinite(p.value()).sum().template item<int64_t>();
+      if (bad == 0) continue;
+      throw PeftError(fmt::format("merge: adapter \"{}\" of '{}' holds {} NaN or Inf value{} in {} (of {}); merging "
+                                  "would write them into the base weight. Nothing was merged; fix or retrain the "
+                                  "adapter, or delete it (delete_adapter)",
+                                  adapter_name, entry.name, bad, bad == 1 ? "" : "s", p.key(), p.value().numel()));
+    }
+  });
   size_t merged = 0;
   for_each_lora_layer(model, [&](const ModuleEntry& entry, auto& layer) {
     if (!selects(entry.name) || !layer.find(adapter_name)) return;
