@@ -229,9 +229,6 @@ int run(int argc, char** argv) {
   const fs::path out = args.out ? fs::path(*args.out) : fs::path("runs") / config.name;
   const fs::path base_path = config.base_checkpoint.empty() ? out / "base" : fs::path(config.base_checkpoint);
   fs::create_directories(out);
-  // Each run replaces these; the base checkpoint is what carries over.
-  for (const char* stale : {"adapter", "merged", "summary.json"}) fs::remove_all(out / stale);
-  ms::write_file_atomically((out / "run_config.json").string(), trainer::to_json(config).dump(2) + "\n");
   std::signal(SIGINT, on_sigint);
   if (config.threads > 0) at::set_num_threads(static_cast<int>(config.threads));
   const trainer::GptConfig model_config = gpt_config(config);
@@ -276,6 +273,11 @@ int run(int argc, char** argv) {
   auto method = peft::peft_method_from_config(config.peft);
   auto mapper = peft::inject_peft_and_freeze(*method, model);
   load_base(base_path, *mapper, model, device);
+  // Only now that the run is known to fit its base does it replace the previous
+  // run's outputs (the base checkpoint is what carries over): a run that fails
+  // its checks leaves them, and run_config.json, as they were.
+  for (const char* stale : {"adapter", "merged", "summary.json"}) fs::remove_all(out / stale);
+  ms::write_file_atomically((out / "run_config.json").string(), trainer::to_json(config).dump(2) + "\n");
   const auto trainable = peft::trainable_parameters(*model);
   const int64_t n_trainable = count(trainable), n_total = count(model->parameters());
   std::printf("peft: %s, training %s of %s parameters\n", peft::dump_peft_config(config.peft).c_str(),
