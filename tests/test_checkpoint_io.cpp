@@ -359,3 +359,24 @@ TEST(CheckpointIO, TorchSaveThatIsNotAFlatDictIsAnError) {
   write_bytes(dir / "int.pt", std::string(bytes.begin(), bytes.end()));
   EXPECT_THAT(open_error(dir / "int.pt"), HasSubstr("int.pt: expected a dict of tensors, got Int"));
 }
+
+TEST(CheckpointIO, TheNextWriteRemovesPartialFilesOfKilledWriters) {
+  // A writer killed mid-write leaves its temporary file; the next write to the
+  // same directory removes those whose process is gone, and nothing else.
+  TempDir tmp;
+  const std::vector<std::string> stale = {
+      "model.safetensors.tmp-99999999-0badf00d",            // AtomicFile
+      "model-00001-of-00002.safetensors.partial-99999998",  // save_model_state's shards
+      ".model.safetensors.d9d-partial-99999997",            // d9d-peft merge
+  };
+  const std::string own = "model.safetensors.partial-" + std::to_string(::getpid());  // a live writer: this process
+  const std::vector<std::string> kept = {"notes.txt", "a.tmp-12-xyz", "b.partial-abc", "config.json", own};
+  for (const auto& name : stale) std::ofstream(tmp / name) << "half a file";
+  for (const auto& name : kept) std::ofstream(tmp / name) << "keep";
+
+  ms::save_safetensors(tmp / "new.safetensors", {{"w", torch::ones({2})}});
+  for (const auto& name : stale) EXPECT_FALSE(fs::exists(tmp / name)) << name;
+  for (const auto& name : kept) EXPECT_TRUE(fs::exists(tmp / name)) << name;
+  EXPECT_TRUE(fs::exists(tmp / "new.safetensors"));
+  EXPECT_EQ(ms::remove_stale_partial_files(tmp.str()), 0u);
+}

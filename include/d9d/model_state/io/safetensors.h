@@ -90,4 +90,12 @@ void save_safetensors(const std::string& path, const StateDict& tensors,
 /// Writes `bytes` to `path` atomically (temporary name + fsync + rename).
 void write_file_atomically(const std::string& path, const std::string& bytes);
 
+/// Removes, from directory `dir`, the temporary files this library's writers
+/// leave when their process is killed mid-write (`NAME.tmp-PID-XXXXXXXX`,
+/// `NAME.partial-PID`, `.NAME.d9d-partial-PID`) whose process PID no longer
+/// runs on this machine. Every write above calls it for its directory, so a
+/// killed merge or save is cleaned up by the next write to the same place.
+/// Returns how many files it removed.
+size_t remove_stale_partial_files(const std::string& dir);
+
 }  // namespace d9d::model_state
