@@ -595,10 +595,12 @@ void LoRAEmbeddingImpl::merge_into_base(const std::string& name) {
   torch::NoGradGuard no_grad;
   const auto& a = pick(name);
   if (a.options().use_dora) {
-    const at::Tensor factor = a.lora_magnitude_vector / dora_norm(a).to(a.lora_magnitude_vector.scalar_type());
-    const at::Tensor delta = a.lora_embedding_B.mm(a.lora_embedding_A).t() * a.scale();
-    base->weight.copy_((base->weight + delta.to(base->weight.scalar_type())) *
-                       factor.to(base->weight.scalar_type()).view({1, -1}));
+    // W' = m / ||W + s·ΔW||_col · (W + s·ΔW): the sum is formed once and gives its own norm.
+    const at::Tensor merged =
+        base->weight + a.scale() * a.lora_embedding_B.mm(a.lora_embedding_A).t().to(base->weight.scalar_type());
+    const at::Tensor norm = at::linalg_vector_norm(merged, 2, {0});
+    const at::Tensor factor = a.lora_magnitude_vector / norm.to(a.lora_magnitude_vector.scalar_type());
+    base->weight.copy_(merged * factor.to(base->weight.scalar_type()).view({1, -1}));
     return;
   }
   base->weight.add_(delta_weight(name).to(base->weight.scalar_type()));

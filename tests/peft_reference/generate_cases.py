@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import sys
 
 import warnings
@@ -162,11 +163,8 @@ def main():
         seed = int.from_bytes(os.urandom(4), "little") % 1_000_000_000
     print(f"peft-reference: generating {args.count} PEFT LoRA cases from seed {seed} "
           f"(reproduce: bash scripts/peft-reference.sh --seed {seed} --count {args.count})", flush=True)
-    if args.out.exists():
-        for p in sorted(args.out.glob("case_*"), reverse=True):
-            for f in sorted(p.rglob("*"), reverse=True):
-                f.unlink() if f.is_file() else f.rmdir()
-            p.rmdir()
+    for old in args.out.glob("case_*"):
+        shutil.rmtree(old)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # PEFT's notes on unmatched rank_pattern keys and the like
