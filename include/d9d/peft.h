@@ -3,7 +3,7 @@
 /// d9d-peft: parameter-efficient fine-tuning for LibTorch.
 ///
 /// ```
-/// d9d::peft::LoRA lora({".*_proj", {8, 16, 0.05}});
+/// d9d::peft::LoRA lora({".*_proj", d9d::peft::LoRAParameters().r(8).alpha(16).dropout(0.05)});
 /// auto mapper = d9d::peft::inject_peft_and_freeze(lora, *model);
 /// d9d::model_state::load_state_dict(*model, checkpoint, *mapper);
 /// // ... train d9d::peft::trainable_parameters(*model) ...
@@ -23,13 +23,17 @@
 #include <d9d/nn/linear.h>
 #include <d9d/peft/all/config.h>
 #include <d9d/peft/all/method.h>
+#include <d9d/peft/adapter_layer.h>
+#include <d9d/peft/adapters.h>
 #include <d9d/peft/applicator.h>
 #include <d9d/peft/base.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/full_tune/method.h>
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/config.h>
+#include <d9d/peft/hf/files.h>
+#include <d9d/peft/hf/merge.h>
 #include <d9d/peft/lora/layer.h>
-#include <d9d/peft/lora/adapters.h>
 #include <d9d/peft/lora/method.h>
 #include <d9d/peft/module_tree.h>
+#include <d9d/peft/registry.h>

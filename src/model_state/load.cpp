@@ -83,6 +83,21 @@ class Tracker {
   ProgressInfo info_;
 };
 
+/// Tells every `FreshState` module which of its keys were just loaded.
+void notify_loaded(torch::nn::Module& module, const std::vector<std::string>& loaded) {
+  if (loaded.empty()) return;
+  for (const auto& item : module.named_modules("", /*include_self=*/true)) {
+    auto* fresh = dynamic_cast<FreshState*>(item.value().get());
+    if (!fresh) continue;
+    const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+    KeySet relative;
+    for (const auto& key : loaded) {
+      if (key.compare(0, prefix.size(), prefix) == 0) relative.insert(key.substr(prefix.size()));
+    }
+    if (!relative.empty()) fresh->after_state_loaded(relative);
+  }
+}
+
 }  // namespace
 
 KeySet fresh_state_keys(const torch::nn::Module& module) {
@@ -188,6 +203,7 @@ LoadReport load_model_state(const StateSource& source, const ModelStateMapper& m
     for (const auto& key : group->inputs) source.release(key);
     tracker.step(bytes);
   }
+  notify_loaded(module, report.loaded_keys);
   tracker.finish();
   return report;
 }

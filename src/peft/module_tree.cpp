@@ -1,4 +1,4 @@
-#include <d9d/peft/base.h>
+#include <d9d/peft/adapter_layer.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/module_tree.h>
 
@@ -8,10 +8,13 @@
 
 #include <fmt/format.h>
 
+#include <unordered_map>
+
 namespace d9d::peft {
 
 namespace {
 
+/// Every (path, module) pair, shared modules once per path.
 void collect(torch::nn::Module& parent, const std::string& prefix, bool enter_adapters,
              std::vector<ModuleEntry>& out) {
   for (const auto& child : parent.named_children()) {
@@ -19,7 +22,7 @@ void collect(torch::nn::Module& parent, const std::string& prefix, bool enter_ad
     if (!module) continue;
     const bool is_adapter = dynamic_cast<const AdapterLayer*>(module.get()) != nullptr;
     const std::string name = prefix.empty() ? child.key() : prefix + "." + child.key();
-    out.push_back(ModuleEntry{name, module, &parent, child.key()});
+    out.push_back(ModuleEntry{name, module, &parent, child.key(), {}});
     if (is_adapter && !enter_adapters) continue;
     collect(*module, name, enter_adapters, out);
   }
@@ -36,8 +39,18 @@ size_t child_index(const torch::nn::Module& parent, const std::string& child_nam
 }  // namespace
 
 std::vector<ModuleEntry> list_modules(torch::nn::Module& root, bool enter_adapters) {
+  std::vector<ModuleEntry> all;
+  collect(root, "", enter_adapters, all);
   std::vector<ModuleEntry> out;
-  collect(root, "", enter_adapters, out);
+  std::unordered_map<const torch::nn::Module*, size_t> first;  // module -> index in out
+  for (auto& entry : all) {
+    auto [it, inserted] = first.emplace(entry.module.get(), out.size());
+    if (inserted) {
+      out.push_back(std::move(entry));
+    } else {
+      out[it->second].aliases.push_back(entry.name);
+    }
+  }
   return out;
 }
 

@@ -25,6 +25,10 @@ class FreshState {
   virtual ~FreshState() = default;
   /// Keys relative to the module, e.g. `lora_A.weight`.
   virtual std::vector<std::string> fresh_state_keys() const = 0;
+  /// Called by `load_model_state` once a load has written `loaded_keys`
+  /// (relative to this module; only when some key below it was loaded), so
+  /// state derived from loaded weights (DoRA's magnitude) follows them.
+  virtual void after_state_loaded(const KeySet& loaded_keys) { (void)loaded_keys; }
 };
 
 /// The fresh-state keys of every module in the tree, fully qualified.

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <d9d/model_state/load.h>
+#include <d9d/peft/adapter_layer.h>
 #include <d9d/model_state/mapper/mapper.h>
 
 #include <ATen/core/Tensor.h>
@@ -49,9 +50,5 @@ class PeftMethod : public PeftMethodBase {
   Config config_;
 };
 
-/// Implemented by the wrapper modules PEFT methods insert (e.g. `LoRALinearImpl`).
-/// Their adapter weights are fresh state: a checkpoint of the original model
-/// does not contain them. Methods never inject into the inside of an adapter layer.
-class AdapterLayer : public model_state::FreshState {};
 
 }  // namespace d9d::peft

@@ -16,10 +16,14 @@ struct ModuleEntry {
   /// The parent (null for the root) and the name it registers this module under.
   torch::nn::Module* parent = nullptr;
   std::string child_name;
+  /// The other qualified names the same module object is registered under
+  /// (a shared or tied module); empty for most modules.
+  std::vector<std::string> aliases;
 };
 
-/// Every module below `root` (not the root itself), depth-first in
-/// registration order. With `enter_adapters` false, PEFT adapter layers are
+/// Every module object below `root` (not the root itself) once, depth-first
+/// in registration order, at the first path that reaches it; the other paths
+/// are its `aliases`. With `enter_adapters` false, PEFT adapter layers are
 /// listed but what is inside them is not.
 std::vector<ModuleEntry> list_modules(torch::nn::Module& root, bool enter_adapters = true);
 

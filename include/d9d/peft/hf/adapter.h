@@ -80,11 +80,18 @@ struct SaveAdapterOptions {
   std::optional<std::string> task_type;
 };
 
+/// The `LoraConfig` that describes LoRA adapter `adapter_name` of `module`:
+/// targets are the adapted modules' names; ranks and alphas that differ from
+/// the first layer's go to `rank_pattern`/`alpha_pattern`. `PeftError` where a
+/// PEFT config cannot express the layers (per-module dropout, rsLoRA or DoRA).
+LoraConfig lora_config_of(const torch::nn::Module& module, const std::string& adapter_name,
+                          const SaveAdapterOptions& options = {});
+
 /// Writes one adapter of `module` (`options.adapter_name`) to `dir` as PEFT does:
 /// `adapter_model.safetensors` (keys without the adapter name,
-/// `{"format":"pt"}` metadata) and `adapter_config.json` (sorted; targets are
-/// the adapted modules' names; differing ranks or alphas go to
-/// `rank_pattern`/`alpha_pattern`). Both files are written atomically.
+/// `{"format":"pt"}` metadata) and `adapter_config.json` (written by the
+/// method registered for the layers' `peft_type`; for LoRA `lora_config_of`).
+/// Both files are written atomically.
 void save_adapter(const torch::nn::Module& module, const std::string& dir, const SaveAdapterOptions& options = {});
 
 }  // namespace d9d::peft::hf

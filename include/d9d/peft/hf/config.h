@@ -1,6 +1,6 @@
 #pragma once
 
-#include <d9d/peft/lora/layer.h>
+#include <d9d/peft/lora/options.h>
 
 #include <nlohmann/json.hpp>
 
@@ -20,6 +20,8 @@ struct ModuleSelector {
 
   bool empty() const { return names.empty() && !regex; }
   bool matches(const std::string& qualified_name) const;
+  /// As the config writes it, for messages: `["q_proj","v_proj"]` or `".*proj"`.
+  std::string describe() const;
 };
 
 /// The part of a Hugging Face PEFT `LoraConfig` (adapter_config.json) this
@@ -45,11 +47,13 @@ struct LoraConfig {
 
   /// The layer options for a qualified module name, or nothing if the config
   /// does not target it.
-  std::optional<LoRALayerOptions> select(const std::string& qualified_name) const;
+  std::optional<LoRAParameters> select(const std::string& qualified_name) const;
 };
 
 /// Parses and validates `adapter_config.json` content; `source` names the
 /// file in errors (`adapter_config.json: fan_in_fan_out: true is not supported ...`).
+/// Every regular expression (`target_modules` as a string, the keys of
+/// `rank_pattern` and `alpha_pattern`) is compiled here.
 LoraConfig parse_lora_config(const nlohmann::json& j, const std::string& source);
 
 /// The config as PEFT 0.21's `save_pretrained` writes it: every field, keys

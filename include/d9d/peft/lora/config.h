@@ -1,32 +1,26 @@
 #pragma once
 
+#include <d9d/peft/lora/options.h>
+
 #include <nlohmann/json_fwd.hpp>
 
-#include <cstdint>
 #include <string>
 
 namespace d9d::peft {
 
-/// Hyperparameters of LoRA layers.
-struct LoRAParameters {
-  /// Rank of the low-rank matrices; >= 1.
-  int64_t r = 8;
-  /// Scale numerator: the adapter output is multiplied by `alpha / r`; >= 1.
-  int64_t alpha = 16;
-  /// Dropout probability on the adapter's input; in [0, 1).
-  double dropout = 0.0;
-};
-
-/// LoRA on every linear layer whose qualified name fully matches
+/// LoRA on every adaptable layer whose qualified name fully matches
 /// `module_name_pattern` (ECMAScript regular expression). JSON:
 /// `{"kind":"lora","module_name_pattern":".*_proj","params":{"r":8,"alpha":16,"dropout":0.05}}`.
+/// `params` may also hold `"use_rslora": true` and `"use_dora": true`
+/// (written only when set, so the Python original's output is unchanged).
 struct LoRAConfig {
   static constexpr const char* kind = "lora";
   std::string module_name_pattern;
   LoRAParameters params;
 };
 
-/// Throws `ConfigError` naming `path`-relative fields (`params.r: must be >= 1`).
+/// Throws `ConfigError` naming `path`-relative fields (`params.r: must be >= 1`);
+/// the pattern is compiled here.
 void validate(const LoRAConfig& config, const std::string& path = "");
 
 void to_json(nlohmann::json& j, const LoRAParameters& params);

@@ -3,7 +3,6 @@
 #include <d9d/peft/base.h>
 #include <d9d/peft/lora/config.h>
 
-#include <d9d/peft/lora/adapters.h>
 #include <d9d/peft/lora/layer.h>
 
 #include <functional>
@@ -16,7 +15,7 @@ namespace d9d::peft {
 /// Which layers LoRA adapts, and how: `select(name)` returns the options for
 /// a qualified module name, or nothing to leave it alone.
 struct LoRATargeting {
-  std::function<std::optional<LoRALayerOptions>(const std::string& name)> select;
+  std::function<std::optional<LoRAParameters>(const std::string& name)> select;
   /// The rule, for messages: `module_name_pattern ".*_proj"`.
   std::string what;
   /// How names are matched, for the "matches no module" message.
@@ -45,7 +44,7 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
 /// standard checkpoint still loads.
 ///
 /// ```
-/// d9d::peft::LoRA lora({".*attention\\..*_proj", {/*r=*/8, /*alpha=*/16, /*dropout=*/0.05}});
+/// d9d::peft::LoRA lora({".*attention\\..*_proj", d9d::peft::LoRAParameters().r(8).alpha(16).dropout(0.05)});
 /// auto mapper = d9d::peft::inject_peft_and_freeze(lora, *model);
 /// ```
 ///

@@ -1,7 +1,8 @@
 #pragma once
 
-// Several named LoRA adapters in one model, as Hugging Face PEFT has them:
-// list, activate, delete, disable for a scope, cast.
+// Several named adapters in one model, as Hugging Face PEFT has them: list,
+// activate, delete, merge, disable for a scope, cast. These work on every
+// adapter layer (`AdapterLayer`), whatever the method.
 //
 // ```
 // auto a = d9d::peft::hf::load_adapter(*model, "adapters/summarise", "summarise");
@@ -14,9 +15,11 @@
 // d9d::peft::delete_adapter(*model, "summarise");
 // ```
 //
-// The active set is the model's: every LoRA layer computes the active
+// The active set is the model's: every adapter layer computes the active
 // adapters it holds (a layer holding none of them computes its base alone),
 // and only active adapters' weights require grad.
+
+#include <d9d/peft/adapter_layer.h>
 
 #include <c10/core/ScalarType.h>
 
@@ -31,11 +34,23 @@ class Module;
 
 namespace d9d::peft {
 
-/// The LoRA adapters in `model`, in the order they were added (first seen).
-std::vector<std::string> lora_adapter_names(const torch::nn::Module& model);
+/// One adapter layer of a model and where it hangs.
+struct AdapterLayerEntry {
+  std::string name;  ///< qualified name (`layers.0.attention.q_proj`)
+  std::shared_ptr<torch::nn::Module> module;
+  AdapterLayer* layer = nullptr;
+  torch::nn::Module* parent = nullptr;
+  std::string child_name;
+};
 
-/// The active LoRA adapters of `model`, in the order they were added.
-std::vector<std::string> active_lora_adapters(const torch::nn::Module& model);
+/// Every adapter layer of `model`, depth-first in registration order.
+std::vector<AdapterLayerEntry> adapter_layers(const torch::nn::Module& model);
+
+/// The adapters in `model`, in the order they were added (first seen).
+std::vector<std::string> adapter_names(const torch::nn::Module& model);
+
+/// The active adapters of `model`, in the order they were added.
+std::vector<std::string> active_adapters(const torch::nn::Module& model);
 
 /// Makes `names` the active adapters (several are summed) and every other
 /// adapter inactive; active adapters' weights require grad, inactive ones'
@@ -49,22 +64,31 @@ void set_adapter(torch::nn::Module& model, const std::string& name);
 /// none was, the first remaining adapter becomes active, as PEFT does.
 void delete_adapter(torch::nn::Module& model, const std::string& name);
 
-/// Folds adapter `name` into the base weights of the layers whose qualified
-/// name `selects` accepts and removes it from them (layers left with no
-/// adapter get their base back). Returns how many layers were merged.
-size_t merge_lora(torch::nn::Module& model, const std::function<bool(const std::string&)>& selects,
-                  const std::string& adapter_name);
+/// Folds adapter `adapter_name` into the base weights of the layers whose
+/// qualified name `selects` accepts and removes it from them (layers left
+/// with no adapter get their base back). An adapter holding NaN or Inf is
+/// refused before any layer is merged (PEFT's `safe_merge`). Returns how many
+/// layers were merged.
+size_t merge_adapter(torch::nn::Module& model, const std::function<bool(const std::string&)>& selects,
+                     const std::string& adapter_name);
 
 /// Casts adapter `name`'s weights to `dtype` (PEFT's `cast_adapter_dtype`
-/// keeps adapters in float32 under a bf16/fp16 base). The layer computes the
+/// keeps adapters in float32 under a bf16/fp16 base). A layer computes the
 /// adapter's term in the adapter's dtype and adds it in the base's, as PEFT
 /// does. Parameters keep their identity, so an optimizer built before still
 /// holds them. Unknown name: `PeftError`.
 void cast_adapter_dtype(torch::nn::Module& model, const std::string& name, c10::ScalarType dtype = c10::kFloat);
 
-/// Switches every LoRA adapter of a model off for a scope (PEFT's
+/// Sets what every adapter derives from the base weights (DoRA's magnitude)
+/// from the base weights the model holds now. Loading a checkpoint through
+/// `load_model_state` / `load_state_dict` does this by itself; call it after
+/// writing base weights any other way, before loading trained adapter weights.
+void after_base_weights_loaded(torch::nn::Module& model);
+
+/// Switches every adapter of a model off for a scope (PEFT's
 /// `disable_adapter()` context): inside it the model computes its base
 /// alone; on leaving the scope every layer is enabled again as it was.
+/// Layers with merged adapters cannot compute without them: `PeftError`.
 class DisableAdapters {
  public:
   explicit DisableAdapters(torch::nn::Module& model);

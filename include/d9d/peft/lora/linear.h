@@ -1,0 +1,99 @@
+#pragma once
+
+#include <d9d/nn/linear.h>
+#include <d9d/peft/lora/adapter_set.h>
+
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/linear.h>
+
+#include <memory>
+#include <string>
+
+namespace d9d::peft {
+
+/// One named LoRA adapter of a linear layer: `lora_A` `[r, in]`, `lora_B`
+/// `[out, r]`, `dropout`, and with DoRA `lora_magnitude_vector` `[out]`.
+/// Its parameter names are PEFT's file keys relative to the layer.
+class LoRALinearAdapterImpl : public torch::nn::Module {
+ public:
+  LoRALinearAdapterImpl(int64_t in_features, int64_t out_features, const LoRAParameters& options,
+                        const at::TensorOptions& like);
+
+  const LoRAParameters& options() const noexcept { return options_; }
+  double scale() const noexcept { return scale_; }
+  void pretty_print(std::ostream& stream) const override;
+
+  torch::nn::Linear lora_A{nullptr};
+  torch::nn::Linear lora_B{nullptr};
+  torch::nn::Dropout dropout{nullptr};
+  /// DoRA only: `[out]`.
+  at::Tensor lora_magnitude_vector;
+  /// DoRA while merged: the row norms the merge divided by (for unmerging).
+  at::Tensor merged_norm;
+
+ private:
+  LoRAParameters options_;
+  double scale_;
+};
+
+/// A LoRA wrapper around a linear layer:
+/// `base(x) + sum over active adapters of scale * lora_B(lora_A(dropout(x)))`,
+/// `scale = alpha / r` (`alpha / sqrt(r)` with rsLoRA). A DoRA adapter
+/// rescales per output row: `m / ||W + scale * B A||_row * (W + scale * B A) x + bias`,
+/// the norm detached from the graph as PEFT does.
+///
+/// Keys: the base is `base` (`base.weight`, `base.bias`); the first adapter's
+/// `lora_A.weight` `[r, in]`, `lora_B.weight` `[out, r]`, DoRA's
+/// `lora_magnitude_vector` `[out]` on the wrapper, further adapters under
+/// `adapters.<name>.` (see `LoRALayer`).
+///
+/// Adapters are created on the base weight's device and dtype. The base is a
+/// `d9d::nn::Linear` (its calls are routed here) or a `torch::nn::Linear` held
+/// by a `Sequential`, `ModuleList` or `ModuleDict`.
+class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl> {
+ public:
+  /// Wraps `base` with one adapter, `adapter_name`, active.
+  LoRALinearImpl(std::shared_ptr<d9d::nn::LinearImpl> base, const LoRAParameters& options,
+                 const std::string& adapter_name = kDefaultAdapterName);
+  LoRALinearImpl(std::shared_ptr<torch::nn::LinearImpl> base, const LoRAParameters& options,
+                 const std::string& adapter_name = kDefaultAdapterName);
+
+  at::Tensor forward(const at::Tensor& input) override;
+
+  void add_adapter(const std::string& name, const AdapterOptions& options) override;
+  void merge_adapter(const std::string& name) override;
+  void unmerge_adapter(const std::string& name) override;
+  /// `scale * B @ A` (not for DoRA).
+  at::Tensor delta_weight(const std::string& name) const override;
+  torch::nn::AnyModule unwrap() override;
+
+  std::shared_ptr<torch::nn::Module> base() const;
+  const at::Tensor& base_weight() const;
+  const at::Tensor& base_bias() const;
+  void pretty_print(std::ostream& stream) const override;
+
+  /// The first adapter's modules (the single-adapter layout).
+  torch::nn::Linear lora_A{nullptr};
+  torch::nn::Linear lora_B{nullptr};
+  torch::nn::Dropout dropout{nullptr};
+  /// DoRA only: `[out]`.
+  at::Tensor lora_magnitude_vector;
+
+  // Which kind of base this wraps; exactly one is set.
+  std::shared_ptr<d9d::nn::LinearImpl> d9d_base;
+  std::shared_ptr<torch::nn::LinearImpl> torch_base;
+
+ protected:
+  void relayout() override;
+  void reset_adapter(LoRALinearAdapterImpl& adapter) override;
+  void reset_adapter_magnitude(LoRALinearAdapterImpl& adapter) override;
+
+ private:
+  void init(const LoRAParameters& options, const std::string& adapter_name);
+  at::Tensor dora_scale(const LoRALinearAdapterImpl& adapter) const;
+  at::Tensor forward_general(const at::Tensor& input);
+};
+
+TORCH_MODULE(LoRALinear);
+
+}  // namespace d9d::peft

@@ -1,0 +1,209 @@
+// Hugging Face PEFT adapters in a model: the LoRA method a config describes,
+// adapter state dicts, and loading, adding and saving adapter directories.
+#include <d9d/model_state/io/safetensors.h>
+#include <d9d/peft/adapters.h>
+#include <d9d/peft/applicator.h>
+#include <d9d/peft/errors.h>
+#include <d9d/peft/hf/adapter.h>
+#include <d9d/peft/hf/files.h>
+#include <d9d/peft/lora/method.h>
+#include <d9d/peft/registry.h>
+
+#include <torch/csrc/autograd/grad_mode.h>
+#include <torch/nn/module.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "../rollback.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <set>
+
+namespace d9d::peft::hf {
+
+namespace fs = std::filesystem;
+
+// ----------------------------------------------------------------- method
+
+HfLoRA::HfLoRA(LoraConfig config, std::string adapter_name)
+    : PeftMethod(std::move(config)), adapter_name_(std::move(adapter_name)) {
+  validate_adapter_name(adapter_name_);
+}
+
+PeftInjectionResult HfLoRA::inject(torch::nn::Module& module) {
+  LoRATargeting targeting;
+  targeting.adapter_name = adapter_name_;
+  targeting.what = fmt::format("target_modules {}", config_.target_modules.describe());
+  targeting.hint = "a target name matches a whole module name or its last dotted parts, a regex the whole name";
+  targeting.select = [this](const std::string& name) { return config_.select(name); };
+  return inject_lora(module, targeting);
+}
+
+void HfLoRA::merge(torch::nn::Module& module) {
+  merge_adapter(
+      module, [this](const std::string& name) { return config_.select(name).has_value(); }, adapter_name_);
+}
+
+// ------------------------------------------------------------- state dict
+
+namespace {
+
+/// `name`, or the model's only adapter when `name` is empty.
+std::string resolve_adapter(const torch::nn::Module& module, const std::string& name, const std::string& what) {
+  const auto names = adapter_names(module);
+  auto listed = [&] { return "\"" + fmt::format("{}", fmt::join(names, "\", \"")) + "\""; };
+  if (names.empty()) throw PeftError(fmt::format("{}: the model holds no adapter", what));
+  if (name.empty()) {
+    if (names.size() == 1) return names.front();
+    throw PeftError(fmt::format("{}: the model holds several adapters ({}); name the one you mean", what, listed()));
+  }
+  if (std::find(names.begin(), names.end(), name) == names.end()) {
+    throw PeftError(fmt::format("{}: the model has no adapter \"{}\"; its adapters: {}", what, name, listed()));
+  }
+  return name;
+}
+
+/// In-model adapter keys without the adapter name (`layers.0.q_proj.lora_A.weight`) to their tensors.
+model_state::StateDict adapter_tensors(const torch::nn::Module& module, const std::string& adapter_name) {
+  model_state::StateDict out;
+  for (const auto& entry : adapter_layers(module)) {
+    if (!entry.layer->has_adapter(adapter_name)) continue;
+    for (const auto& p : entry.layer->adapter_module(adapter_name)->named_parameters()) {
+      out.emplace(entry.name + "." + p.key(), p.value());
+    }
+  }
+  return out;
+}
+
+std::string shape_str(at::IntArrayRef sizes) { return fmt::format("[{}]", fmt::join(sizes, ", ")); }
+
+}  // namespace
+
+model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module, const std::string& adapter_name) {
+  const std::string adapter = resolve_adapter(module, adapter_name, "get_peft_model_state_dict");
+  model_state::StateDict out;
+  for (const auto& [key, tensor] : adapter_tensors(module, adapter)) out.emplace(kPeftKeyPrefix + key, tensor.detach());
+  return out;
+}
+
+void set_peft_model_state_dict(torch::nn::Module& module, const model_state::StateDict& state,
+                               const std::string& source, const std::string& adapter_name) {
+  const std::string adapter = resolve_adapter(module, adapter_name, source);
+  const model_state::StateDict targets = adapter_tensors(module, adapter);
+  std::map<std::string, at::Tensor> given;
+  std::set<std::string> mismatched_keys;
+  std::vector<std::string> unexpected, missing, mismatched;
+  for (const auto& [key, tensor] : state) {
+    std::string k = key.rfind(kPeftKeyPrefix, 0) == 0 ? key.substr(kPeftKeyPrefix.size()) : key;
+    auto it = targets.find(k);
+    if (it == targets.end()) {
+      unexpected.push_back(key);
+    } else if (tensor.sizes() != it->second.sizes()) {
+      mismatched.push_back(fmt::format("{}: file {}, model {}", key, shape_str(tensor.sizes()),
+                                       shape_str(it->second.sizes())));
+      mismatched_keys.insert(k);
+    } else {
+      given.emplace(k, tensor);
+    }
+  }
+  for (const auto& item : targets) {
+    if (!given.count(item.first) && !mismatched_keys.count(item.first)) missing.push_back(item.first);
+  }
+  if (!unexpected.empty() || !missing.empty() || !mismatched.empty()) {
+    std::string msg = fmt::format("{}: the adapter does not fit the model (nothing was loaded)", source);
+    if (!mismatched.empty()) {
+      msg += fmt::format("\n  shapes differ (wrong base model?): {}", fmt::join(mismatched, "; "));
+    }
+    if (!unexpected.empty()) {
+      msg += fmt::format("\n  keys with no adapter layer in the model: {}", fmt::join(unexpected, ", "));
+    }
+    if (!missing.empty()) msg += fmt::format("\n  weights the adapter lacks: {}", fmt::join(missing, ", "));
+    throw PeftError(msg);
+  }
+  torch::NoGradGuard no_grad;
+  for (const auto& [key, tensor] : given) {
+    at::Tensor target = targets.at(key);
+    target.copy_(tensor);
+  }
+}
+
+// ------------------------------------------------------------------ files
+
+namespace {
+
+/// Adds the method's adapter: through `inject_peft_and_freeze` into a model
+/// without adapters, else beside the existing ones (inactive, frozen).
+void add_method(PeftMethodBase& method, const std::string& adapter_name, torch::nn::Module& module,
+                const std::string& what) {
+  const auto names = adapter_names(module);
+  if (names.empty()) {
+    inject_peft_and_freeze(method, module);
+    return;
+  }
+  if (std::find(names.begin(), names.end(), adapter_name) != names.end()) {
+    throw PeftError(fmt::format("{}: the model already holds an adapter \"{}\"; pass another adapter_name, or "
+                                "delete_adapter(\"{}\") first",
+                                what, adapter_name, adapter_name));
+  }
+  method.inject(module);
+}
+
+}  // namespace
+
+std::unique_ptr<PeftMethodBase> load_adapter(torch::nn::Module& module, const std::string& dir,
+                                             const std::string& adapter_name) {
+  const std::string what = fmt::format("load_adapter('{}', adapter \"{}\")", dir, adapter_name);
+  validate_adapter_name(adapter_name);
+  const AdapterFiles files = read_adapter_files(dir);
+  auto method = method_for_peft_type(files.peft_type, files.config_path)
+                    .load_hf_config(files.config, files.config_path, adapter_name);
+
+  InjectionSnapshot snapshot(module);
+  try {
+    add_method(*method, adapter_name, module, what);
+    set_peft_model_state_dict(module, files.tensors, files.weights_path, adapter_name);
+  } catch (...) {
+    snapshot.restore();  // nothing merged, every flag as it was
+    throw;
+  }
+  return method;
+}
+
+std::unique_ptr<PeftMethodBase> add_adapter(torch::nn::Module& module, const std::string& adapter_name,
+                                            const LoraConfig& config) {
+  auto method = std::make_unique<HfLoRA>(config, adapter_name);
+  add_method(*method, adapter_name, module, fmt::format("add_adapter(\"{}\")", adapter_name));
+  return method;
+}
+
+void save_adapter(const torch::nn::Module& module, const std::string& dir, const SaveAdapterOptions& options) {
+  const std::string what = fmt::format("save_adapter('{}')", dir);
+  const std::string adapter = resolve_adapter(module, options.adapter_name, what);
+  std::string peft_type;
+  for (const auto& entry : adapter_layers(module)) {
+    if (!entry.layer->has_adapter(adapter)) continue;
+    if (!peft_type.empty() && entry.layer->peft_type() != peft_type) {
+      throw PeftError(fmt::format("{}: adapter \"{}\" spans {} and {} layers; one adapter file describes one method",
+                                  what, adapter, peft_type, entry.layer->peft_type()));
+    }
+    peft_type = entry.layer->peft_type();
+  }
+  const auto& method = method_for_peft_type(peft_type, what);
+  if (!method.write_hf_config) {
+    throw PeftError(fmt::format("{}: the {} method has no adapter_config.json writer", what, peft_type));
+  }
+  const std::string config_text = method.write_hf_config(module, adapter, options);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) {
+    throw model_state::CheckpointError(fmt::format("{}: cannot create the adapter directory: {}", dir, ec.message()));
+  }
+  model_state::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(),
+                                get_peft_model_state_dict(module, adapter), {{"format", "pt"}});
+  model_state::write_file_atomically((fs::path(dir) / "adapter_config.json").string(), config_text);
+}
+
+}  // namespace d9d::peft::hf

@@ -1,0 +1,299 @@
+// Hugging Face PEFT's LoraConfig (adapter_config.json): parsing, checking
+// every field, and writing it as PEFT 0.21 does.
+#include <d9d/peft/errors.h>
+#include <d9d/peft/adapters.h>
+#include <d9d/peft/hf/adapter.h>
+#include <d9d/peft/hf/config.h>
+#include <d9d/peft/lora/layer.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "../../json_text.h"
+
+#include <cmath>
+#include <map>
+#include <regex>
+#include <set>
+
+namespace d9d::peft::hf {
+
+using nlohmann::json;
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+[[noreturn]] void fail(const std::string& source, const std::string& field, const std::string& rule) {
+  throw ConfigError(source + ": " + field, rule);
+}
+
+/// The value PEFT writes for fields this library leaves at their default.
+bool is_default_like(const json& v) {
+  return v.is_null() || (v.is_boolean() && !v.get<bool>()) || (v.is_object() && v.empty()) ||
+         (v.is_array() && v.empty());
+}
+
+ModuleSelector parse_selector(const json& v, const std::string& source, const std::string& field) {
+  ModuleSelector s;
+  if (v.is_null()) return s;
+  if (v.is_string()) {
+    s.regex = v.get<std::string>();
+    try {
+      std::regex check(*s.regex, std::regex::ECMAScript);
+    } catch (const std::regex_error& e) {
+      fail(source, field, fmt::format("invalid regular expression \"{}\": {}", *s.regex, e.what()));
+    }
+    return s;
+  }
+  if (!v.is_array()) fail(source, field, fmt::format("expected a list of names or a regex string, got {}", d9d::detail::quote_json(v)));
+  for (const auto& item : v) {
+    if (!item.is_string()) fail(source, field, fmt::format("expected names, got {}", d9d::detail::quote_json(item)));
+    s.names.push_back(item.get<std::string>());
+  }
+  return s;
+}
+
+json selector_json(const ModuleSelector& s) {
+  if (s.regex) return *s.regex;
+  if (s.names.empty()) return nullptr;
+  return s.names;
+}
+
+/// PEFT's get_pattern_key: the first key whose regex `(.*\.)?(key)` matches the whole name.
+template <typename T>
+std::optional<T> pattern_value(const std::vector<std::pair<std::string, T>>& patterns, const std::string& name) {
+  for (const auto& [key, value] : patterns) {
+    if (key == name || std::regex_match(name, std::regex("(.*\\.)?(" + key + ")"))) return value;
+  }
+  return std::nullopt;
+}
+
+/// A `rank_pattern`/`alpha_pattern` key must compile as PEFT uses it: `(.*\.)?(key)`.
+void check_pattern_key(const std::string& key, const std::string& source, const std::string& field) {
+  try {
+    std::regex check("(.*\\.)?(" + key + ")");
+  } catch (const std::regex_error& e) {
+    fail(source, field, fmt::format("the key is not a valid regular expression: {}", e.what()));
+  }
+}
+
+std::string regex_escape(const std::string& s) {
+  static const std::string specials = R"(\^$.|?*+()[]{})";
+  std::string out;
+  for (char c : s) {
+    if (specials.find(c) != std::string::npos) out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+const std::set<std::string> kMetadataFields = {"auto_mapping", "revision",     "inference_mode",
+                                               "peft_version", "megatron_core", "qalora_group_size"};
+
+/// Fields that must keep their default (null/false/empty unless listed here).
+const std::map<std::string, json> kFixedFields = {
+    {"bias", "none"},
+    {"fan_in_fan_out", false},
+    {"modules_to_save", nullptr},
+    {"layers_to_transform", nullptr},
+    {"layers_pattern", nullptr},
+    {"lora_bias", false},
+    {"use_qalora", false},
+    {"use_bdlora", nullptr},
+    {"megatron_config", nullptr},
+    {"loftq_config", json::object()},
+    {"eva_config", nullptr},
+    {"corda_config", nullptr},
+    {"arrow_config", nullptr},
+    {"kasa_config", nullptr},
+    {"velora_config", nullptr},
+    {"monteclora_config", nullptr},
+    {"lora_ga_config", nullptr},
+    {"alora_invocation_tokens", nullptr},
+    {"layer_replication", nullptr},
+    {"trainable_token_indices", nullptr},
+    {"target_parameters", nullptr},
+    {"ensure_weight_tying", false},
+};
+
+}  // namespace
+
+// ----------------------------------------------------------------- config
+
+bool ModuleSelector::matches(const std::string& name) const {
+  if (regex) return std::regex_match(name, std::regex(*regex, std::regex::ECMAScript));
+  for (const auto& target : names) {
+    if (name == target || ends_with(name, "." + target)) return true;
+  }
+  return false;
+}
+
+std::string ModuleSelector::describe() const { return selector_json(*this).dump(); }
+
+std::optional<LoRAParameters> LoraConfig::select(const std::string& name) const {
+  if (!target_modules.matches(name) || exclude_modules.matches(name)) return std::nullopt;
+  return LoRAParameters()
+      .r(pattern_value(rank_pattern, name).value_or(r))
+      .alpha(pattern_value(alpha_pattern, name).value_or(lora_alpha))
+      .dropout(lora_dropout)
+      .use_rslora(use_rslora)
+      .use_dora(use_dora)
+      .init(init);
+}
+
+LoraConfig parse_lora_config(const json& j, const std::string& source) {
+  if (!j.is_object()) fail(source, "", "expected a JSON object");
+  LoraConfig c;
+  for (const auto& item : j.items()) {
+    const std::string& field = item.key();
+    const json& v = item.value();
+    auto number = [&](double lo, const char* rule) {
+      if (!v.is_number() || !(v.get<double>() >= lo)) fail(source, field, fmt::format("{}, got {}", rule, d9d::detail::quote_json(v)));
+      return v.get<double>();
+    };
+    auto flag = [&] {
+      if (!v.is_boolean()) fail(source, field, fmt::format("expected true or false, got {}", d9d::detail::quote_json(v)));
+      return v.get<bool>();
+    };
+    if (field == "peft_type") {
+      if (v != "LORA") {
+        fail(source, field, fmt::format("{} is not supported: d9d-peft reads LoRA adapters (\"LORA\") only", d9d::detail::quote_json(v)));
+      }
+    } else if (field == "r") {
+      if (!v.is_number_integer() || v.get<int64_t>() < 1) fail(source, field, fmt::format("must be an integer >= 1, got {}", d9d::detail::quote_json(v)));
+      c.r = v.get<int64_t>();
+    } else if (field == "lora_alpha") {
+      c.lora_alpha = number(1e-12, "must be a number > 0");
+    } else if (field == "lora_dropout") {
+      c.lora_dropout = number(0.0, "must be a number in [0, 1)");
+      if (c.lora_dropout >= 1.0) fail(source, field, fmt::format("must be a number in [0, 1), got {}", d9d::detail::quote_json(v)));
+    } else if (field == "target_modules") {
+      c.target_modules = parse_selector(v, source, field);
+    } else if (field == "exclude_modules") {
+      c.exclude_modules = parse_selector(v, source, field);
+    } else if (field == "use_rslora") {
+      c.use_rslora = flag();
+    } else if (field == "use_dora") {
+      c.use_dora = flag();
+    } else if (field == "init_lora_weights") {
+      if (v == true) c.init = LoRAInit::Default;
+      else if (v == false) c.init = LoRAInit::Random;
+      else if (v == "gaussian") c.init = LoRAInit::Gaussian;
+      else fail(source, field, fmt::format("{} is not supported (supported: true, false, \"gaussian\")", d9d::detail::quote_json(v)));
+    } else if (field == "rank_pattern" || field == "alpha_pattern") {
+      if (v.is_null()) continue;
+      if (!v.is_object()) fail(source, field, fmt::format("expected an object, got {}", d9d::detail::quote_json(v)));
+      for (const auto& p : v.items()) {
+        check_pattern_key(p.key(), source, field + "." + p.key());
+        if (field == "rank_pattern") {
+          if (!p.value().is_number_integer() || p.value().get<int64_t>() < 1) {
+            fail(source, field + "." + p.key(), fmt::format("must be an integer >= 1, got {}", d9d::detail::quote_json(p.value())));
+          }
+          c.rank_pattern.emplace_back(p.key(), p.value().get<int64_t>());
+        } else {
+          if (!p.value().is_number() || !(p.value().get<double>() > 0)) {
+            fail(source, field + "." + p.key(), fmt::format("must be a number > 0, got {}", d9d::detail::quote_json(p.value())));
+          }
+          c.alpha_pattern.emplace_back(p.key(), p.value().get<double>());
+        }
+      }
+    } else if (field == "base_model_name_or_path" || field == "task_type") {
+      if (v.is_null()) continue;
+      if (!v.is_string()) fail(source, field, fmt::format("expected a string or null, got {}", d9d::detail::quote_json(v)));
+      (field == "task_type" ? c.task_type : c.base_model_name_or_path) = v.get<std::string>();
+    } else if (kMetadataFields.count(field)) {
+      // Bookkeeping that does not change the numbers.
+    } else if (auto fixed = kFixedFields.find(field); fixed != kFixedFields.end()) {
+      if (v != fixed->second && !is_default_like(v)) {
+        fail(source, field, fmt::format("{} is not supported by d9d-peft (only {} is); use an adapter without it",
+                                        d9d::detail::quote_json(v), d9d::detail::quote_json(fixed->second)));
+      }
+    } else if (!is_default_like(v)) {
+      fail(source, field, fmt::format("{} is not supported: d9d-peft does not know this field; use an adapter "
+                                      "without it",
+                                      d9d::detail::quote_json(v)));
+    }
+  }
+  if (c.target_modules.empty()) fail(source, "target_modules", "must name the modules to adapt");
+  return c;
+}
+
+std::string dump_lora_config(const LoraConfig& c) {
+  json j = {
+      {"alora_invocation_tokens", nullptr}, {"arrow_config", nullptr}, {"auto_mapping", nullptr},
+      {"bias", "none"}, {"corda_config", nullptr}, {"ensure_weight_tying", false}, {"eva_config", nullptr},
+      {"fan_in_fan_out", false}, {"inference_mode", true}, {"kasa_config", nullptr},
+      {"layer_replication", nullptr}, {"layers_pattern", nullptr}, {"layers_to_transform", nullptr},
+      {"loftq_config", json::object()}, {"lora_bias", false}, {"lora_ga_config", nullptr},
+      {"megatron_config", nullptr}, {"megatron_core", "megatron.core"}, {"modules_to_save", nullptr},
+      {"monteclora_config", nullptr}, {"peft_type", "LORA"}, {"peft_version", "0.21.0"},
+      {"qalora_group_size", 16}, {"revision", nullptr}, {"target_parameters", nullptr},
+      {"trainable_token_indices", nullptr}, {"use_bdlora", nullptr}, {"use_qalora", false},
+      {"velora_config", nullptr},
+  };
+  j["r"] = c.r;
+  if (c.lora_alpha == std::floor(c.lora_alpha)) j["lora_alpha"] = static_cast<int64_t>(c.lora_alpha);
+  else j["lora_alpha"] = c.lora_alpha;
+  j["lora_dropout"] = c.lora_dropout;
+  j["target_modules"] = selector_json(c.target_modules);
+  j["exclude_modules"] = selector_json(c.exclude_modules);
+  j["use_rslora"] = c.use_rslora;
+  j["use_dora"] = c.use_dora;
+  j["init_lora_weights"] = c.init == LoRAInit::Gaussian ? json("gaussian") : json(c.init == LoRAInit::Default);
+  j["rank_pattern"] = json::object();
+  for (const auto& [k, v] : c.rank_pattern) j["rank_pattern"][k] = v;
+  j["alpha_pattern"] = json::object();
+  for (const auto& [k, v] : c.alpha_pattern) j["alpha_pattern"][k] = v;
+  j["base_model_name_or_path"] = c.base_model_name_or_path ? json(*c.base_model_name_or_path) : json(nullptr);
+  j["task_type"] = c.task_type ? json(*c.task_type) : json(nullptr);
+  return j.dump(2);
+}
+
+LoraConfig lora_config_of(const torch::nn::Module& module, const std::string& adapter_name,
+                          const SaveAdapterOptions& options) {
+  LoraConfig config;
+  config.base_model_name_or_path = options.base_model_name_or_path;
+  config.task_type = options.task_type;
+  std::string first;
+  for (const auto& entry : adapter_layers(module)) {
+    if (!entry.layer->has_adapter(adapter_name)) continue;
+    const auto* adapter = entry.layer->adapter_module(adapter_name).get();
+    const LoRAParameters* o = nullptr;
+    if (const auto* a = dynamic_cast<const LoRALinearAdapterImpl*>(adapter)) o = &a->options();
+    if (const auto* a = dynamic_cast<const LoRAEmbeddingAdapterImpl*>(adapter)) o = &a->options();
+    if (!o) {
+      throw PeftError(fmt::format("save_adapter: '{}' holds adapter \"{}\" of another method ({}); a LoRA config "
+                                  "cannot describe it",
+                                  entry.name, adapter_name, entry.layer->peft_type()));
+    }
+    config.target_modules.names.push_back(entry.name);
+    if (first.empty()) {
+      first = entry.name;
+      config.r = o->r();
+      config.lora_alpha = o->alpha();
+      config.lora_dropout = o->dropout();
+      config.use_rslora = o->use_rslora();
+      config.use_dora = o->use_dora();
+      continue;
+    }
+    if (o->dropout() != config.lora_dropout || o->use_rslora() != config.use_rslora) {
+      throw PeftError(fmt::format("save_adapter: '{}' differs from '{}' in dropout or rsLoRA, which a PEFT config "
+                                  "cannot express per module",
+                                  entry.name, first));
+    }
+    if (o->use_dora() != config.use_dora) {
+      throw PeftError(fmt::format("save_adapter: '{}' differs from '{}' in DoRA, which a PEFT config cannot express "
+                                  "per module",
+                                  entry.name, first));
+    }
+    if (o->r() != config.r) config.rank_pattern.emplace_back(regex_escape(entry.name), o->r());
+    if (o->alpha() != config.lora_alpha) config.alpha_pattern.emplace_back(regex_escape(entry.name), o->alpha());
+  }
+  if (first.empty()) throw PeftError(fmt::format("save_adapter: no layer holds adapter \"{}\"", adapter_name));
+  return config;
+}
+
+}  // namespace d9d::peft::hf
