@@ -68,11 +68,7 @@ torch::nn::Linear frozen_plain(int64_t d) {
 d9d::peft::LoRALinear lora_layer(int64_t d, int64_t r, double dropout) {
   d9d::nn::Linear base(torch::nn::LinearOptions(d, d).bias(false));
   base->weight.requires_grad_(false);
-  d9d::peft::LoRAParameters params;
-  params.r = r;
-  params.alpha = 2 * r;
-  params.dropout = dropout;
-  d9d::peft::LoRALinear lora(base.ptr(), params);
+  d9d::peft::LoRALinear lora(base.ptr(), d9d::peft::LoRAParameters().r(r).alpha(2.0 * r).dropout(dropout));
   torch::NoGradGuard no_grad;
   lora->lora_B->weight.normal_(0.0, 1e-3);
   return lora;
@@ -135,13 +131,14 @@ void lora_forward_backward(benchmark::State& state, Shape s, int64_t r) {
 }
 
 // ------------------------------------------------------------------ merge
-// W += scale * B @ A on a d x d weight, repeated in place (the growth of W over
-// the run is harmless for timing).
+// W += scale * B @ A on a d x d weight and back (merge_adapter then
+// unmerge_adapter), against the same two in-place addmm_ calls.
 
 void lora_merge(benchmark::State& state, int64_t d, int64_t r) {
   auto lora = lora_layer(d, r, 0.0);
   for (auto _ : state) {
-    lora->merge_into_base();
+    lora->merge_adapter("default");
+    lora->unmerge_adapter("default");
     benchmark::ClobberMemory();
   }
 }
@@ -154,6 +151,7 @@ void addmm_merge(benchmark::State& state, int64_t d, int64_t r) {
   const double scale = 2.0;
   for (auto _ : state) {
     w.addmm_(b, a, /*beta=*/1.0, /*alpha=*/scale);
+    w.addmm_(b, a, /*beta=*/1.0, /*alpha=*/-scale);
     benchmark::ClobberMemory();
   }
 }

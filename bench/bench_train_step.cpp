@@ -156,7 +156,7 @@ int main(int argc, char** argv) {
   trainer::Gpt model(size.gpt);
   std::vector<at::Tensor> trainable;
   if (mode == "lora") {
-    d9d::peft::LoRA lora({R"(.*_proj)", {/*r=*/16, /*alpha=*/32, /*dropout=*/0.0}});
+    d9d::peft::LoRA lora({R"(.*_proj)", d9d::peft::LoRAParameters().r(16).alpha(32)});
     d9d::peft::inject_peft_and_freeze(lora, model);
   }
   model->to(device, dtype);

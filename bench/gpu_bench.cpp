@@ -9,7 +9,7 @@
 // LibTorch's default); tokens 16, 512, 4096, 16384. Each time is the median of
 // several trials, plain and LoRA alternating, each trial a run of back-to-back
 // calls between two CUDA events: launch overhead counts, as it does for a
-// caller. Merge: `merge_into_base()` on the 4096 x 4096 weight against one
+// caller. Merge: `merge_adapter()` + `unmerge_adapter()` on the 4096 x 4096 weight against two
 // in-place `W.addmm_(B, A)`, each call timed alone after a synchronize,
 // median of 50. compare_hf_peft.py measures PEFT the same way.
 
@@ -118,11 +118,7 @@ d9d::peft::LoRALinear make_lora(torch::ScalarType dtype) {
   d9d::nn::Linear base(torch::nn::LinearOptions(kDim, kDim).bias(false));
   base->to(torch::kCUDA, dtype);
   base->weight.requires_grad_(false);
-  d9d::peft::LoRAParameters params;
-  params.r = kRank;
-  params.alpha = kAlpha;
-  params.dropout = 0.0;
-  d9d::peft::LoRALinear lora(base.ptr(), params);
+  d9d::peft::LoRALinear lora(base.ptr(), d9d::peft::LoRAParameters().r(kRank).alpha(kAlpha));
   torch::NoGradGuard no_grad;
   lora->lora_B->weight.normal_(0.0, 1e-3);
   return lora;
@@ -182,8 +178,14 @@ void bench_dtype(torch::ScalarType dtype, const std::string& dtype_name, const s
     const auto b = torch::randn({kDim, kRank}, opts) * 1e-3;
     const auto a = torch::randn({kRank, kDim}, opts);
     const double scale = static_cast<double>(kAlpha) / kRank;
-    auto p = [&] { w.addmm_(b, a, /*beta=*/1.0, /*alpha=*/scale); };
-    auto l = [&] { lora->merge_into_base(); };
+    auto p = [&] {
+      w.addmm_(b, a, /*beta=*/1.0, /*alpha=*/scale);
+      w.addmm_(b, a, /*beta=*/1.0, /*alpha=*/-scale);
+    };
+    auto l = [&] {
+      lora->merge_adapter("default");
+      lora->unmerge_adapter("default");
+    };
     rows.push_back({"merge", dtype_name, 0, time_single_calls(p, l, kMergeCalls)});
   }
 }
@@ -192,7 +194,7 @@ void print_table(const std::vector<Row>& rows) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
   std::printf("GPU: %s, LibTorch %s; in = out = %lld, r = %lld, alpha = %lld\n", props->name, TORCH_VERSION,
               static_cast<long long>(kDim), static_cast<long long>(kRank), static_cast<long long>(kAlpha));
-  std::printf("Median of %d trials (merge: of %d single calls); LoRA / plain (merge: merge_into_base / one W.addmm_)\n\n",
+  std::printf("Median of %d trials (merge: of %d single calls); LoRA / plain (merge: merge_adapter + unmerge_adapter / two W.addmm_)\n\n",
               kTrials, kMergeCalls);
   std::printf("%-17s %-6s %7s %12s %12s %8s\n", "what", "dtype", "tokens", "plain us", "LoRA us", "ratio");
   for (const auto& r : rows) {

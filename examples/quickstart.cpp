@@ -26,7 +26,7 @@ int main() {
   const d9d::model_state::StateDict pretrained = d9d::model_state::module_state_dict(*Mlp());
 
   Mlp model;
-  d9d::peft::LoRA lora({".*proj", {/*r=*/8, /*alpha=*/16, /*dropout=*/0.0}});
+  d9d::peft::LoRA lora({".*proj", d9d::peft::LoRAParameters().r(8).alpha(16)});
   auto mapper = d9d::peft::inject_peft_and_freeze(lora, model);
   // The mapper renames up_proj.weight -> up_proj.base.weight etc.; the LoRA
   // weights are fresh, so the strict load does not report them missing.

@@ -97,7 +97,7 @@ TEST(CheckpointIO, FixtureLogitsThroughLoRAMapperFromSafetensorsAndTorchSave) {
   const auto expected = inputs->get("logits");
   for (const char* file : {"/model.safetensors", "/model.pt"}) {
     toy::Toy model;
-    peft::LoRA lora({R"(layers\.\d+\.(attention|mlp)\.\w+_proj|lm_head)", {4, 8, 0.0}});
+    peft::LoRA lora({R"(layers\.\d+\.(attention|mlp)\.\w+_proj|lm_head)", peft::LoRAParameters().r(4).alpha(8)});
     auto mapper = peft::inject_peft_and_freeze(lora, model);
     auto report = ms::load_model_state(kToy + file, *mapper, *model, quiet());
     EXPECT_TRUE(report.ok()) << report.to_string();
@@ -179,7 +179,7 @@ TEST(CheckpointIO, ShardedRoundTripIsBitExactAndWritesTheIndex) {
 TEST(CheckpointIO, SavingThroughAMapperWritesItsOutputKeys) {
   TempDir dir;
   toy::Toy model;
-  peft::LoRA lora({"lm_head", {2, 2, 0.0}});
+  peft::LoRA lora({"lm_head", peft::LoRAParameters().r(2).alpha(2)});
   peft::inject_peft_and_freeze(lora, model);
   peft::merge_peft(lora, model);
   std::vector<ms::MapperPtr> prefix;
@@ -223,7 +223,7 @@ TEST(CheckpointIO, AFailedSaveLeavesTheOldCheckpointIntact) {
 
 TEST(CheckpointIO, StrictLoadOfTheWrongCheckpointWritesNothing) {
   toy::Toy model;
-  peft::LoRA lora({".*q_proj", {2, 2, 0.0}});
+  peft::LoRA lora({".*q_proj", peft::LoRAParameters().r(2).alpha(2)});
   auto mapper = peft::inject_peft_and_freeze(lora, model);
   const auto before = model->lm_head->weight.clone();
   toy::ToyConfig bigger;

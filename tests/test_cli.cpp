@@ -1,5 +1,6 @@
 // Merging a Hugging Face PEFT adapter into a checkpoint on disk (what `d9d-peft merge` does):
 // PEFT's merged weights for every fixture adapter, from every base layout, and the errors.
+// Then the example trainer, d9d-peft-train, run on full_tune configs: what it writes to full_tune/.
 #include "test_util.h"
 
 #include <d9d/model_state/io/safetensors.h>
@@ -13,11 +14,16 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <regex>
+#include <set>
 #include <sstream>
 
 namespace fs = std::filesystem;
@@ -176,18 +182,19 @@ TEST(CliMerge, ScaleMultipliesTheDelta) {
 
 TEST(CliMerge, MergeLoraWeightWorksOnOneTensor) {
   const hf::AdapterFiles adapter = hf::read_adapter_files(kToy + "/adapters/lora_embed_head");
+  const hf::LoraConfig config = hf::parse_lora_config(adapter.config, adapter.config_path);
   EXPECT_EQ(hf::adapted_module_paths(adapter.tensors), (std::vector<std::string>{"embed_tokens", "lm_head"}));
   const auto base = ms::SafetensorsFile::open(kToy + "/model.safetensors");
   const auto expected = ms::SafetensorsFile::open(kToy + "/adapters/lora_embed_head/expected.safetensors");
   for (const std::string path : {"embed_tokens", "lm_head"}) {
     // bfloat16 in, bfloat16 out: computed in float32, cast back.
     const at::Tensor merged =
-        hf::merge_lora_weight(base->get(path + ".weight").to(at::kBFloat16), path, adapter.tensors, adapter.config);
+        hf::merge_lora_weight(base->get(path + ".weight").to(at::kBFloat16), path, adapter.tensors, config);
     EXPECT_EQ(merged.scalar_type(), at::kBFloat16);
     const at::Tensor want = expected->get("merged." + path + ".weight");
     const double tolerance = 2.0 / 256 * want.abs().max().item<double>();  // two bfloat16 roundings
     EXPECT_LE((merged.to(at::kFloat) - want).abs().max().item<double>(), tolerance);
-    const at::Tensor exact = hf::merge_lora_weight(base->get(path + ".weight"), path, adapter.tensors, adapter.config);
+    const at::Tensor exact = hf::merge_lora_weight(base->get(path + ".weight"), path, adapter.tensors, config);
     EXPECT_LE((exact - expected->get("merged." + path + ".weight")).abs().max().item<double>(), 1e-5);
   }
 }
@@ -196,8 +203,8 @@ TEST(CliMerge, WrongBaseNamesTheKey) {
   TempDir tmp;
   const std::string msg = merge_error(std::string(D9D_FIXTURES_DIR) + "/hf_peft/conv/model.safetensors",
                                       kToy + "/adapters/lora_attn_r4", tmp / "out");
-  EXPECT_THAT(msg, HasSubstr("adapter targets 'layers.0.attention.q_proj' but the base checkpoint has no "
-                             "'layers.0.attention.q_proj.weight' (wrong base model?)"));
+  EXPECT_THAT(msg, HasSubstr("the adapter changes 'layers.0.attention.q_proj.weight', which the base checkpoint "
+                             "does not hold (wrong base model?)"));
   EXPECT_FALSE(fs::exists(tmp / "out"));
 }
 
@@ -365,9 +372,10 @@ TEST(CliMerge, OverflowingMergeIsRefusedAndNamesTheWeight) {
   }
   EXPECT_FALSE(fs::exists(tmp / "out"));
   const hf::AdapterFiles files = hf::read_adapter_files(kToy + "/adapters/lora_attn_r4");
-  EXPECT_THROW(hf::merge_lora_weight(base[key], "layers.0.attention.q_proj", files.tensors, files.config, 1e38),
+  const hf::LoraConfig config = hf::parse_lora_config(files.config, files.config_path);
+  EXPECT_THROW(hf::merge_lora_weight(base[key], "layers.0.attention.q_proj", files.tensors, config, 1e38),
                d9d::peft::PeftError);
-  EXPECT_TRUE(at::isinf(hf::merge_lora_weight(base[key], "layers.0.attention.q_proj", files.tensors, files.config,
+  EXPECT_TRUE(at::isinf(hf::merge_lora_weight(base[key], "layers.0.attention.q_proj", files.tensors, config,
                                               1e38, /*allow_non_finite=*/true))
                   .any()
                   .item<bool>());
@@ -380,3 +388,118 @@ TEST(CliMerge, OverflowingMergeIsRefusedAndNamesTheWeight) {
     EXPECT_THAT(e.what(), HasSubstr("does not fit float32"));
   }
 }
+
+// ------------------------------------------------------------ d9d-peft-train
+// Compiled only with the trainer (D9D_PEFT_BUILD_EXAMPLES, on in CI): never skipped at run time.
+#ifdef D9D_TRAINER
+
+namespace {
+
+struct TrainerRun {
+  int exit_code = -1;
+  std::string log;  // stdout and stderr
+  fs::path out;
+};
+
+/// Runs d9d-peft-train with `peft` (a JSON PEFT config) on a tiny model for a few
+/// steps, writing into `dir`.
+TrainerRun run_trainer(const TempDir& dir, const std::string& peft) {
+  const std::string config = dir / "run.json";
+  std::ofstream(config) << R"({"name": "full_tune_test", "seed": 3,
+    "task": {"symbols": 8, "length": 4, "eval_sequences": 64},
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64},
+    "pretrain": {"steps": 40, "batch_size": 16, "lr": 5e-3, "warmup_steps": 5},
+    "finetune": {"steps": 20, "batch_size": 16, "lr": 5e-3, "warmup_steps": 2},
+    "log_every": 10, "peft": )" << peft << "}\n";
+  TrainerRun run;
+  run.out = dir.path / "run";
+  const std::string command = std::string("'") + D9D_TRAINER + "' --config '" + config + "' --out '" +
+                              run.out.string() + "' > '" + (dir / "log.txt") + "' 2>&1";
+  const int status = std::system(command.c_str());
+  run.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  run.log = read_bytes(dir / "log.txt");
+  return run;
+}
+
+/// The base checkpoint's keys of the parameters of modules whose name fully matches `pattern`.
+std::set<std::string> base_keys_of_modules(const ms::SafetensorsFile& base, const std::string& pattern) {
+  const std::regex re(pattern);
+  std::set<std::string> keys;
+  for (const auto& key : base.keys()) {
+    if (std::regex_match(key.substr(0, key.rfind('.')), re)) keys.insert(key);
+  }
+  return keys;
+}
+
+bool same_values(const at::Tensor& a, const at::Tensor& b) { return a.sizes() == b.sizes() && at::equal(a, b); }
+
+}  // namespace
+
+TEST(TrainerFullTune, FullTuneOnlyRunSavesTheTunedWeightsUnderTheBaseKeys) {
+  TempDir tmp;
+  const TrainerRun run = run_trainer(tmp, R"({"kind": "full_tune", "module_name_pattern": ".*norm"})");
+  ASSERT_EQ(run.exit_code, 0) << run.log;
+  EXPECT_THAT(run.log, HasSubstr("result: OK"));
+  EXPECT_THAT(run.log, HasSubstr("(none: no LoRA layer, so no Hugging Face adapter)"));
+  EXPECT_THAT(run.log, ::testing::ContainsRegex("full_tune reload +max \\|diff\\| [^ ]+: ok"));
+  EXPECT_FALSE(fs::exists(run.out / "adapter"));
+
+  const fs::path file = run.out / "full_tune" / "model.safetensors";
+  ASSERT_TRUE(fs::is_regular_file(file)) << run.log;
+  const auto tuned = ms::SafetensorsFile::open(file.string());
+  const auto base = ms::SafetensorsFile::open((run.out / "base" / "model.safetensors").string());
+  const auto merged = ms::SafetensorsFile::open((run.out / "merged" / "model.safetensors").string());
+  EXPECT_EQ(tuned->header().metadata, (std::map<std::string, std::string>{{"format", "pt"}}));
+
+  // Exactly the parameters of the modules the pattern matches, under the base's names.
+  const std::set<std::string> expected = base_keys_of_modules(*base, ".*norm");
+  EXPECT_EQ(expected.size(), 10u);  // layers.{0,1}.{attn_norm,mlp_norm}.{weight,bias}, norm.{weight,bias}
+  EXPECT_EQ(tuned->keys(), expected);
+
+  for (const auto& key : tuned->keys()) {
+    const at::Tensor value = tuned->get(key);
+    ASSERT_TRUE(base->contains(key)) << key;
+    EXPECT_EQ(value.scalar_type(), base->get(key).scalar_type()) << key;
+    // Trained: not the base's values, and what the trained (merged) model holds.
+    EXPECT_FALSE(same_values(value, base->get(key))) << key << " still holds the base's values";
+    EXPECT_TRUE(same_values(value, merged->get(key))) << key << " differs from merged/";
+  }
+  // Nothing else was trained: every other tensor of merged/ is the base's.
+  for (const auto& key : base->keys()) {
+    if (!expected.count(key)) EXPECT_TRUE(same_values(merged->get(key), base->get(key))) << key;
+  }
+}
+
+TEST(TrainerFullTune, StackWithLoraSavesBothAndFullTuneKeepsTheBaseKeys) {
+  // full_tune of the norms and of one projection LoRA also wraps: that layer's
+  // weights live at q_proj.base.* in the model but are saved as q_proj.*.
+  TempDir tmp;
+  const TrainerRun run = run_trainer(tmp, R"({"kind": "stack", "methods": [
+    {"kind": "lora", "module_name_pattern": ".*attention\\..*_proj", "params": {"r": 2, "alpha": 4, "dropout": 0.0}},
+    {"kind": "full_tune", "module_name_pattern": ".*norm|layers\\.0\\.attention\\.q_proj"}]})");
+  ASSERT_EQ(run.exit_code, 0) << run.log;
+  EXPECT_THAT(run.log, HasSubstr("result: OK"));
+  // The adapter and the full_tune weights load back and reproduce the trained model.
+  EXPECT_THAT(run.log, ::testing::ContainsRegex("adapter reload +max \\|diff\\| [^ ]+: ok"));
+  EXPECT_TRUE(fs::is_regular_file(run.out / "adapter" / "adapter_model.safetensors"));
+
+  const fs::path file = run.out / "full_tune" / "model.safetensors";
+  ASSERT_TRUE(fs::is_regular_file(file)) << run.log;
+  const auto tuned = ms::SafetensorsFile::open(file.string());
+  const auto base = ms::SafetensorsFile::open((run.out / "base" / "model.safetensors").string());
+  const auto merged = ms::SafetensorsFile::open((run.out / "merged" / "model.safetensors").string());
+  std::set<std::string> expected = base_keys_of_modules(*base, ".*norm");
+  expected.insert({"layers.0.attention.q_proj.weight", "layers.0.attention.q_proj.bias"});
+  EXPECT_EQ(tuned->keys(), expected);  // no q_proj.base.*, no lora_*
+  for (const auto& key : tuned->keys()) {
+    EXPECT_FALSE(same_values(tuned->get(key), base->get(key))) << key << " still holds the base's values";
+  }
+  // The norms are not under LoRA: merged/ holds the same values. (q_proj's
+  // merged weight adds the LoRA delta to the saved one.)
+  for (const auto& key : base_keys_of_modules(*base, ".*norm")) {
+    EXPECT_TRUE(same_values(tuned->get(key), merged->get(key))) << key << " differs from merged/";
+  }
+  EXPECT_FALSE(same_values(tuned->get("layers.0.attention.q_proj.weight"), merged->get("layers.0.attention.q_proj.weight")));
+}
+
+#endif  // D9D_TRAINER

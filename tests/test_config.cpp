@@ -34,27 +34,27 @@ std::string error_of(const std::string& text) {
 TEST(Config, ParsesTheOriginalsStackJson) {
   auto config = nlohmann::json::parse(kStackJson).get<AnyPeftConfig>();
   ASSERT_EQ(config.kind(), "stack");
-  const auto& stack = std::get<d9d::peft::PeftStackConfig>(config.value);
+  const auto& stack = config.get<d9d::peft::PeftStackConfig>();
   ASSERT_EQ(stack.methods.size(), 2u);
-  const auto& lora = std::get<d9d::peft::LoRAConfig>(stack.methods[0].value);
+  const auto& lora = stack.methods[0].get<d9d::peft::LoRAConfig>();
   EXPECT_EQ(lora.module_name_pattern, R"(.*attention\..*_proj)");
-  EXPECT_EQ(lora.params.r, 8);
-  EXPECT_EQ(lora.params.alpha, 16);
-  EXPECT_DOUBLE_EQ(lora.params.dropout, 0.05);
-  const auto& full = std::get<d9d::peft::FullTuneConfig>(stack.methods[1].value);
+  EXPECT_EQ(lora.params.r(), 8);
+  EXPECT_EQ(lora.params.alpha(), 16);
+  EXPECT_DOUBLE_EQ(lora.params.dropout(), 0.05);
+  const auto& full = stack.methods[1].get<d9d::peft::FullTuneConfig>();
   EXPECT_EQ(full.module_name_pattern, ".*norm.*");
 }
 
 TEST(Config, DumpIsByteIdenticalToTheOriginal) {
   EXPECT_EQ(d9d::peft::dump_peft_config(d9d::peft::parse_peft_config(kStackJson)), kStackJson);
-  d9d::peft::LoRAConfig lora{"q", {4, 8, 0.0}};
+  d9d::peft::LoRAConfig lora{"q", d9d::peft::LoRAParameters().r(4).alpha(8)};
   EXPECT_EQ(d9d::peft::dump_peft_config(lora),
             R"({"kind":"lora","module_name_pattern":"q","params":{"r":4,"alpha":8,"dropout":0.0}})");
 }
 
 TEST(Config, JsonRoundTripsThroughNlohmann) {
   d9d::peft::PeftStackConfig inner{{d9d::peft::FullTuneConfig{"norm"}}};
-  AnyPeftConfig config = d9d::peft::PeftStackConfig{{d9d::peft::LoRAConfig{"a|b", {2, 4, 0.1}}, inner}};
+  AnyPeftConfig config = d9d::peft::PeftStackConfig{{d9d::peft::LoRAConfig{"a|b", d9d::peft::LoRAParameters().r(2).alpha(4).dropout(0.1)}, inner}};
   nlohmann::json j = config;
   EXPECT_EQ(j["methods"][1]["methods"][0]["kind"], "full_tune");
   auto back = j.get<AnyPeftConfig>();
@@ -62,13 +62,13 @@ TEST(Config, JsonRoundTripsThroughNlohmann) {
   // Single configs convert on their own too.
   auto lora = nlohmann::json::parse(R"({"module_name_pattern":"x","params":{"r":1,"alpha":1,"dropout":0}})")
                   .get<d9d::peft::LoRAConfig>();
-  EXPECT_EQ(lora.params.r, 1);
+  EXPECT_EQ(lora.params.r(), 1);
 }
 
 TEST(Config, IntegralFloatsAreAcceptedLikePydantic) {
   auto c = d9d::peft::parse_peft_config(
       R"({"kind":"lora","module_name_pattern":"x","params":{"r":8.0,"alpha":16,"dropout":0}})");
-  EXPECT_EQ(std::get<d9d::peft::LoRAConfig>(c.value).params.r, 8);
+  EXPECT_EQ(c.get<d9d::peft::LoRAConfig>().params.r(), 8);
 }
 
 TEST(Config, ErrorsNameThePathAndTheRule) {
@@ -102,16 +102,16 @@ TEST(Config, UnknownFieldsAreErrors) {
             "extra: unknown field; allowed fields are kind, module_name_pattern");
   EXPECT_EQ(error_of(R"({"kind":"stack","methods":[{"kind":"lora","module_name_pattern":"x",)"
                      R"("params":{"r":8,"alpha":8,"dropout":0,"rank":4}}]})"),
-            "methods[0].params.rank: unknown field; allowed fields are r, alpha, dropout");
+            "methods[0].params.rank: unknown field; allowed fields are r, alpha, dropout, use_rslora, use_dora");
 }
 
 TEST(Config, BadRegexIsAnError) {
   EXPECT_THAT(error_of(R"({"kind":"full_tune","module_name_pattern":".*("})"),
               HasSubstr("module_name_pattern: invalid regular expression \".*(\""));
   // Constructing a method validates too.
-  EXPECT_THAT([] { d9d::peft::LoRA({"[", {8, 16, 0.0}}); },
+  EXPECT_THAT([] { d9d::peft::LoRA({"[", d9d::peft::LoRAParameters().r(8).alpha(16)}); },
               ::testing::ThrowsMessage<ConfigError>(HasSubstr("module_name_pattern: invalid regular expression")));
-  EXPECT_THAT([] { d9d::peft::LoRA({"x", {0, 16, 0.0}}); },
+  EXPECT_THAT([] { d9d::peft::LoRA({"x", d9d::peft::LoRAParameters().r(0).alpha(16)}); },
               ::testing::ThrowsMessage<ConfigError>(HasSubstr("params.r: must be >= 1, got 0")));
 }
 
@@ -131,6 +131,6 @@ TEST(Config, FactoryBuildsTheDescribedMethods) {
   ASSERT_EQ(stack->methods().size(), 2u);
   auto* lora = dynamic_cast<d9d::peft::LoRA*>(stack->methods()[0].get());
   ASSERT_NE(lora, nullptr);
-  EXPECT_EQ(lora->config().params.r, 8);
+  EXPECT_EQ(lora->config().params.r(), 8);
   EXPECT_EQ(stack->config().methods.size(), 2u);
 }

@@ -94,7 +94,7 @@ TEST_P(FixtureAdapter, SaveThenLoadRoundTrips) {
     const auto sa = ca.select(name), sb = cb.select(name);
     ASSERT_EQ(sa.has_value(), sb.has_value()) << name;
     if (sa) {
-      EXPECT_EQ(sa->r, sb->r) << name;
+      EXPECT_EQ(sa->r(), sb->r()) << name;
       EXPECT_DOUBLE_EQ(sa->scale(), sb->scale()) << name;
     }
   }
@@ -113,11 +113,11 @@ TEST(HfAdapter, RankAndAlphaPatternsFollowPeftsMatchingRule) {
                                 "rank_pattern":{"layers.1.attention.q_proj":2,"v_proj":4},
                                 "alpha_pattern":{"q_proj":3}})"),
       "cfg");
-  EXPECT_EQ(config.select("layers.1.attention.q_proj")->r, 2);
-  EXPECT_EQ(config.select("layers.0.attention.q_proj")->r, 8);
-  EXPECT_EQ(config.select("layers.0.attention.v_proj")->r, 4);
-  EXPECT_DOUBLE_EQ(config.select("layers.0.attention.q_proj")->alpha, 3.0);
-  EXPECT_DOUBLE_EQ(config.select("layers.0.attention.v_proj")->alpha, 16.0);
+  EXPECT_EQ(config.select("layers.1.attention.q_proj")->r(), 2);
+  EXPECT_EQ(config.select("layers.0.attention.q_proj")->r(), 8);
+  EXPECT_EQ(config.select("layers.0.attention.v_proj")->r(), 4);
+  EXPECT_DOUBLE_EQ(config.select("layers.0.attention.q_proj")->alpha(), 3.0);
+  EXPECT_DOUBLE_EQ(config.select("layers.0.attention.v_proj")->alpha(), 16.0);
   EXPECT_FALSE(config.select("layers.0.attention.k_proj").has_value());
   EXPECT_FALSE(config.select("layers.0.attention.xq_proj").has_value()) << "suffixes match whole dotted parts";
 
@@ -214,7 +214,7 @@ TEST(HfAdapter, SavedAdaptersLoadBackToTheSameLogits) {
   }
   // An adapter trained by C++: LoRA on every projection, a few SGD steps.
   toy::Toy model = base_model();
-  peft::LoRA lora({R"(.*_proj)", {4, 8, 0.0}});
+  peft::LoRA lora({R"(.*_proj)", peft::LoRAParameters().r(4).alpha(8)});
   peft::inject_peft_and_freeze(lora, model);
   torch::optim::SGD opt(peft::trainable_parameters(*model), torch::optim::SGDOptions(0.5));
   const auto ids = input_ids();

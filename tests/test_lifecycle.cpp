@@ -71,7 +71,7 @@ TEST(Lifecycle, OriginalNumbers) {
     torch::NoGradGuard g;
     model->fc->weight.fill_(1.0f);
   }
-  peft::LoRA lora({"fc", {/*r=*/2, /*alpha=*/4, /*dropout=*/0.0}});
+  peft::LoRA lora({"fc", peft::LoRAParameters().r(2).alpha(4)});
   peft::inject_peft_and_freeze(lora, model);
   auto wrapper = model->named_children()["fc"]->as<peft::LoRALinearImpl>();
   ASSERT_NE(wrapper, nullptr);
@@ -97,7 +97,7 @@ TEST(Lifecycle, EndToEndTraining) {
   auto loss_of = [&] { return torch::mse_loss(model->forward(x), target); };
 
   const float loss_before = loss_of().item<float>();
-  peft::LoRA lora({"up|down", {4, 8, 0.0}});
+  peft::LoRA lora({"up|down", peft::LoRAParameters().r(4).alpha(8)});
   peft::inject_peft_and_freeze(lora, model);
   EXPECT_EQ(loss_of().item<float>(), loss_before) << "injection must not change the output";
 
@@ -184,8 +184,8 @@ TEST(Stack, AFailingMethodRollsBackTheOnesBefore) {
   Mlp model;
   const auto weight = model->up->weight.clone();
   std::vector<std::unique_ptr<peft::PeftMethodBase>> methods;
-  methods.push_back(std::make_unique<peft::LoRA>(peft::LoRAConfig{"up", {2, 2, 0.0}}));
-  methods.push_back(std::make_unique<peft::LoRA>(peft::LoRAConfig{"nothing", {2, 2, 0.0}}));
+  methods.push_back(std::make_unique<peft::LoRA>(peft::LoRAConfig{"up", peft::LoRAParameters().r(2).alpha(2)}));
+  methods.push_back(std::make_unique<peft::LoRA>(peft::LoRAConfig{"nothing", peft::LoRAParameters().r(2).alpha(2)}));
   peft::PeftStack stack(std::move(methods));
   EXPECT_THROW(peft::inject_peft_and_freeze(stack, model), peft::PeftError);
   EXPECT_EQ(model->named_children()["up"].get(), model->up.get());
@@ -205,7 +205,7 @@ TEST(Lifecycle, MapperComposesAfterAnotherMapper) {
   Mlp model;
   ms::StateDict ckpt;
   for (const auto& item : ms::module_state_dict(*model)) ckpt["model." + item.first] = item.second.clone();
-  peft::LoRA lora({"up", {2, 2, 0.0}});
+  peft::LoRA lora({"up", peft::LoRAParameters().r(2).alpha(2)});
   auto peft_mapper = peft::inject_peft_and_freeze(lora, model);
   std::vector<ms::MapperPtr> strip;
   for (const auto& item : ckpt) strip.push_back(std::make_shared<ms::Rename>(item.first, item.first.substr(6)));
@@ -223,7 +223,7 @@ TEST(Lifecycle, ToyTransformerLoadsTheOriginalCheckpointThroughTheMapper) {
   EXPECT_TRUE(ms::load_state_dict(*plain, state).ok());
 
   toy::Toy model;
-  peft::LoRA lora({R"(layers\.\d+\.(attention\.\w+_proj|mlp\.(up|down)_proj))", {4, 8, 0.0}});
+  peft::LoRA lora({R"(layers\.\d+\.(attention\.\w+_proj|mlp\.(up|down)_proj))", peft::LoRAParameters().r(4).alpha(8)});
   auto mapper = peft::inject_peft_and_freeze(lora, model);
   auto report = ms::load_state_dict(*model, state, *mapper);
   EXPECT_TRUE(report.ok()) << report.to_string();

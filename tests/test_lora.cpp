@@ -82,7 +82,7 @@ TEST(Linear, CloneIsAPlainIndependentLayer) {
 
 TEST(LoRALayer, InitialisesLikeTheOriginal) {
   d9d::nn::Linear base(torch::nn::LinearOptions(6, 5).bias(false));
-  peft::LoRALinearImpl lora(base.ptr(), {3, 6, 0.0});
+  peft::LoRALinearImpl lora(base.ptr(), peft::LoRAParameters().r(3).alpha(6));
   EXPECT_EQ(lora.lora_A->weight.sizes(), (std::vector<int64_t>{3, 6}));
   EXPECT_EQ(lora.lora_B->weight.sizes(), (std::vector<int64_t>{5, 3}));
   EXPECT_TRUE(torch::equal(lora.lora_B->weight, torch::zeros({5, 3})));
@@ -95,7 +95,7 @@ TEST(LoRALayer, InitialisesLikeTheOriginal) {
 
 TEST(LoRALayer, ForwardIsBasePlusScaledLowRank) {
   d9d::nn::Linear base(4, 3);
-  peft::LoRALinearImpl lora(base.ptr(), {2, 6, 0.0});
+  peft::LoRALinearImpl lora(base.ptr(), peft::LoRAParameters().r(2).alpha(6));
   torch::NoGradGuard g;
   lora.lora_B->weight.normal_();
   auto x = torch::randn({5, 4});
@@ -107,7 +107,7 @@ TEST(LoRALayer, ForwardIsBasePlusScaledLowRank) {
 TEST(LoRALayer, AdaptersFollowTheBaseDtype) {
   d9d::nn::Linear base(4, 3);
   base->to(torch::kDouble);
-  peft::LoRALinearImpl lora(base.ptr(), {2, 4, 0.0});
+  peft::LoRALinearImpl lora(base.ptr(), peft::LoRAParameters().r(2).alpha(4));
   EXPECT_EQ(lora.lora_A->weight.scalar_type(), torch::kDouble);
   EXPECT_EQ(lora.lora_B->weight.scalar_type(), torch::kDouble);
   EXPECT_EQ(lora.forward(torch::ones({1, 4}, torch::kDouble)).scalar_type(), torch::kDouble);
@@ -115,7 +115,7 @@ TEST(LoRALayer, AdaptersFollowTheBaseDtype) {
 
 TEST(LoRALayer, DropoutAppliesToTheAdapterInputOnlyInTraining) {
   d9d::nn::Linear base(16, 16);
-  peft::LoRALinearImpl lora(base.ptr(), {4, 4, 0.5});
+  peft::LoRALinearImpl lora(base.ptr(), peft::LoRAParameters().r(4).alpha(4).dropout(0.5));
   {
     torch::NoGradGuard g;
     lora.lora_B->weight.normal_();
@@ -134,7 +134,7 @@ TEST(LoRALayer, DropoutAppliesToTheAdapterInputOnlyInTraining) {
 
 TEST(LoRALayer, CpuDropoutDropsAtRateAndScalesTheRest) {
   d9d::nn::Linear base(torch::nn::LinearOptions(256, 8).bias(false));
-  peft::LoRALinearImpl lora(base.ptr(), {4, 4, 0.25});
+  peft::LoRALinearImpl lora(base.ptr(), peft::LoRAParameters().r(4).alpha(4).dropout(0.25));
   {
     torch::NoGradGuard g;
     lora.lora_A->weight.zero_();
@@ -167,7 +167,7 @@ TEST(LoRALayer, CpuDropoutBackwardUsesTheForwardsMask) {
   // mask times 1/(1-p), element by element.
   const int64_t n = 64;
   d9d::nn::Linear base(torch::nn::LinearOptions(n, n).bias(false));
-  peft::LoRALinearImpl lora(base.ptr(), {n, static_cast<double>(n), 0.3});
+  peft::LoRALinearImpl lora(base.ptr(), peft::LoRAParameters().r(n).alpha(static_cast<double>(n)).dropout(0.3));
   {
     torch::NoGradGuard g;
     base->weight.zero_();
@@ -196,7 +196,7 @@ TEST(LoRALayer, CpuDropoutBackwardUsesTheForwardsMask) {
 TEST(LoRAMethod, WrapsTypedMembersAndRoutesTheirCalls) {
   Block block;
   auto q_impl = block->q.ptr();
-  peft::LoRA lora({"q|k", {2, 4, 0.0}});
+  peft::LoRA lora({"q|k", peft::LoRAParameters().r(2).alpha(4)});
   auto mapper = peft::inject_peft_and_freeze(lora, block);
 
   auto q_wrapper = block->named_children()["q"]->as<peft::LoRALinearImpl>();
@@ -220,7 +220,7 @@ TEST(LoRAMethod, InjectedLayersKeepTheModelsTrainingMode) {
   // layer's mode, so dropout stays off until train() is called.
   Block block;
   block->eval();
-  peft::LoRA lora({"q|k", {2, 4, 0.5}});
+  peft::LoRA lora({"q|k", peft::LoRAParameters().r(2).alpha(4).dropout(0.5)});
   peft::inject_peft_and_freeze(lora, block);
   for (const auto& m : block->modules()) EXPECT_FALSE(m->is_training()) << m->name();
   auto q_wrapper = block->named_children()["q"]->as<peft::LoRALinearImpl>();
@@ -233,7 +233,7 @@ TEST(LoRAMethod, InjectedLayersKeepTheModelsTrainingMode) {
 
 TEST(LoRAMethod, FreezesEverythingButTheAdapters) {
   Block block;
-  peft::LoRA lora({"q|k", {2, 4, 0.0}});
+  peft::LoRA lora({"q|k", peft::LoRAParameters().r(2).alpha(4)});
   peft::inject_peft_and_freeze(lora, block);
   std::map<std::string, bool> flags;
   for (const auto& p : block->named_parameters()) flags[p.key()] = p.value().requires_grad();
@@ -251,7 +251,7 @@ TEST(LoRAMethod, FreezesEverythingButTheAdapters) {
 
 TEST(LoRAMethod, MapperGroupsAreExactlyTheRenamesPlusIdentities) {
   Block block;
-  peft::LoRA lora({"q|k", {2, 4, 0.0}});
+  peft::LoRA lora({"q|k", peft::LoRAParameters().r(2).alpha(4)});
   auto mapper = peft::inject_peft_and_freeze(lora, block);
   EXPECT_EQ(mapper->state_dependency_groups(), (d9d::model_state::StateGroups{
                                                    {{"q.weight"}, {"q.base.weight"}},
@@ -266,7 +266,7 @@ TEST(LoRAMethod, MergeRestoresTypesKeysAndForward) {
   Block block;
   const auto original_keys = keys_of(*block);
   auto q_impl = block->q.ptr();
-  peft::LoRA lora({"q|k", {2, 4, 0.0}});
+  peft::LoRA lora({"q|k", peft::LoRAParameters().r(2).alpha(4)});
   peft::inject_peft_and_freeze(lora, block);
   auto q_wrapper = block->named_children()["q"]->as<peft::LoRALinearImpl>();
   fill_adapters(*q_wrapper, 0.3f, -0.2f);
@@ -284,7 +284,7 @@ TEST(LoRAMethod, MergeRestoresTypesKeysAndForward) {
 TEST(LoRAMethod, AdaptsPlainLinearInsideSequential) {
   torch::nn::Sequential seq(torch::nn::Linear(4, 8), torch::nn::ReLU(), torch::nn::Linear(8, 3));
   auto first = seq->ptr<torch::nn::LinearImpl>(0);
-  peft::LoRA lora({"0|2", {2, 2, 0.0}});
+  peft::LoRA lora({"0|2", peft::LoRAParameters().r(2).alpha(2)});
   auto mapper = peft::inject_peft_and_freeze(lora, *seq);
   auto wrapper = seq->ptr<peft::LoRALinearImpl>(0);
   ASSERT_NE(wrapper, nullptr) << "the Sequential's call list must hold the wrapper";
@@ -314,7 +314,7 @@ TEST(LoRAMethod, AdaptsPlainLinearInsideModuleListAndModuleDict) {
     torch::nn::ModuleDict dict{nullptr};
   };
   auto holder = std::make_shared<HolderImpl>();
-  peft::LoRA lora({"list\\.1|dict\\.proj", {2, 2, 0.0}});
+  peft::LoRA lora({"list\\.1|dict\\.proj", peft::LoRAParameters().r(2).alpha(2)});
   peft::inject_peft_and_freeze(lora, *holder);
   EXPECT_NE(holder->list->ptr<torch::nn::LinearImpl>(0), nullptr);
   EXPECT_NE(holder->list->ptr<peft::LoRALinearImpl>(1), nullptr) << "the list's own vector must hold the wrapper";
@@ -327,7 +327,7 @@ TEST(LoRAMethod, AdaptsPlainLinearInsideModuleListAndModuleDict) {
 
 TEST(LoRAMethod, D9dLinearInsideSequentialIsRoutedToo) {
   torch::nn::Sequential seq(d9d::nn::Linear(4, 4));
-  peft::LoRA lora({"0", {2, 2, 0.0}});
+  peft::LoRA lora({"0", peft::LoRAParameters().r(2).alpha(2)});
   peft::inject_peft_and_freeze(lora, *seq);
   auto wrapper = seq->named_children()["0"]->as<peft::LoRALinearImpl>();
   ASSERT_NE(wrapper, nullptr);
@@ -340,7 +340,7 @@ TEST(LoRAMethod, D9dLinearInsideSequentialIsRoutedToo) {
 
 TEST(LoRAMethod, PlainLinearHeldByATypedMemberIsAnError) {
   Plain plain;
-  peft::LoRA lora({"fc", {2, 4, 0.0}});
+  peft::LoRA lora({"fc", peft::LoRAParameters().r(2).alpha(4)});
   try {
     peft::inject_peft_and_freeze(lora, plain);
     FAIL() << "expected PeftError";
@@ -354,7 +354,7 @@ TEST(LoRAMethod, PlainLinearHeldByATypedMemberIsAnError) {
 
 TEST(LoRAMethod, PatternMatchingNothingIsAnError) {
   Block block;
-  peft::LoRA lora({".*attention.*", {2, 4, 0.0}});
+  peft::LoRA lora({".*attention.*", peft::LoRAParameters().r(2).alpha(4)});
   EXPECT_THAT([&] { peft::inject_peft_and_freeze(lora, block); },
               ::testing::ThrowsMessage<peft::PeftError>(HasSubstr(
                   "module_name_pattern \".*attention.*\" matches no module; it must match the whole qualified "
@@ -363,7 +363,7 @@ TEST(LoRAMethod, PatternMatchingNothingIsAnError) {
 
 TEST(LoRAMethod, MatchingAnUnsupportedLeafIsAnError) {
   Block block;
-  peft::LoRA lora({"q|norm", {2, 4, 0.0}});
+  peft::LoRA lora({"q|norm", peft::LoRAParameters().r(2).alpha(4)});
   EXPECT_THAT([&] { peft::inject_peft_and_freeze(lora, block); },
               ::testing::ThrowsMessage<peft::PeftError>(
                   HasSubstr("matches 'norm' of type torch::nn::LayerNormImpl, which LoRA cannot adapt")));
@@ -375,7 +375,7 @@ TEST(LoRAMethod, MatchingOnlyContainersIsAnError) {
   torch::nn::Sequential inner(d9d::nn::Linear(2, 2));
   torch::nn::ModuleList outer;
   outer->push_back(inner);
-  peft::LoRA lora({"0", {1, 1, 0.0}});
+  peft::LoRA lora({"0", peft::LoRAParameters().r(1).alpha(1)});
   EXPECT_THAT([&] { peft::inject_peft_and_freeze(lora, *outer); },
               ::testing::ThrowsMessage<peft::PeftError>(
                   HasSubstr("matches '0' but none is a layer LoRA can adapt; adaptable layers here are named "
@@ -384,11 +384,11 @@ TEST(LoRAMethod, MatchingOnlyContainersIsAnError) {
 
 TEST(LoRAMethod, NeverWrapsTheInsideOfAnAdapter) {
   Block block;
-  peft::LoRA first({"q", {2, 4, 0.0}});
+  peft::LoRA first({"q", peft::LoRAParameters().r(2).alpha(4)});
   peft::inject_peft_and_freeze(first, block);
   // "q.*" would match 'q.base' and 'q.lora_A' inside the wrapper; only the
   // wrapper 'q' itself is a candidate, and it already holds "default".
-  peft::LoRA second({"q.*", {2, 4, 0.0}});
+  peft::LoRA second({"q.*", peft::LoRAParameters().r(2).alpha(4)});
   const auto keys = block->named_parameters().keys();
   EXPECT_THAT([&] { second.inject(*block); },
               ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("'q' already holds an adapter \"default\"")));
@@ -397,7 +397,7 @@ TEST(LoRAMethod, NeverWrapsTheInsideOfAnAdapter) {
 
 TEST(LoRAMethod, DroppedWrapperIsReportedOnTheNextCall) {
   Block block;
-  peft::LoRA lora({"q", {2, 4, 0.0}});
+  peft::LoRA lora({"q", peft::LoRAParameters().r(2).alpha(4)});
   peft::inject_peft_and_freeze(lora, block);
   block->replace_module("q", d9d::nn::Linear(4, 4).ptr());
   EXPECT_THAT([&] { block->q(torch::ones({1, 4})); },
@@ -406,7 +406,7 @@ TEST(LoRAMethod, DroppedWrapperIsReportedOnTheNextCall) {
 
 TEST(LoRAMethod, CloningAnInjectedModelIsAnError) {
   torch::nn::Sequential seq(d9d::nn::Linear(2, 2));
-  peft::LoRA lora({"0", {1, 1, 0.0}});
+  peft::LoRA lora({"0", peft::LoRAParameters().r(1).alpha(1)});
   peft::inject_peft_and_freeze(lora, *seq);
   EXPECT_THROW(seq->clone(), c10::Error);
   peft::merge_peft(lora, *seq);

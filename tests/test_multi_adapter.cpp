@@ -68,12 +68,12 @@ peft::hf::LoraConfig config_of(const std::string& dir) {
 
 TEST(MultiAdapter, SwitchingReproducesPeftsPerAdapterLogits) {
   toy::Toy model = two_adapters();
-  EXPECT_EQ(peft::lora_adapter_names(*model), (std::vector<std::string>{"a", "b"}));
-  EXPECT_EQ(peft::active_lora_adapters(*model), (std::vector<std::string>{"a"})) << "a second load adds inactive";
+  EXPECT_EQ(peft::adapter_names(*model), (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(peft::active_adapters(*model), (std::vector<std::string>{"a"})) << "a second load adds inactive";
   EXPECT_LE(max_diff(logits(model), expected("logits_a")), 1e-5);
 
   peft::set_adapter(*model, "b");
-  EXPECT_EQ(peft::active_lora_adapters(*model), (std::vector<std::string>{"b"}));
+  EXPECT_EQ(peft::active_adapters(*model), (std::vector<std::string>{"b"}));
   EXPECT_LE(max_diff(logits(model), expected("logits_b")), 1e-5);
 
   peft::set_adapter(*model, "a");
@@ -139,7 +139,7 @@ TEST(MultiAdapter, BaseCheckpointLoadsIntoAModelWithTwoFreshAdapters) {
   peft::hf::HfLoRA a(config_of(kMixed + "/a"), "a");
   auto mapper = peft::inject_peft_and_freeze(a, model);
   peft::hf::add_adapter(*model, "b", config_of(kMixed + "/b"));
-  EXPECT_EQ(peft::lora_adapter_names(*model), (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(peft::adapter_names(*model), (std::vector<std::string>{"a", "b"}));
   ms::load_model_state(kToy + "/model.safetensors", *mapper, *model, quiet());
   model->eval();
   peft::DisableAdapters off(*model);
@@ -181,9 +181,8 @@ TEST(MultiAdapter, SeveralActiveAdaptersAddUpAsTheFormulaSays) {
   // x W^T + b + s_a (x A_a^T) B_a^T + s_b (x A_b^T) B_b^T.
   torch::manual_seed(3);
   auto base = d9d::nn::Linear(torch::nn::LinearOptions(12, 10));
-  peft::LoRALayerOptions oa(4, 8), ob(2, 3);
-  oa.init = ob.init = peft::LoRAInit::Random;
-  ob.use_rslora = true;
+  const auto oa = peft::LoRAParameters().r(4).alpha(8).init(peft::LoRAInit::Random);
+  const auto ob = peft::LoRAParameters().r(2).alpha(3).init(peft::LoRAInit::Random).use_rslora(true);
   auto layer = std::make_shared<peft::LoRALinearImpl>(base.ptr(), oa, "a");
   layer->add_adapter("b", ob);
   layer->set_active_adapters({"a", "b"});
@@ -203,7 +202,7 @@ TEST(MultiAdapter, SeveralActiveAdaptersAddUpAsTheFormulaSays) {
   // The same on an embedding: W[ids] + sum s (A^T[ids]) B^T.
   auto emb_base = d9d::nn::Embedding(torch::nn::EmbeddingOptions(9, 6));
   auto emb = std::make_shared<peft::LoRAEmbeddingImpl>(emb_base.ptr(), oa, "a");
-  emb->add_adapter("b", peft::LoRALayerOptions(3, 6));
+  emb->add_adapter("b", peft::LoRAParameters().r(3).alpha(6));
   emb->set_active_adapters({"a", "b"});
   {
     torch::NoGradGuard ng;
@@ -220,8 +219,8 @@ TEST(MultiAdapter, SeveralActiveAdaptersAddUpAsTheFormulaSays) {
 TEST(MultiAdapter, DeleteMovesTheNextAdapterUpAndTheLastRestoresTheBase) {
   toy::Toy model = two_adapters();  // a active
   peft::delete_adapter(*model, "a");
-  EXPECT_EQ(peft::lora_adapter_names(*model), (std::vector<std::string>{"b"}));
-  EXPECT_EQ(peft::active_lora_adapters(*model), (std::vector<std::string>{"b"}))
+  EXPECT_EQ(peft::adapter_names(*model), (std::vector<std::string>{"b"}));
+  EXPECT_EQ(peft::active_adapters(*model), (std::vector<std::string>{"b"}))
       << "deleting the active adapter activates the first remaining one, as PEFT does";
   const auto keys = keys_of(*model);
   EXPECT_EQ(keys.count("layers.0.attention.q_proj.lora_A.weight"), 1u) << "b moved to the single-adapter keys";
@@ -231,7 +230,7 @@ TEST(MultiAdapter, DeleteMovesTheNextAdapterUpAndTheLastRestoresTheBase) {
   EXPECT_EQ(peft::trainable_parameters(*model).size(), 8u);
 
   peft::delete_adapter(*model, "b");
-  EXPECT_TRUE(peft::lora_adapter_names(*model).empty());
+  EXPECT_TRUE(peft::adapter_names(*model).empty());
   EXPECT_EQ(keys_of(*model).size(), 24u) << "the original keys are back";
   EXPECT_NE(model->layers[0]->as<toy::LayerImpl>()->attention->named_children()["q_proj"]->as<d9d::nn::LinearImpl>(),
             nullptr);
@@ -247,8 +246,8 @@ TEST(MultiAdapter, MergingOneAdapterKeepsTheOther) {
   auto a = peft::hf::load_adapter(*model, kMixed + "/a", "a");
   peft::hf::load_adapter(*model, kMixed + "/b", "b");
   peft::merge_peft(*a, model);
-  EXPECT_EQ(peft::lora_adapter_names(*model), (std::vector<std::string>{"b"}));
-  EXPECT_TRUE(peft::active_lora_adapters(*model).empty()) << "b was inactive and stays so";
+  EXPECT_EQ(peft::adapter_names(*model), (std::vector<std::string>{"b"}));
+  EXPECT_TRUE(peft::active_adapters(*model).empty()) << "b was inactive and stays so";
   EXPECT_LE(max_diff(logits(model), expected("logits_a")), 1e-5) << "a is in the base weights now";
   EXPECT_EQ(keys_of(*model).count("layers.0.attention.q_proj.lora_A.weight"), 1u);
 }
@@ -315,12 +314,12 @@ TEST(MultiAdapter, ErrorsNameTheAdapterAndLeaveTheModelAlone) {
   EXPECT_THAT([&] { peft::hf::load_adapter(*model, kMixed + "/b", "b"); },
               ThrowsMessage<peft::PeftError>(HasSubstr("already holds an adapter \"b\"; pass another adapter_name")));
   EXPECT_THAT([&] { peft::set_adapter(*model, "c"); },
-              ThrowsMessage<peft::PeftError>(HasSubstr("set_adapter: the model has no LoRA adapter \"c\"; its "
+              ThrowsMessage<peft::PeftError>(HasSubstr("set_adapter: the model has no adapter \"c\"; its "
                                                        "adapters: \"a\", \"b\"")));
   EXPECT_THAT([&] { peft::delete_adapter(*model, "c"); },
-              ThrowsMessage<peft::PeftError>(HasSubstr("delete_adapter: the model has no LoRA adapter \"c\"")));
+              ThrowsMessage<peft::PeftError>(HasSubstr("delete_adapter: the model has no adapter \"c\"")));
   EXPECT_THAT([&] { peft::cast_adapter_dtype(*model, "c"); },
-              ThrowsMessage<peft::PeftError>(HasSubstr("cast_adapter_dtype: the model has no LoRA adapter \"c\"")));
+              ThrowsMessage<peft::PeftError>(HasSubstr("cast_adapter_dtype: the model has no adapter \"c\"")));
   EXPECT_THAT([&] { peft::hf::load_adapter(*model, kMixed + "/a", "my.adapter"); },
               ThrowsMessage<peft::PeftError>(HasSubstr("adapter name \"my.adapter\" is not usable")));
 
@@ -334,16 +333,16 @@ TEST(MultiAdapter, ErrorsNameTheAdapterAndLeaveTheModelAlone) {
   }
   ms::save_safetensors(bad / "adapter_model.safetensors", partial);
   EXPECT_THAT([&] { peft::hf::load_adapter(*model, bad.str(), "c"); },
-              ThrowsMessage<peft::PeftError>(HasSubstr("LoRA weights the adapter lacks: layers.1.attention.q_proj")));
+              ThrowsMessage<peft::PeftError>(HasSubstr("weights the adapter lacks: layers.1.attention.q_proj")));
   EXPECT_EQ(keys_of(*model), before);
-  EXPECT_EQ(peft::lora_adapter_names(*model), (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(peft::adapter_names(*model), (std::vector<std::string>{"a", "b"}));
   EXPECT_LE(max_diff(logits(model), expected("logits_a")), 1e-5);
 
   // d9d's LoRA on a layer that already holds "default".
   toy::Toy single = base_model();
-  peft::LoRA lora({R"(.*q_proj)", {4, 8, 0.0}});
+  peft::LoRA lora({R"(.*q_proj)", peft::LoRAParameters().r(4).alpha(8)});
   peft::inject_peft_and_freeze(lora, single);
-  peft::LoRA again({R"(.*\.q_proj)", {2, 2, 0.0}});
+  peft::LoRA again({R"(.*\.q_proj)", peft::LoRAParameters().r(2).alpha(2)});
   EXPECT_THAT([&] { peft::inject_peft_and_freeze(again, single); },
               ThrowsMessage<peft::PeftError>(HasSubstr("'layers.0.attention.q_proj' already holds an adapter "
                                                        "\"default\"")));

@@ -92,7 +92,7 @@ bool has_key(const hf::AdapterTensors& tensors, const std::string& path, const s
 
 void inspect_adapter(const std::string& dir) {
   const hf::AdapterFiles adapter = hf::read_adapter_files(dir);
-  const hf::LoraConfig& c = adapter.config;
+  const hf::LoraConfig c = hf::parse_lora_config(adapter.config, adapter.config_path);
   fmt::print("adapter: {}\n", dir);
   fmt::print("  {:<18} LORA\n", "peft_type:");
   fmt::print("  {:<18} {}\n", "r:", c.r);
@@ -134,7 +134,7 @@ void inspect_adapter(const std::string& dir) {
       fmt::print("  {:<{}}  {:<9}  (not targeted by adapter_config.json)\n", m, width, kind);
       continue;
     }
-    fmt::print("  {:<{}}  {:<9}  {:>4}  {:>6}  {:.6g}\n", m, width, kind, options->r, options->alpha,
+    fmt::print("  {:<{}}  {:<9}  {:>4}  {:>6}  {:.6g}\n", m, width, kind, options->r(), options->alpha(),
                options->scale());
   }
   fmt::print("\ntrainable parameters: {}\n", grouped(params));

@@ -3,7 +3,8 @@
 // pretrain the base on task A (once; saved as a safetensors checkpoint)
 //   -> build a fresh model, inject PEFT, load the base through the mapper
 //   -> fine-tune the adapter on task B -> score A and B
-//   -> save the adapter (Hugging Face PEFT format) and load it back
+//   -> save the adapter (Hugging Face PEFT format) and what full_tune trained
+//      (full_tune/model.safetensors, under the base's keys); load them back
 //   -> merge, check merged == unmerged, export the merged checkpoint.
 #include "gpt.h"
 #include "run_config.h"
@@ -28,6 +29,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <sstream>
 
@@ -50,7 +52,7 @@ a PEFT adapter on task B (reverse), and reports scores, parameters, time and mem
   --print-config   print the effective config as JSON and exit
   -h, --help       this text
 
-Ctrl-C stops after the current step and saves the adapter trained so far.
+Ctrl-C stops after the current step and saves the adapter (and full_tune weights) trained so far.
 )";
 
 struct UsageError : std::runtime_error {
@@ -131,14 +133,41 @@ std::optional<uint64_t> peak_cuda_bytes(const c10::Device& device) {
   return std::nullopt;
 }
 
-bool has_full_tune(const peft::AnyPeftConfig& c) {
-  if (std::holds_alternative<peft::FullTuneConfig>(c.value)) return true;
-  if (const auto* stack = std::get_if<peft::PeftStackConfig>(&c.value)) {
-    for (const auto& m : stack->methods) {
-      if (has_full_tune(m)) return true;
+/// What full_tune trains, read from the injected model rather than the config:
+/// the trainable parameters the base checkpoint holds (LoRA's own weights are
+/// fresh state, which no base checkpoint holds; they go into the adapter).
+/// Base-checkpoint key -> model key, which differ where a LoRA wrapper sits
+/// around a fully tuned layer (`q_proj.weight` -> `q_proj.base.weight`).
+std::map<std::string, std::string> full_tune_keys(const torch::nn::Module& model, const ms::ModelStateMapper& mapper) {
+  std::map<std::string, std::optional<std::string>> base_key;  // none: not loaded from exactly one base key
+  for (const auto& group : mapper.state_dependency_groups()) {
+    const bool one_to_one = group.inputs.size() == 1 && group.outputs.size() == 1;
+    for (const auto& key : group.outputs) {
+      base_key[key] = one_to_one ? std::optional<std::string>(*group.inputs.begin()) : std::nullopt;
     }
   }
-  return false;
+  std::map<std::string, std::string> keys;
+  for (const auto& item : model.named_parameters()) {
+    if (!item.value().requires_grad()) continue;
+    const auto it = base_key.find(item.key());
+    if (it == base_key.end()) continue;  // fresh adapter state
+    if (!it->second) {
+      throw std::runtime_error("the trained parameter " + item.key() +
+                               " is not loaded from exactly one tensor of the base checkpoint, so its full_tune "
+                               "weights cannot be saved under the base's keys");
+    }
+    keys.emplace(*it->second, item.key());
+  }
+  return keys;
+}
+
+/// Writes the full_tune weights: the tuned tensors under the base checkpoint's keys.
+void save_full_tune(torch::nn::Module& model, const std::map<std::string, std::string>& keys, const fs::path& file) {
+  const auto params = model.named_parameters();
+  ms::StateDict tensors;
+  for (const auto& [base_key, model_key] : keys) tensors.emplace(base_key, params[model_key].detach());
+  fs::create_directories(file.parent_path());
+  ms::save_safetensors(file.string(), tensors, {{"format", "pt"}});
 }
 
 bool checkpoint_exists(const fs::path& p) {
@@ -273,10 +302,11 @@ int run(int argc, char** argv) {
   auto method = peft::peft_method_from_config(config.peft);
   auto mapper = peft::inject_peft_and_freeze(*method, model);
   load_base(base_path, *mapper, model, device);
+  const std::map<std::string, std::string> tuned_keys = full_tune_keys(*model, *mapper);
   // Only now that the run is known to fit its base does it replace the previous
   // run's outputs (the base checkpoint is what carries over): a run that fails
   // its checks leaves them, and run_config.json, as they were.
-  for (const char* stale : {"adapter", "merged", "summary.json"}) fs::remove_all(out / stale);
+  for (const char* stale : {"adapter", "full_tune", "merged", "summary.json"}) fs::remove_all(out / stale);
   ms::write_file_atomically((out / "run_config.json").string(), trainer::to_json(config).dump(2) + "\n");
   const auto trainable = peft::trainable_parameters(*model);
   const int64_t n_trainable = count(trainable), n_total = count(model->parameters());
@@ -292,18 +322,24 @@ int run(int argc, char** argv) {
   options.phase = "finetune";
   const trainer::TrainResult tuned = trainer::train(model, trainable, Task::Reverse, config.task, config.finetune, options);
 
-  // 4. The adapter, in Hugging Face PEFT format (LoRA layers only).
+  // 4. The adapter, in Hugging Face PEFT format (LoRA layers only), and the
+  // weights full_tune trained, under the base checkpoint's keys.
   const fs::path adapter_dir = out / "adapter";
-  const bool has_lora = !peft::hf::get_peft_model_state_dict(*model).empty();
+  const fs::path full_tune_file = out / "full_tune" / "model.safetensors";
+  const bool has_lora = !peft::adapter_names(*model).empty();
+  const bool has_full_tune = !tuned_keys.empty();
   if (has_lora) {
     peft::hf::SaveAdapterOptions save;
     save.base_model_name_or_path = base_path.string();
     peft::hf::save_adapter(*model, adapter_dir.string(), save);
   }
+  if (has_full_tune) save_full_tune(*model, tuned_keys, full_tune_file);
   if (tuned.interrupted) {
+    std::string saved;
+    if (has_lora) saved = "adapter saved to " + adapter_dir.string();
+    if (has_full_tune) saved += (saved.empty() ? "" : ", ") + ("full_tune weights saved to " + full_tune_file.string());
     std::printf("interrupted after fine-tuning step %lld of %lld: %s; merge and export skipped\n",
-                static_cast<long long>(tuned.steps), static_cast<long long>(config.finetune.steps),
-                has_lora ? ("adapter saved to " + adapter_dir.string()).c_str() : "no LoRA layer, nothing saved");
+                static_cast<long long>(tuned.steps), static_cast<long long>(config.finetune.steps), saved.c_str());
     return 130;
   }
   const double b_after = trainer::accuracy(model, Task::Reverse, config.task, device);
@@ -311,16 +347,27 @@ int run(int argc, char** argv) {
   const at::Tensor probe = trainer::heldout_set(Task::Reverse, config.task).inputs.to(device);
   const at::Tensor tuned_logits = trainer::answer_logits(model, probe, config.task);
 
-  // 5. The adapter loads back into a fresh base and computes what the trained model did.
-  std::string reload = "skipped: no LoRA layer, so no adapter";
+  // 5. What was saved loads back into a fresh base and computes what the trained
+  // model did: the full_tune weights over the base (through the identity, not
+  // strict: the other keys keep the base's), then the adapter.
+  std::string reload = "skipped: nothing was saved";
   bool reload_ok = true;
   std::optional<double> reload_diff;
-  if (has_lora && has_full_tune(config.peft)) {
-    reload = "skipped: full_tune weights are not part of a PEFT adapter (they are in merged/)";
-  } else if (has_lora) {
+  if (has_lora || has_full_tune) {
     trainer::Gpt fresh(model_config);
     load_base(base_path, *ms::identity_mapper_from_module(*fresh), fresh, device);
-    peft::hf::load_adapter(*fresh, adapter_dir.string());
+    if (has_full_tune) {
+      ms::LoadOptions overlay = quiet_load(device);
+      overlay.strict = false;
+      const ms::LoadReport report =
+          ms::load_model_state(full_tune_file.string(), *ms::identity_mapper_from_module(*fresh), *fresh, overlay);
+      if (report.loaded_keys.size() != tuned_keys.size() || !report.unexpected_keys.empty() ||
+          !report.mismatched_keys.empty()) {
+        throw std::runtime_error("the full_tune weights in " + full_tune_file.string() +
+                                 " do not load back onto the base model:\n" + report.to_string());
+      }
+    }
+    if (has_lora) peft::hf::load_adapter(*fresh, adapter_dir.string());
     reload_diff = max_abs_diff(trainer::answer_logits(fresh, probe, config.task), tuned_logits);
     reload_ok = *reload_diff <= 1e-4;
     reload = strf("max |diff| %.1e: %s", *reload_diff, reload_ok ? "ok" : "FAILED (> 1e-4)");
@@ -362,8 +409,12 @@ int run(int argc, char** argv) {
                                      device.str().c_str(), mib(rss).c_str())
                                : mib(rss) + " (VmHWM)");
   row("merged vs unmerged", strf("max |diff| %.1e: %s", merge_diff, merge_ok ? "ok" : "FAILED (> 1e-4)"));
-  row("adapter reload", reload);
-  row("adapter", has_lora ? adapter_dir.string() : std::string("(none)"));
+  row(has_lora ? "adapter reload" : "full_tune reload", reload);
+  row("adapter", has_lora ? adapter_dir.string() : std::string("(none: no LoRA layer, so no Hugging Face adapter)"));
+  if (has_full_tune) {
+    row("full_tune weights",
+        full_tune_file.string() + " (" + std::to_string(tuned_keys.size()) + " tensors, the base's keys)");
+  }
   row("merged checkpoint", merged_dir.string());
 
   nlohmann::ordered_json summary = {
@@ -376,6 +427,9 @@ int run(int argc, char** argv) {
       {"peak_cuda_bytes", cuda_peak ? nlohmann::ordered_json(*cuda_peak) : nlohmann::ordered_json(nullptr)},
       {"merge_max_abs_diff", merge_diff},
       {"reload_max_abs_diff", reload_diff ? nlohmann::ordered_json(*reload_diff) : nlohmann::ordered_json(nullptr)},
+      {"adapter", has_lora ? nlohmann::ordered_json(adapter_dir.string()) : nlohmann::ordered_json(nullptr)},
+      {"full_tune_weights",
+       has_full_tune ? nlohmann::ordered_json(full_tune_file.string()) : nlohmann::ordered_json(nullptr)},
       {"ok", merge_ok && reload_ok}};
   ms::write_file_atomically((out / "summary.json").string(), summary.dump(2) + "\n");
 

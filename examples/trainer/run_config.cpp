@@ -108,7 +108,7 @@ RunConfig default_config() {
   c.finetune.warmup_steps = 20;
   // Reversing is a change of positions: adapt the position embedding as well
   // as every projection.
-  c.peft = d9d::peft::LoRAConfig{".*_proj|embed_positions", {/*r=*/8, /*alpha=*/16, /*dropout=*/0.0}};
+  c.peft = d9d::peft::LoRAConfig{".*_proj|embed_positions", d9d::peft::LoRAParameters().r(8).alpha(16)};
   return c;
 }
 

@@ -32,7 +32,7 @@ int main() {
     const torch::Tensor x = torch::randn({4, 8});
     const torch::Tensor before = model(x).detach();
 
-    d9d::peft::LoRA lora({"fc.", {4, 8, 0.0}});
+    d9d::peft::LoRA lora({"fc.", d9d::peft::LoRAParameters().r(4).alpha(8)});
     auto mapper = d9d::peft::inject_peft_and_freeze(lora, model);
     check(mapper != nullptr, "inject_peft_and_freeze returned a mapper");
     check(torch::allclose(model(x), before), "output unchanged right after injection");

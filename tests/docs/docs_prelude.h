@@ -90,7 +90,7 @@ struct Context {
   Model model;
   d9d::model_state::StateDict checkpoint = d9d::model_state::module_state_dict(*Model());
   d9d::model_state::MapperPtr mapper;
-  d9d::peft::LoRA lora{d9d::peft::LoRAConfig{".*_proj", {8, 16, 0.0}}};
+  d9d::peft::LoRA lora{d9d::peft::LoRAConfig{".*_proj", d9d::peft::LoRAParameters().r(8).alpha(16)}};
   at::Tensor ids;
   std::string text = R"({"kind":"lora","module_name_pattern":".*_proj","params":{"r":8,"alpha":16,"dropout":0.0}})";
   std::string path = "checkpoints/base";

@@ -252,7 +252,7 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
   {
     toy::Toy model = toy_base();
     torch::manual_seed(0);
-    peft::LoRA lora({R"(.*_proj|lm_head)", {4, 8, 0.1}});
+    peft::LoRA lora({R"(.*_proj|lm_head)", peft::LoRAParameters().r(4).alpha(8).dropout(0.1)});
     peft::inject_peft_and_freeze(lora, model);
     model->train();
     torch::optim::SGD opt(peft::trainable_parameters(*model), torch::optim::SGDOptions(0.5));
