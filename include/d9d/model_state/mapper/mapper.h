@@ -1,12 +1,13 @@
 #pragma once
 
+#include <d9d/error.h>
+
 #include <ATen/core/Tensor.h>
 
 #include <map>
 #include <memory>
 #include <ostream>
 #include <set>
-#include <stdexcept>
 #include <string>
 
 namespace d9d::model_state {
@@ -39,9 +40,9 @@ std::ostream& operator<<(std::ostream& stream, const StateGroup& group);
 std::string format_keys(const KeySet& keys);
 
 /// Raised when mappers are composed inconsistently or applied to the wrong keys.
-class MapperError : public std::logic_error {
+class MapperError : public d9d::Error {
  public:
-  using std::logic_error::logic_error;
+  using d9d::Error::Error;
 };
 
 /// Turns tensors stored under one naming scheme into another.
