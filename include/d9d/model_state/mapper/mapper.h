@@ -65,7 +65,8 @@ class ModelStateMapper {
 
 using MapperPtr = std::shared_ptr<const ModelStateMapper>;
 
-/// True when the mapper reads or writes at least one key.
+/// True when the mapper reads and writes no key: every group it declares (if
+/// any) has empty inputs and outputs. Compositions drop such mappers.
 bool is_empty_mapper(const ModelStateMapper& mapper);
 
 }  // namespace d9d::model_state
