@@ -62,7 +62,10 @@ struct LoadReport {
   std::string to_string() const;
 };
 
-/// Thrown by a strict load; the model is left untouched.
+/// A load that cannot be made. Thrown by a strict load whose state does not
+/// fit the model (`report()` says how; the model is left untouched), and when
+/// the module cannot be moved to `LoadOptions::device` or a fitting tensor
+/// cannot be copied into it (the message says so and what was loaded).
 class StateLoadError : public d9d::Error {
  public:
   StateLoadError(const std::string& message, LoadReport report)
