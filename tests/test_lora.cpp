@@ -401,7 +401,8 @@ TEST(LoRAMethod, DroppedWrapperIsReportedOnTheNextCall) {
   peft::inject_peft_and_freeze(lora, block);
   block->replace_module("q", d9d::nn::Linear(4, 4).ptr());
   EXPECT_THAT([&] { block->q(torch::ones({1, 4})); },
-              ::testing::ThrowsMessage<c10::Error>(HasSubstr("was removed from the module tree without merge_peft")));
+              ::testing::ThrowsMessage<peft::PeftError>(
+                  HasSubstr("was removed from the module tree without merge_peft")));
 }
 
 TEST(LoRAMethod, CloningAnInjectedModelIsAnError) {

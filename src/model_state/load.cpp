@@ -8,6 +8,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "torch_error_text.h"
+
 #include <chrono>
 
 namespace d9d::model_state {
@@ -130,7 +132,19 @@ std::string LoadReport::to_string() const {
 
 LoadReport load_model_state(const StateSource& source, const ModelStateMapper& mapper, torch::nn::Module& module,
                             LoadOptions options) {
-  if (options.device) module.to(*options.device);
+  if (options.device) {
+    try {
+      module.to(*options.device);
+    } catch (const c10::OutOfMemoryError&) {
+      throw;
+    } catch (const c10::Error& error) {
+      throw StateLoadError(fmt::format("load from {}: cannot move the model to {} (nothing was loaded; the model may "
+                                       "be partly moved): {}. Pass a LoadOptions::device this LibTorch build and "
+                                       "machine have",
+                                       source.describe(), options.device->str(), detail::torch_error_text(error)),
+                           LoadReport{});
+    }
+  }
   const StateDict model = module_state_dict(module);
   const KeySet fresh = fresh_state_keys(module);
   const std::vector<StateGroup> groups = reading_order(source, mapper);
@@ -197,7 +211,19 @@ LoadReport load_model_state(const StateSource& source, const ModelStateMapper& m
       auto it = model.find(key);
       if (it == model.end() || !fits(it->second, tensor)) continue;
       at::Tensor target = it->second;
-      target.copy_(tensor);
+      try {
+        target.copy_(tensor);
+      } catch (const c10::OutOfMemoryError&) {
+        throw;
+      } catch (const c10::Error& error) {
+        // The checks passed, so the model's own tensor refuses the write
+        // (e.g. an expanded view whose elements share memory).
+        throw StateLoadError(fmt::format("load from {}: cannot copy '{}' into the model ({} keys were loaded before "
+                                         "it): {}. Give the model a tensor of its own under that key",
+                                         source.describe(), key, report.loaded_keys.size(),
+                                         detail::torch_error_text(error)),
+                             report);
+      }
       report.loaded_keys.push_back(key);
     }
     for (const auto& key : group->inputs) source.release(key);

@@ -51,11 +51,14 @@ void check_names(const char* mapper, const char* what, const std::vector<std::st
 KeySet as_set(const std::vector<std::string>& names) { return KeySet(names.begin(), names.end()); }
 
 /// Runs a tensor op, turning an ATen error (a bad dim, mismatched shapes) into
-/// a MapperError that names the mapper and the keys it was working on.
+/// a MapperError that names the mapper and the keys it was working on. Running
+/// out of memory stays LibTorch's c10::OutOfMemoryError.
 template <class Op>
 auto guarded(const char* mapper, const std::string& keys, Op op) {
   try {
     return op();
+  } catch (const c10::OutOfMemoryError&) {
+    throw;  // not a mapping error: the caller may free memory and retry
   } catch (const c10::Error& error) {
     throw MapperError(fmt::format("{}: cannot transform {}: {}", mapper, keys, error.what_without_backtrace()));
   }

@@ -1,27 +1,40 @@
 #include <d9d/nn/embedding.h>
+#include <d9d/peft/errors.h>
 
 #include <torch/nn/functional/embedding.h>
 #include <torch/nn/init.h>
+
+#include <string>
 
 namespace d9d::nn {
 
 EmbeddingImpl::EmbeddingImpl(torch::nn::EmbeddingOptions options_) : options(std::move(options_)) { reset(); }
 
 void EmbeddingImpl::reset() {
+  using d9d::peft::ConfigError;
+  const int64_t n = options.num_embeddings(), d = options.embedding_dim();
+  if (n < 0) throw ConfigError("EmbeddingOptions.num_embeddings", "must be >= 0, got " + std::to_string(n));
+  if (d < 0) throw ConfigError("EmbeddingOptions.embedding_dim", "must be >= 0, got " + std::to_string(d));
   if (options.padding_idx().has_value()) {
     auto& idx = *options.padding_idx();
-    if (idx < 0) idx += options.num_embeddings();
-    TORCH_CHECK(idx >= 0 && idx < options.num_embeddings(), "d9d::nn::Embedding: padding_idx must be within "
-                                                             "num_embeddings");
+    if (idx < -n || idx >= n) {
+      throw ConfigError("EmbeddingOptions.padding_idx", "must be within [-" + std::to_string(n) + ", " +
+                                                            std::to_string(n) + ") for num_embeddings " +
+                                                            std::to_string(n) + ", got " + std::to_string(idx));
+    }
+    if (idx < 0) idx += n;
   }
   if (!options._weight().defined()) {
-    weight = register_parameter("weight", torch::empty({options.num_embeddings(), options.embedding_dim()}));
+    weight = register_parameter("weight", torch::empty({n, d}));
     reset_parameters();
   } else {
-    TORCH_CHECK(options._weight().size(0) == options.num_embeddings() &&
-                    options._weight().size(1) == options.embedding_dim(),
-                "d9d::nn::Embedding: _weight shape does not match num_embeddings x embedding_dim");
-    weight = register_parameter("weight", options._weight());
+    const at::Tensor& given = options._weight();
+    if (given.dim() != 2 || given.size(0) != n || given.size(1) != d) {
+      throw ConfigError("EmbeddingOptions._weight", "has shape " + c10::str(given.sizes()) +
+                                                        "; it must be [num_embeddings, embedding_dim] = [" +
+                                                        std::to_string(n) + ", " + std::to_string(d) + "]");
+    }
+    weight = register_parameter("weight", given);
   }
 }
 

@@ -1,13 +1,12 @@
 #pragma once
 
+#include <d9d/error.h>
 #include <d9d/model_state/io/progress.h>
 #include <d9d/model_state/mapper/mapper.h>
 
 #include <c10/core/Device.h>
 
 #include <optional>
-
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -67,11 +66,14 @@ struct LoadReport {
   std::string to_string() const;
 };
 
-/// Thrown by a strict load; the model is left untouched.
-class StateLoadError : public std::runtime_error {
+/// A load that cannot be made. Thrown by a strict load whose state does not
+/// fit the model (`report()` says how; the model is left untouched), and when
+/// the module cannot be moved to `LoadOptions::device` or a fitting tensor
+/// cannot be copied into it (the message says so and what was loaded).
+class StateLoadError : public d9d::Error {
  public:
   StateLoadError(const std::string& message, LoadReport report)
-      : std::runtime_error(message), report_(std::move(report)) {}
+      : d9d::Error(message), report_(std::move(report)) {}
   const LoadReport& report() const noexcept { return report_; }
 
  private:

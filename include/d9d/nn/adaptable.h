@@ -50,8 +50,9 @@ class Adaptable {
   bool has_override() const { return has_override_; }
 
  protected:
-  /// The wrapper that takes this layer's calls, or null. Throws if a wrapper
-  /// was installed and has since been destroyed without being merged.
+  /// The wrapper that takes this layer's calls, or null. Throws
+  /// `d9d::peft::PeftError` if a wrapper was installed and has since been
+  /// destroyed without being merged.
   std::shared_ptr<LayerOverride> override_target() const;
 
  private:

@@ -21,6 +21,8 @@ class EmbeddingImpl : public torch::nn::Cloneable<EmbeddingImpl>, public Adaptab
  public:
   EmbeddingImpl(int64_t num_embeddings, int64_t embedding_dim)
       : EmbeddingImpl(torch::nn::EmbeddingOptions(num_embeddings, embedding_dim)) {}
+  /// Throws `d9d::peft::ConfigError` naming the field for a negative size, a
+  /// `padding_idx` outside the table or a `_weight` of the wrong shape.
   explicit EmbeddingImpl(torch::nn::EmbeddingOptions options);
 
   void reset() override;

@@ -28,6 +28,7 @@ class LinearImpl : public torch::nn::Cloneable<LinearImpl>, public Adaptable {
  public:
   LinearImpl(int64_t in_features, int64_t out_features)
       : LinearImpl(torch::nn::LinearOptions(in_features, out_features)) {}
+  /// Throws `d9d::peft::ConfigError` for a negative size.
   explicit LinearImpl(const torch::nn::LinearOptions& options);
 
   void reset() override;

@@ -2,12 +2,16 @@
 
 #include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/StringUtil.h>
 
 #include <nlohmann/json.hpp>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "../../json_text.h"
+#include "../torch_error_text.h"
+#include "io_checks.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -55,13 +59,22 @@ uint64_t to_u64(const json& v, const std::string& source, const std::string& wha
 
 std::string errno_text() { return std::strerror(errno); }
 
-}  // namespace
-
-std::string safetensors_dtype_name(at::ScalarType dtype) {
+/// The safetensors name of `dtype`, or null for one the format lacks.
+const char* find_dtype_name(at::ScalarType dtype) {
   for (const auto& d : kDtypes) {
     if (d.type == dtype) return d.name;
   }
-  throw CheckpointError(fmt::format("dtype {} has no safetensors name", c10::toString(dtype)));
+  return nullptr;
+}
+
+constexpr const char* kSupportedDtypes = "F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL";
+
+}  // namespace
+
+std::string safetensors_dtype_name(at::ScalarType dtype) {
+  if (const char* name = find_dtype_name(dtype)) return name;
+  throw CheckpointError(fmt::format("dtype {} has no safetensors name (supported: {})", c10::toString(dtype),
+                                    kSupportedDtypes));
 }
 
 SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, uint64_t file_size,
@@ -127,9 +140,8 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
     auto known = std::find_if(std::begin(kDtypes), std::end(kDtypes),
                               [&](const DtypeInfo& d) { return entry.dtype_name == d.name; });
     if (known == std::end(kDtypes)) {
-      fail(source, fmt::format("{}: dtype \"{}\" is not supported (supported: F64, F32, F16, BF16, I64, I32, I16, "
-                               "I8, U8, BOOL)",
-                               where, entry.dtype_name));
+      fail(source, fmt::format("{}: dtype \"{}\" is not supported (supported: {})", where, entry.dtype_name,
+                               kSupportedDtypes));
     }
     entry.dtype = known->type;
     const json& shape = value["shape"];
@@ -243,15 +255,24 @@ at::Tensor SafetensorsFile::get(const std::string& key) const {
   }
   const SafetensorsEntry& e = it->second;
   const auto options = at::TensorOptions().dtype(e.dtype);
-  if (e.end == e.begin) return at::empty(e.shape, options);
-  char* data = static_cast<char*>(mapping_.get()) + header_.data_offset + e.begin;
-  if (reinterpret_cast<uintptr_t>(data) % c10::elementSize(e.dtype) != 0) {
-    at::Tensor copy = at::empty(e.shape, options);
-    std::memcpy(copy.data_ptr(), data, e.end - e.begin);
-    return copy;
+  // The header is validated, but LibTorch may still refuse a shape it allows
+  // (a stride that overflows beside a zero-size dimension).
+  try {
+    if (e.end == e.begin) return at::empty(e.shape, options);
+    char* data = static_cast<char*>(mapping_.get()) + header_.data_offset + e.begin;
+    if (reinterpret_cast<uintptr_t>(data) % c10::elementSize(e.dtype) != 0) {
+      at::Tensor copy = at::empty(e.shape, options);
+      std::memcpy(copy.data_ptr(), data, e.end - e.begin);
+      return copy;
+    }
+    auto keep_alive = mapping_;
+    return at::from_blob(data, e.shape, [keep_alive](void*) {}, options);
+  } catch (const c10::OutOfMemoryError&) {
+    throw;
+  } catch (const c10::Error& error) {
+    throw CheckpointError(fmt::format("{}: tensor '{}' ({} of shape {}) cannot be made a tensor: {}", path_, key,
+                                      e.dtype_name, fmt::join(e.shape, "x"), detail::torch_error_text(error)));
   }
-  auto keep_alive = mapping_;
-  return at::from_blob(data, e.shape, [keep_alive](void*) {}, options);
 }
 
 void SafetensorsFile::release(const std::string& key) const {
@@ -376,14 +397,40 @@ void write_file_atomically(const std::string& path, const std::string& bytes) {
 
 void save_safetensors(const std::string& path, const StateDict& tensors,
                       const std::map<std::string, std::string>& metadata) {
+  for (const auto& [key, value] : metadata) {
+    detail::check_json_string(key, path, "__metadata__ key");
+    detail::check_json_string(value, path, "__metadata__ value");
+  }
   // The reference writer's order: larger dtypes first, then by name, which
   // keeps every tensor aligned for its dtype.
   std::vector<std::pair<std::string, at::Tensor>> order;
   for (const auto& [key, tensor] : tensors) {
+    detail::check_json_string(key, path, "key");
     if (!tensor.defined()) throw CheckpointError(fmt::format("{}: tensor '{}' is undefined", path, key));
     if (key == "__metadata__") throw CheckpointError(fmt::format("{}: '__metadata__' is reserved", path));
-    safetensors_dtype_name(tensor.scalar_type());  // throws for dtypes the format lacks
-    order.emplace_back(key, tensor.detach().to(at::kCPU).contiguous());
+    if (!find_dtype_name(tensor.scalar_type())) {
+      throw CheckpointError(fmt::format("{}: tensor '{}' has dtype {}, which safetensors cannot hold (supported: "
+                                        "{}); convert it first",
+                                        path, key, c10::toString(tensor.scalar_type()), kSupportedDtypes));
+    }
+    if (tensor.is_meta()) {
+      throw CheckpointError(fmt::format("{}: tensor '{}' is on the meta device and has no data; load or "
+                                        "initialise the weights before saving",
+                                        path, key));
+    }
+    if (tensor.layout() != at::kStrided) {
+      throw CheckpointError(fmt::format("{}: tensor '{}' is not dense (layout {}); safetensors holds dense "
+                                        "tensors: save tensor.to_dense()",
+                                        path, key, c10::str(tensor.layout())));
+    }
+    try {
+      order.emplace_back(key, tensor.detach().to(at::kCPU).contiguous());
+    } catch (const c10::OutOfMemoryError&) {
+      throw;
+    } catch (const c10::Error& error) {
+      throw CheckpointError(fmt::format("{}: tensor '{}' cannot be copied to the CPU to be written: {}", path, key,
+                                        detail::torch_error_text(error)));
+    }
   }
   std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
     const auto sa = a.second.element_size(), sb = b.second.element_size();

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "../../json_text.h"
+#include "io_checks.h"
 
 #include <filesystem>
 #include <fstream>
@@ -44,7 +45,8 @@ class MemorySource final : public StateSource {
   }
   uint64_t nbytes(const std::string& key) const override {
     const auto t = read(key);
-    return static_cast<uint64_t>(t.numel()) * t.element_size();
+    // An undefined tensor (reported as a mismatch by a load) holds no bytes.
+    return t.defined() ? static_cast<uint64_t>(t.numel()) * t.element_size() : 0;
   }
   std::string describe() const override { return name_; }
 
@@ -84,7 +86,7 @@ class ShardedSource final : public StateSource {
       auto it = opened.find(shard);
       if (it == opened.end()) {
         const std::string shard_path = (dir / shard).string();
-        if (!fs::exists(shard_path)) {
+        if (!detail::path_exists(shard_path, index_path)) {
           throw CheckpointError(fmt::format("{}: key '{}' is mapped to shard '{}', which does not exist ({})",
                                             index_path, key, shard, shard_path));
         }
@@ -155,19 +157,23 @@ SourcePtr state_dict_source(StateDict tensors, std::string name) {
 
 SourcePtr open_checkpoint(const std::string& path) {
   std::error_code ec;
-  if (fs::is_directory(path, ec)) {
+  const fs::file_status status = fs::status(path, ec);
+  if (status.type() == fs::file_type::not_found) {
+    throw CheckpointError(fmt::format("{}: no such file or directory", path));
+  }
+  if (ec) throw CheckpointError(fmt::format("{}: cannot access: {}", path, ec.message()));
+  if (fs::is_directory(status)) {
     const fs::path dir(path);
-    if (fs::exists(dir / "model.safetensors.index.json")) {
+    if (detail::path_exists(dir / "model.safetensors.index.json", path)) {
       return std::make_shared<ShardedSource>((dir / "model.safetensors.index.json").string());
     }
-    if (fs::exists(dir / "model.safetensors")) {
+    if (detail::path_exists(dir / "model.safetensors", path)) {
       return std::make_shared<SafetensorsSource>(SafetensorsFile::open((dir / "model.safetensors").string()));
     }
     throw CheckpointError(fmt::format("{}: directory holds neither model.safetensors nor "
                                       "model.safetensors.index.json",
                                       path));
   }
-  if (!fs::exists(path, ec)) throw CheckpointError(fmt::format("{}: no such file or directory", path));
   if (ends_with(path, ".index.json")) return std::make_shared<ShardedSource>(path);
   if (ends_with(path, ".safetensors")) return std::make_shared<SafetensorsSource>(SafetensorsFile::open(path));
   if (ends_with(path, ".pt") || ends_with(path, ".pth") || ends_with(path, ".bin")) return open_torch_save(path);
@@ -224,6 +230,10 @@ SafetensorsIndex parse_safetensors_index(const std::string& text, const std::str
 }
 
 std::string dump_safetensors_index(const SafetensorsIndex& index) {
+  for (const auto& [key, shard] : index.weight_map) {
+    detail::check_json_string(key, "safetensors index", "key");
+    detail::check_json_string(shard, "safetensors index", "shard file name");
+  }
   nlohmann::json j;
   j["metadata"] = nlohmann::json::object();
   if (index.total_size) j["metadata"]["total_size"] = *index.total_size;

@@ -7,6 +7,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "io_checks.h"
+
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -52,7 +54,10 @@ struct Clock {
   }
 };
 
-uint64_t nbytes_of(const at::Tensor& t) { return static_cast<uint64_t>(t.numel()) * t.element_size(); }
+// An undefined tensor holds no bytes (save_safetensors then names its key).
+uint64_t nbytes_of(const at::Tensor& t) {
+  return t.defined() ? static_cast<uint64_t>(t.numel()) * t.element_size() : 0;
+}
 
 }  // namespace
 
@@ -102,6 +107,7 @@ void read_model_state(const StateSource& source, const ModelStateMapper& mapper,
 
 void save_model_state(const std::string& dir, const ModelStateMapper& mapper, const torch::nn::Module& module,
                       SaveOptions options) {
+  if (dir.empty()) throw CheckpointError("save_model_state: the directory is empty; pass the checkpoint directory");
   const StateDict state = module_state_dict(module);
   const StateGroups declared = mapper.state_dependency_groups();
   std::vector<StateGroup> groups(declared.begin(), declared.end());
@@ -148,7 +154,11 @@ void save_model_state(const std::string& dir, const ModelStateMapper& mapper, co
 
   std::error_code ec;
   fs::create_directories(dir, ec);
-  if (!fs::is_directory(dir)) throw CheckpointError(fmt::format("save to {}: cannot create the directory", dir));
+  if (ec) throw CheckpointError(fmt::format("save to {}: cannot create the directory: {}", dir, ec.message()));
+  const bool is_dir = fs::is_directory(dir, ec);
+  if (ec || !is_dir) {
+    throw CheckpointError(fmt::format("save to {}: {}", dir, ec ? ec.message() : "exists and is not a directory"));
+  }
 
   const size_t n = shards.size();
   std::vector<std::string> names;
@@ -158,7 +168,7 @@ void save_model_state(const std::string& dir, const ModelStateMapper& mapper, co
   // Files of an old checkpoint here, removed once the new one is in place.
   std::set<std::string> old_files;
   const fs::path old_index = fs::path(dir) / "model.safetensors.index.json";
-  if (fs::exists(old_index)) {
+  if (detail::path_exists(old_index, "save to " + dir)) {
     old_files.insert(old_index.filename().string());
     try {
       std::ifstream in(old_index);
@@ -168,7 +178,9 @@ void save_model_state(const std::string& dir, const ModelStateMapper& mapper, co
       // A broken old index: its shards cannot be known, so they stay.
     }
   }
-  if (fs::exists(fs::path(dir) / "model.safetensors")) old_files.insert("model.safetensors");
+  if (detail::path_exists(fs::path(dir) / "model.safetensors", "save to " + dir)) {
+    old_files.insert("model.safetensors");
+  }
 
   Clock clock;
   ProgressInfo info{"save", 0, groups.size(), 0, total, 0, false};
@@ -200,14 +212,31 @@ void save_model_state(const std::string& dir, const ModelStateMapper& mapper, co
   }
   // Every shard is complete on disk: put them in place, then the index.
   for (size_t s = 0; s < n; ++s) {
-    fs::rename(partials[s], fs::path(dir) / names[s]);
+    fs::rename(partials[s], fs::path(dir) / names[s], ec);
+    if (ec) {
+      const std::string why = ec.message();
+      for (size_t rest = s; rest < n; ++rest) fs::remove(partials[rest], ec);
+      throw CheckpointError(fmt::format("save to {}: cannot rename {} to {}: {} ({} of {} shards were put in place)",
+                                        dir, partials[s], names[s], why, s, n));
+    }
     old_files.erase(names[s]);
   }
   if (n > 1) {
     write_file_atomically(old_index.string(), dump_safetensors_index(index));
     old_files.erase(old_index.filename().string());
   }
-  for (const auto& name : old_files) fs::remove(fs::path(dir) / name, ec);
+  // An old index left beside a new model.safetensors would be read instead
+  // of it, so a file that cannot be removed is an error, not a leftover.
+  std::vector<std::string> kept;
+  for (const auto& name : old_files) {
+    fs::remove(fs::path(dir) / name, ec);
+    if (ec) kept.push_back(fmt::format("{} ({})", name, ec.message()));
+  }
+  if (!kept.empty()) {
+    throw CheckpointError(fmt::format("save to {}: the new checkpoint is written, but files of the old one could not "
+                                      "be removed: {}. Remove them, or the directory may read as the old checkpoint",
+                                      dir, fmt::join(kept, ", ")));
+  }
   info.finished = true;
   info.elapsed_seconds = clock.seconds();
   if (options.progress) options.progress(info);

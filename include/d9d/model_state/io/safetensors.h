@@ -1,5 +1,6 @@
 #pragma once
 
+#include <d9d/error.h>
 #include <d9d/model_state/mapper/mapper.h>
 
 #include <c10/core/ScalarType.h>
@@ -7,17 +8,17 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace d9d::model_state {
 
-/// A checkpoint file or index is malformed or unreadable. The message names
-/// the file and, where one is at fault, the key.
-class CheckpointError : public std::runtime_error {
+/// A checkpoint file, index or directory is malformed, unreadable or cannot
+/// be written. The message names the path, the key where one is at fault, and
+/// the operating system's reason where it gave one.
+class CheckpointError : public d9d::Error {
  public:
-  using std::runtime_error::runtime_error;
+  using d9d::Error::Error;
 };
 
 /// Where one tensor lies in a safetensors file.

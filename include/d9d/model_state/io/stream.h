@@ -39,6 +39,10 @@ struct SaveOptions {
 /// old checkpoint in `dir` readable. Files of an old checkpoint that the new
 /// one does not use are removed at the end. Every module key must be read by
 /// some mapper group (use `identity_mapper_from_module` to save as is).
+///
+/// Errors are `CheckpointError`s naming the path and the operating system's
+/// reason: `dir` cannot be created, a file cannot be written or renamed, or
+/// an old file cannot be removed.
 void save_model_state(const std::string& dir, const ModelStateMapper& mapper, const torch::nn::Module& module,
                       SaveOptions options = {});
 

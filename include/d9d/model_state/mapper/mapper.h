@@ -1,12 +1,13 @@
 #pragma once
 
+#include <d9d/error.h>
+
 #include <ATen/core/Tensor.h>
 
 #include <map>
 #include <memory>
 #include <ostream>
 #include <set>
-#include <stdexcept>
 #include <string>
 
 namespace d9d::model_state {
@@ -39,9 +40,9 @@ std::ostream& operator<<(std::ostream& stream, const StateGroup& group);
 std::string format_keys(const KeySet& keys);
 
 /// Raised when mappers are composed inconsistently or applied to the wrong keys.
-class MapperError : public std::logic_error {
+class MapperError : public d9d::Error {
  public:
-  using std::logic_error::logic_error;
+  using d9d::Error::Error;
 };
 
 /// Turns tensors stored under one naming scheme into another.
@@ -64,7 +65,8 @@ class ModelStateMapper {
 
 using MapperPtr = std::shared_ptr<const ModelStateMapper>;
 
-/// True when the mapper reads or writes at least one key.
+/// True when the mapper reads and writes no key: every group it declares (if
+/// any) has empty inputs and outputs. Compositions drop such mappers.
 bool is_empty_mapper(const ModelStateMapper& mapper);
 
 }  // namespace d9d::model_state
