@@ -323,7 +323,7 @@ TEST(Errors, BadLayerOptionsAreConfigErrorsNamingTheField) {
 
 TEST(Errors, ALayerWhoseWrapperWasDroppedIsAPeftError) {
   toy::Toy model;
-  peft::LoRA lora({"lm_head", {2, 4, 0.0}});
+  peft::LoRA lora({"lm_head", peft::LoRAParameters().r(2).alpha(4)});
   peft::inject_peft_and_freeze(lora, *model);
   model->replace_module("lm_head", d9d::nn::Linear(16, 37).ptr());
   EXPECT_D9D_ERROR(peft::PeftError, model->lm_head(torch::ones({1, 16})),
