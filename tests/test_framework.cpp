@@ -446,3 +446,14 @@ TEST(ConfigChecks, LoraParametersChainAndValidateWithFieldPaths) {
                 R"({"kind":"lora","module_name_pattern":"x","params":{"r":4,"alpha":8,"dropout":0.0,"use_dora":true}})")),
             R"({"kind":"lora","module_name_pattern":"x","params":{"r":4,"alpha":8,"dropout":0.0,"use_dora":true}})");
 }
+
+TEST(ConfigChecks, AConfigBuiltInCodeIsCheckedWhenTheMethodIsBuilt) {
+  peft::hf::LoraConfig config;
+  config.target_modules.regex = "q_proj(";
+  EXPECT_THAT([&] { peft::hf::HfLoRA method(config); },
+              ::testing::ThrowsMessage<peft::ConfigError>(HasSubstr("LoraConfig: target_modules: invalid regular expression")));
+  config.target_modules.regex = ".*q_proj";
+  config.rank_pattern = {{"v(", 2}};
+  EXPECT_THAT([&] { peft::hf::HfLoRA method(config); },
+              ::testing::ThrowsMessage<peft::ConfigError>(HasSubstr("rank_pattern.v(")));
+}

@@ -30,6 +30,7 @@ namespace fs = std::filesystem;
 
 HfLoRA::HfLoRA(LoraConfig config, std::string adapter_name)
     : PeftMethod(std::move(config)), adapter_name_(std::move(adapter_name)) {
+  validate(config_);
   validate_adapter_name(adapter_name_);
 }
 

@@ -217,8 +217,34 @@ LoraConfig parse_lora_config(const json& j, const std::string& source) {
                                       d9d::detail::quote_json(v)));
     }
   }
-  if (c.target_modules.empty()) fail(source, "target_modules", "must name the modules to adapt");
+  validate(c, source);
   return c;
+}
+
+void validate(const LoraConfig& c, const std::string& source) {
+  if (c.target_modules.empty()) fail(source, "target_modules", "must name the modules to adapt");
+  for (const auto* selector : {&c.target_modules, &c.exclude_modules}) {
+    if (!selector->regex) continue;
+    try {
+      std::regex check(*selector->regex, std::regex::ECMAScript);
+    } catch (const std::regex_error& e) {
+      fail(source, selector == &c.target_modules ? "target_modules" : "exclude_modules",
+           fmt::format("invalid regular expression \"{}\": {}", *selector->regex, e.what()));
+    }
+  }
+  for (const auto& [key, value] : c.rank_pattern) {
+    check_pattern_key(key, source, "rank_pattern." + key);
+    if (value < 1) fail(source, "rank_pattern." + key, fmt::format("must be an integer >= 1, got {}", value));
+  }
+  for (const auto& [key, value] : c.alpha_pattern) {
+    check_pattern_key(key, source, "alpha_pattern." + key);
+    if (!(value > 0)) fail(source, "alpha_pattern." + key, fmt::format("must be a number > 0, got {}", value));
+  }
+  if (c.r < 1) fail(source, "r", fmt::format("must be an integer >= 1, got {}", c.r));
+  if (!(c.lora_alpha > 0)) fail(source, "lora_alpha", fmt::format("must be a number > 0, got {}", c.lora_alpha));
+  if (!(c.lora_dropout >= 0 && c.lora_dropout < 1)) {
+    fail(source, "lora_dropout", fmt::format("must be a number in [0, 1), got {}", c.lora_dropout));
+  }
 }
 
 std::string dump_lora_config(const LoraConfig& c) {

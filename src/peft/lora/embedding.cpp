@@ -43,7 +43,7 @@ void LoRAEmbeddingImpl::add_adapter(const std::string& name, const AdapterOption
 }
 
 void LoRAEmbeddingImpl::relayout() {
-  if (named_children().contains("adapters")) unregister_module("adapters");
+  clear_further_adapters();
   for (const char* p : {"lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}) {
     d9d::detail::torch_compat::unregister_parameter(*this, p);
   }
@@ -60,7 +60,7 @@ void LoRAEmbeddingImpl::relayout() {
     lora_magnitude_vector = register_parameter("lora_magnitude_vector", top->lora_magnitude_vector,
                                                top->lora_magnitude_vector.requires_grad());
   }
-  if (auto more = further_adapters()) register_module("adapters", more);
+  register_further_adapters();
 }
 
 void LoRAEmbeddingImpl::reset_adapter(LoRAEmbeddingAdapterImpl& a) {

@@ -58,21 +58,14 @@ void LoRALinearAdapterImpl::pretty_print(std::ostream& stream) const {
 
 LoRALinearImpl::LoRALinearImpl(std::shared_ptr<d9d::nn::LinearImpl> base, const LoRAParameters& options,
                                const std::string& adapter_name)
-    : d9d_base(std::move(base)) {
-  if (!d9d_base) throw PeftError("LoRALinearImpl: the base layer is null");
-  register_module("base", d9d_base);
-  init(options, adapter_name);
+    : WrappedLinear(std::move(base), *this) {
+  add_adapter(adapter_name, options);
+  set_active_adapters({adapter_name});
 }
 
 LoRALinearImpl::LoRALinearImpl(std::shared_ptr<torch::nn::LinearImpl> base, const LoRAParameters& options,
                                const std::string& adapter_name)
-    : torch_base(std::move(base)) {
-  if (!torch_base) throw PeftError("LoRALinearImpl: the base layer is null");
-  register_module("base", torch_base);
-  init(options, adapter_name);
-}
-
-void LoRALinearImpl::init(const LoRAParameters& options, const std::string& adapter_name) {
+    : WrappedLinear(std::move(base), *this) {
   add_adapter(adapter_name, options);
   set_active_adapters({adapter_name});
 }
@@ -86,7 +79,8 @@ void LoRALinearImpl::add_adapter(const std::string& name, const AdapterOptions& 
 }
 
 void LoRALinearImpl::relayout() {
-  clear_children(*this, {"lora_A", "lora_B", "dropout", "adapters"});
+  clear_children(*this, {"lora_A", "lora_B", "dropout"});
+  clear_further_adapters();
   d9d::detail::torch_compat::unregister_parameter(*this, "lora_magnitude_vector");
   lora_A = torch::nn::Linear(nullptr);
   lora_B = torch::nn::Linear(nullptr);
@@ -101,7 +95,7 @@ void LoRALinearImpl::relayout() {
     lora_magnitude_vector = register_parameter("lora_magnitude_vector", top->lora_magnitude_vector,
                                                top->lora_magnitude_vector.requires_grad());
   }
-  if (auto more = further_adapters()) register_module("adapters", more);
+  register_further_adapters();
 }
 
 void LoRALinearImpl::reset_adapter(LoRALinearAdapterImpl& a) {
@@ -130,22 +124,7 @@ void LoRALinearImpl::reset_adapter_magnitude(LoRALinearAdapterImpl& a) {
   a.lora_magnitude_vector.copy_(norm);
 }
 
-const at::Tensor& LoRALinearImpl::base_weight() const { return d9d_base ? d9d_base->weight : torch_base->weight; }
-
-const at::Tensor& LoRALinearImpl::base_bias() const { return d9d_base ? d9d_base->bias : torch_base->bias; }
-
-std::shared_ptr<torch::nn::Module> LoRALinearImpl::base() const {
-  if (d9d_base) return d9d_base;
-  return torch_base;
-}
-
-torch::nn::AnyModule LoRALinearImpl::unwrap() {
-  if (d9d_base) {
-    d9d_base->clear_override();
-    return torch::nn::AnyModule(d9d_base);
-  }
-  return torch::nn::AnyModule(torch_base);
-}
+torch::nn::AnyModule LoRALinearImpl::unwrap() { return unwrap_base(); }
 
 at::Tensor LoRALinearImpl::dora_scale(const LoRALinearAdapterImpl& a) const {
   // PEFT detaches the norm: the magnitude learns the scale, B and A the direction.

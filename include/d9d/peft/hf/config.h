@@ -56,6 +56,10 @@ struct LoraConfig {
 /// `rank_pattern` and `alpha_pattern`) is compiled here.
 LoraConfig parse_lora_config(const nlohmann::json& j, const std::string& source);
 
+/// Checks a config built in code as `parse_lora_config` checks a file (every
+/// regular expression compiled): `ConfigError` naming `source` and the field.
+void validate(const LoraConfig& config, const std::string& source = "LoraConfig");
+
 /// The config as PEFT 0.21's `save_pretrained` writes it: every field, keys
 /// sorted, 2-space indent.
 std::string dump_lora_config(const LoraConfig& config);

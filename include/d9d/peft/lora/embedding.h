@@ -1,7 +1,7 @@
 #pragma once
 
 #include <d9d/nn/embedding.h>
-#include <d9d/peft/lora/adapter_set.h>
+#include <d9d/peft/lora/lora_layer.h>
 
 #include <memory>
 #include <string>

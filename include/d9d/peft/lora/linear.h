@@ -1,7 +1,8 @@
 #pragma once
 
 #include <d9d/nn/linear.h>
-#include <d9d/peft/lora/adapter_set.h>
+#include <d9d/peft/lora/lora_layer.h>
+#include <d9d/peft/wrapped_linear.h>
 
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
@@ -50,7 +51,7 @@ class LoRALinearAdapterImpl : public torch::nn::Module {
 /// Adapters are created on the base weight's device and dtype. The base is a
 /// `d9d::nn::Linear` (its calls are routed here) or a `torch::nn::Linear` held
 /// by a `Sequential`, `ModuleList` or `ModuleDict`.
-class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl> {
+class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl>, public WrappedLinear {
  public:
   /// Wraps `base` with one adapter, `adapter_name`, active.
   LoRALinearImpl(std::shared_ptr<d9d::nn::LinearImpl> base, const LoRAParameters& options,
@@ -67,9 +68,6 @@ class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl> {
   at::Tensor delta_weight(const std::string& name) const override;
   torch::nn::AnyModule unwrap() override;
 
-  std::shared_ptr<torch::nn::Module> base() const;
-  const at::Tensor& base_weight() const;
-  const at::Tensor& base_bias() const;
   void pretty_print(std::ostream& stream) const override;
 
   /// The first adapter's modules (the single-adapter layout).
@@ -79,17 +77,12 @@ class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl> {
   /// DoRA only: `[out]`.
   at::Tensor lora_magnitude_vector;
 
-  // Which kind of base this wraps; exactly one is set.
-  std::shared_ptr<d9d::nn::LinearImpl> d9d_base;
-  std::shared_ptr<torch::nn::LinearImpl> torch_base;
-
  protected:
   void relayout() override;
   void reset_adapter(LoRALinearAdapterImpl& adapter) override;
   void reset_adapter_magnitude(LoRALinearAdapterImpl& adapter) override;
 
  private:
-  void init(const LoRAParameters& options, const std::string& adapter_name);
   at::Tensor dora_scale(const LoRALinearAdapterImpl& adapter) const;
   at::Tensor forward_general(const at::Tensor& input);
 };
