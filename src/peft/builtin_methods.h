@@ -18,6 +18,7 @@ namespace d9d::peft {
 PeftMethodRegistration lora_registration();
 PeftMethodRegistration full_tune_registration();
 PeftMethodRegistration stack_registration();
+PeftMethodRegistration ia3_registration();
 
 /// The d9d JSON readers (the `"kind"` field already checked by the caller).
 LoRAConfig parse_lora_config_json(const nlohmann::json& j, const std::string& path);

@@ -17,7 +17,7 @@ namespace d9d::peft {
 namespace {
 
 std::deque<PeftMethodRegistration> builtin_methods() {
-  return {lora_registration(), full_tune_registration(), stack_registration()};
+  return {lora_registration(), full_tune_registration(), stack_registration(), ia3_registration()};
 }
 
 struct Registry {

@@ -4,6 +4,7 @@
 #include <d9d/peft/adapters.h>
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/config.h>
+#include <d9d/peft/hf/module_selector.h>
 #include <d9d/peft/lora/layer.h>
 
 #include <fmt/format.h>
@@ -36,31 +37,6 @@ bool is_default_like(const json& v) {
          (v.is_array() && v.empty());
 }
 
-ModuleSelector parse_selector(const json& v, const std::string& source, const std::string& field) {
-  ModuleSelector s;
-  if (v.is_null()) return s;
-  if (v.is_string()) {
-    s.regex = v.get<std::string>();
-    try {
-      std::regex check(*s.regex, std::regex::ECMAScript);
-    } catch (const std::regex_error& e) {
-      fail(source, field, fmt::format("invalid regular expression \"{}\": {}", *s.regex, e.what()));
-    }
-    return s;
-  }
-  if (!v.is_array()) fail(source, field, fmt::format("expected a list of names or a regex string, got {}", d9d::detail::quote_json(v)));
-  for (const auto& item : v) {
-    if (!item.is_string()) fail(source, field, fmt::format("expected names, got {}", d9d::detail::quote_json(item)));
-    s.names.push_back(item.get<std::string>());
-  }
-  return s;
-}
-
-json selector_json(const ModuleSelector& s) {
-  if (s.regex) return *s.regex;
-  if (s.names.empty()) return nullptr;
-  return s.names;
-}
 
 /// PEFT's get_pattern_key: the first key whose regex `(.*\.)?(key)` matches the whole name.
 template <typename T>
@@ -123,15 +99,6 @@ const std::map<std::string, json> kFixedFields = {
 
 // ----------------------------------------------------------------- config
 
-bool ModuleSelector::matches(const std::string& name) const {
-  if (regex) return std::regex_match(name, std::regex(*regex, std::regex::ECMAScript));
-  for (const auto& target : names) {
-    if (name == target || ends_with(name, "." + target)) return true;
-  }
-  return false;
-}
-
-std::string ModuleSelector::describe() const { return selector_json(*this).dump(); }
 
 std::optional<LoRAParameters> LoraConfig::select(const std::string& name) const {
   if (!target_modules.matches(name) || exclude_modules.matches(name)) return std::nullopt;

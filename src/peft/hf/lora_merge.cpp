@@ -215,7 +215,7 @@ class LoraOfflineMerge : public OfflineMerge {
     for (const auto& module : adapted_module_paths(tensors_, source_)) modules_.emplace(module + ".weight", module);
     if (modules_.empty()) throw PeftError(fmt::format("{}: the adapter holds no weights", source_));
   }
-  std::vector<std::string> target_keys() const override {
+  std::vector<std::string> target_keys(const model_state::KeySet&) const override {
     std::vector<std::string> keys;
     for (const auto& item : modules_) keys.push_back(item.first);
     return keys;

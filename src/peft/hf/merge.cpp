@@ -105,7 +105,7 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
 
   // Check everything against the base before writing anything.
   std::set<std::string> targets;
-  for (const auto& key : plan->target_keys()) {
+  for (const auto& key : plan->target_keys(source->keys())) {
     if (!source->contains(key)) {
       throw PeftError(fmt::format("the adapter changes '{}', which the base checkpoint does not hold (wrong base "
                                   "model?); base: {}",

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <d9d/peft/hf/module_selector.h>
 #include <d9d/peft/lora/options.h>
 
 #include <nlohmann/json.hpp>
@@ -10,19 +11,6 @@
 #include <vector>
 
 namespace d9d::peft::hf {
-
-/// Which modules a Hugging Face PEFT config names: a list of names (a module
-/// matches when its qualified name equals one or ends with "." + one) or one
-/// regular expression that must match the whole name.
-struct ModuleSelector {
-  std::vector<std::string> names;
-  std::optional<std::string> regex;
-
-  bool empty() const { return names.empty() && !regex; }
-  bool matches(const std::string& qualified_name) const;
-  /// As the config writes it, for messages: `["q_proj","v_proj"]` or `".*proj"`.
-  std::string describe() const;
-};
 
 /// The part of a Hugging Face PEFT `LoraConfig` (adapter_config.json) this
 /// library computes with. Every other field must hold its default: a field

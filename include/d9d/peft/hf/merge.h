@@ -1,6 +1,7 @@
 #pragma once
 
 #include <d9d/model_state/io/progress.h>
+#include <d9d/model_state/mapper/mapper.h>
 #include <d9d/peft/hf/files.h>
 #include <d9d/peft/hf/lora_merge.h>
 
@@ -19,8 +20,9 @@ namespace d9d::peft::hf {
 class OfflineMerge {
  public:
   virtual ~OfflineMerge() = default;
-  /// The base checkpoint keys the adapter changes (`layers.0.q_proj.weight`).
-  virtual std::vector<std::string> target_keys() const = 0;
+  /// The base checkpoint keys the adapter changes (`layers.0.q_proj.weight`),
+  /// given the keys the base holds (IA3 scales a bias only where there is one).
+  virtual std::vector<std::string> target_keys(const model_state::KeySet& base_keys) const = 0;
   /// Checks the adapter against base tensor `key` before anything is written
   /// (shape, dtype, rank; NaN or Inf in the adapter unless
   /// `allow_non_finite`): `PeftError` naming the keys ("wrong base model?").

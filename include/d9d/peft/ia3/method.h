@@ -1,0 +1,35 @@
+#pragma once
+
+#include <d9d/peft/base.h>
+#include <d9d/peft/ia3/config.h>
+#include <d9d/peft/ia3/linear.h>
+
+#include <string>
+
+namespace d9d::peft {
+
+/// (IA)³, as Hugging Face PEFT's IA3: a learned vector per selected linear
+/// layer that rescales its output, or its input on feed-forward layers. Adds
+/// adapter `adapter_name`; wraps `d9d::nn::Linear` anywhere and
+/// `torch::nn::Linear` inside `Sequential`, `ModuleList` or `ModuleDict` in an
+/// `IA3LinearImpl`, and emits `x.weight -> x.base.weight` (and bias) renames so
+/// a standard checkpoint still loads. `merge` folds the vectors into the
+/// weights (and biases) and puts the base layers back. Registered under
+/// `peft_type` `"IA3"`, so `hf::load_adapter`, `hf::save_adapter` and
+/// `d9d-peft merge` read and write PEFT's IA3 adapters.
+class IA3 : public PeftMethod<IA3Config> {
+ public:
+  /// Validates the config (`ConfigError`).
+  explicit IA3(IA3Config config, std::string adapter_name = kDefaultAdapterName);
+  PeftInjectionResult inject(torch::nn::Module& module) override;
+  void merge(torch::nn::Module& module) override;
+  const std::string& adapter_name() const noexcept { return adapter_name_; }
+
+ private:
+  std::string adapter_name_;
+};
+
+/// The `IA3Config` that describes IA3 adapter `adapter_name` of `module`.
+IA3Config ia3_config_of(const torch::nn::Module& module, const std::string& adapter_name);
+
+}  // namespace d9d::peft

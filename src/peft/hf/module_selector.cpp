@@ -1,0 +1,63 @@
+// Which modules a Hugging Face PEFT config names (`target_modules`, `exclude_modules`).
+#include <d9d/peft/errors.h>
+#include <d9d/peft/hf/module_selector.h>
+
+#include <fmt/format.h>
+
+#include "../../json_text.h"
+
+#include <regex>
+
+namespace d9d::peft::hf {
+
+using nlohmann::json;
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+[[noreturn]] void fail(const std::string& source, const std::string& field, const std::string& rule) {
+  throw ConfigError(source + ": " + field, rule);
+}
+
+}  // namespace
+
+ModuleSelector parse_selector(const json& v, const std::string& source, const std::string& field) {
+  ModuleSelector s;
+  if (v.is_null()) return s;
+  if (v.is_string()) {
+    s.regex = v.get<std::string>();
+    try {
+      std::regex check(*s.regex, std::regex::ECMAScript);
+    } catch (const std::regex_error& e) {
+      fail(source, field, fmt::format("invalid regular expression \"{}\": {}", *s.regex, e.what()));
+    }
+    return s;
+  }
+  if (!v.is_array()) fail(source, field, fmt::format("expected a list of names or a regex string, got {}", d9d::detail::quote_json(v)));
+  for (const auto& item : v) {
+    if (!item.is_string()) fail(source, field, fmt::format("expected names, got {}", d9d::detail::quote_json(item)));
+    s.names.push_back(item.get<std::string>());
+  }
+  return s;
+}
+
+json selector_json(const ModuleSelector& s) {
+  if (s.regex) return *s.regex;
+  if (s.names.empty()) return nullptr;
+  return s.names;
+}
+
+bool ModuleSelector::matches(const std::string& name) const {
+  if (regex) return std::regex_match(name, std::regex(*regex, std::regex::ECMAScript));
+  for (const auto& target : names) {
+    if (name == target || ends_with(name, "." + target)) return true;
+  }
+  return false;
+}
+
+std::string ModuleSelector::describe() const { return selector_json(*this).dump(); }
+
+}  // namespace d9d::peft::hf

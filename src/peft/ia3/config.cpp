@@ -1,0 +1,119 @@
+// PEFT's IA3Config (adapter_config.json): parsing, checking, writing.
+#include <d9d/peft/errors.h>
+#include <d9d/peft/ia3/config.h>
+
+#include <fmt/format.h>
+
+#include "../../json_text.h"
+
+#include <algorithm>
+#include <regex>
+#include <set>
+
+namespace d9d::peft {
+
+using nlohmann::json;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& source, const std::string& field, const std::string& rule) {
+  throw ConfigError(source + ": " + field, rule);
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+/// Bookkeeping fields that do not change the numbers.
+const std::set<std::string> kMetadata = {"auto_mapping", "revision", "inference_mode", "peft_version"};
+
+}  // namespace
+
+std::optional<IA3Parameters> IA3Config::select(const std::string& name) const {
+  if (!target_modules.matches(name) || exclude_modules.matches(name)) return std::nullopt;
+  bool feedforward = false;
+  if (feedforward_modules.regex) {
+    feedforward = std::regex_match(name, std::regex(*feedforward_modules.regex, std::regex::ECMAScript));
+  } else {
+    feedforward = std::any_of(feedforward_modules.names.begin(), feedforward_modules.names.end(),
+                              [&](const std::string& key) { return ends_with(name, key); });
+  }
+  return IA3Parameters().feedforward(feedforward).init_ones(init_ia3_weights);
+}
+
+void validate(const IA3Config& c, const std::string& source) {
+  if (c.target_modules.empty()) fail(source, "target_modules", "must name the modules to adapt");
+  for (const auto& [field, selector] :
+       {std::pair<const char*, const hf::ModuleSelector*>{"target_modules", &c.target_modules},
+        {"exclude_modules", &c.exclude_modules},
+        {"feedforward_modules", &c.feedforward_modules}}) {
+    if (!selector->regex) continue;
+    try {
+      std::regex check(*selector->regex, std::regex::ECMAScript);
+    } catch (const std::regex_error& e) {
+      fail(source, field, fmt::format("invalid regular expression \"{}\": {}", *selector->regex, e.what()));
+    }
+  }
+  // PEFT: a list of feed-forward modules must be a subset of a list of targets.
+  if (!c.target_modules.regex && !c.feedforward_modules.regex) {
+    for (const auto& name : c.feedforward_modules.names) {
+      if (std::find(c.target_modules.names.begin(), c.target_modules.names.end(), name) ==
+          c.target_modules.names.end()) {
+        fail(source, "feedforward_modules",
+             fmt::format("\"{}\" is not in target_modules; feedforward_modules must be a subset of target_modules",
+                         name));
+      }
+    }
+  }
+}
+
+IA3Config parse_ia3_config(const json& j, const std::string& source) {
+  if (!j.is_object()) fail(source, "", "expected a JSON object");
+  IA3Config c;
+  for (const auto& item : j.items()) {
+    const std::string& field = item.key();
+    const json& v = item.value();
+    if (field == "peft_type") {
+      if (v != "IA3") fail(source, field, fmt::format("{} is not \"IA3\"", d9d::detail::quote_json(v)));
+    } else if (field == "target_modules") {
+      c.target_modules = hf::parse_selector(v, source, field);
+    } else if (field == "exclude_modules") {
+      c.exclude_modules = hf::parse_selector(v, source, field);
+    } else if (field == "feedforward_modules") {
+      c.feedforward_modules = hf::parse_selector(v, source, field);
+    } else if (field == "init_ia3_weights") {
+      if (!v.is_boolean()) fail(source, field, fmt::format("expected true or false, got {}", d9d::detail::quote_json(v)));
+      c.init_ia3_weights = v.get<bool>();
+    } else if (field == "base_model_name_or_path" || field == "task_type") {
+      if (v.is_null()) continue;
+      if (!v.is_string()) fail(source, field, fmt::format("expected a string or null, got {}", d9d::detail::quote_json(v)));
+      (field == "task_type" ? c.task_type : c.base_model_name_or_path) = v.get<std::string>();
+    } else if (field == "fan_in_fan_out" || field == "modules_to_save") {
+      if (!(v.is_null() || v == false || (v.is_array() && v.empty()))) {
+        fail(source, field, fmt::format("{} is not supported by d9d-peft (only the default is); use an adapter without "
+                                        "it",
+                                        d9d::detail::quote_json(v)));
+      }
+    } else if (!kMetadata.count(field)) {
+      fail(source, field, fmt::format("{} is not supported: d9d-peft does not know this IA3 field; use an adapter "
+                                      "without it",
+                                      d9d::detail::quote_json(v)));
+    }
+  }
+  validate(c, source);
+  return c;
+}
+
+std::string dump_ia3_config(const IA3Config& c) {
+  json j = {{"auto_mapping", nullptr}, {"fan_in_fan_out", false}, {"inference_mode", true},
+            {"modules_to_save", nullptr}, {"peft_type", "IA3"}, {"peft_version", "0.21.0"}, {"revision", nullptr}};
+  j["target_modules"] = hf::selector_json(c.target_modules);
+  j["exclude_modules"] = hf::selector_json(c.exclude_modules);
+  j["feedforward_modules"] = c.feedforward_modules.empty() ? json::array() : hf::selector_json(c.feedforward_modules);
+  j["init_ia3_weights"] = c.init_ia3_weights;
+  j["base_model_name_or_path"] = c.base_model_name_or_path ? json(*c.base_model_name_or_path) : json(nullptr);
+  j["task_type"] = c.task_type ? json(*c.task_type) : json(nullptr);
+  return j.dump(2);
+}
+
+}  // namespace d9d::peft

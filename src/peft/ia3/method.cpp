@@ -1,0 +1,186 @@
+// The IA3 method: injection, merge, the offline merge and its registration
+// under PEFT's peft_type "IA3".
+#include <d9d/peft/adapters.h>
+#include <d9d/peft/errors.h>
+#include <d9d/peft/hf/adapter.h>
+#include <d9d/peft/hf/merge.h>
+#include <d9d/peft/ia3/math.h>
+#include <d9d/peft/ia3/method.h>
+#include <d9d/peft/inject.h>
+
+#include <fmt/format.h>
+
+#include "../builtin_methods.h"
+
+#include <map>
+
+namespace d9d::peft {
+
+IA3::IA3(IA3Config config, std::string adapter_name)
+    : PeftMethod(std::move(config)), adapter_name_(std::move(adapter_name)) {
+  validate(config_);
+  validate_adapter_name(adapter_name_);
+}
+
+PeftInjectionResult IA3::inject(torch::nn::Module& module) {
+  AdapterTargeting t;
+  t.method = "IA3";
+  t.peft_type = "IA3";
+  t.adapter_name = adapter_name_;
+  t.what = fmt::format("target_modules {}", config_.target_modules.describe());
+  t.hint = "a target name matches a whole module name or its last dotted parts, a regex the whole name";
+  t.adaptable = "d9d::nn::Linear, and torch::nn::Linear inside Sequential, ModuleList or ModuleDict";
+  t.adapts = [](const torch::nn::Module& m) { return m.as<d9d::nn::LinearImpl>() || m.as<torch::nn::LinearImpl>(); };
+  t.select = [this](const std::string& name) -> std::shared_ptr<const AdapterOptions> {
+    auto options = config_.select(name);
+    return options ? std::make_shared<const IA3Parameters>(*options) : nullptr;
+  };
+  t.wrap = [](const std::shared_ptr<torch::nn::Module>& m, const AdapterOptions& o,
+              const std::string& name) -> torch::nn::AnyModule {
+    const auto& options = static_cast<const IA3Parameters&>(o);
+    if (auto linear = std::dynamic_pointer_cast<d9d::nn::LinearImpl>(m)) {
+      return torch::nn::AnyModule(std::make_shared<IA3LinearImpl>(linear, options, name));
+    }
+    if (auto plain = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
+      return torch::nn::AnyModule(std::make_shared<IA3LinearImpl>(plain, options, name));
+    }
+    return {};
+  };
+  return inject_adapters(module, t);
+}
+
+void IA3::merge(torch::nn::Module& module) {
+  merge_adapter(
+      module, [this](const std::string& name) { return config_.select(name).has_value(); }, adapter_name_);
+}
+
+IA3Config ia3_config_of(const torch::nn::Module& module, const std::string& adapter_name) {
+  IA3Config config;
+  for (const auto& entry : adapter_layers(module)) {
+    if (!entry.layer->has_adapter(adapter_name)) continue;
+    const auto* layer = dynamic_cast<const IA3LinearImpl*>(entry.layer);
+    if (!layer) {
+      throw PeftError(fmt::format("save_adapter: '{}' holds adapter \"{}\" of another method ({})", entry.name,
+                                  adapter_name, entry.layer->peft_type()));
+    }
+    config.target_modules.names.push_back(entry.name);
+    // Whole names: PEFT's suffix rule then matches exactly these layers.
+    if (layer->feedforward()) config.feedforward_modules.names.push_back(entry.name);
+  }
+  if (config.target_modules.names.empty()) {
+    throw PeftError(fmt::format("save_adapter: no layer holds adapter \"{}\"", adapter_name));
+  }
+  return config;
+}
+
+namespace {
+
+/// IA3's offline merge: `<path>.ia3_l` scales `<path>.weight` (and, unless
+/// feed-forward, `<path>.bias`).
+class IA3OfflineMerge : public hf::OfflineMerge {
+ public:
+  IA3OfflineMerge(const hf::AdapterFiles& files, double scale) : source_(files.weights_path) {
+    if (scale != 1.0) {
+      throw PeftError(fmt::format("{}: an IA3 adapter scales weights; --scale {} has no meaning for it (use 1)",
+                                  files.config_path, scale));
+    }
+    const IA3Config config = parse_ia3_config(files.config, files.config_path);
+    const std::string suffix = ".ia3_l";
+    for (const auto& [key, tensor] : files.tensors) {
+      std::string path = key.rfind(hf::kPeftKeyPrefix, 0) == 0 ? key.substr(hf::kPeftKeyPrefix.size()) : key;
+      if (path.size() <= suffix.size() || path.compare(path.size() - suffix.size(), suffix.size(), suffix) != 0) {
+        throw PeftError(fmt::format("{}: '{}' is not an IA3 weight (expected keys ending in ia3_l)", source_, key));
+      }
+      path.resize(path.size() - suffix.size());
+      const auto options = config.select(path);
+      if (!options) {
+        throw PeftError(fmt::format("{}: the adapter holds '{}' but adapter_config.json does not target '{}'",
+                                    source_, key, path));
+      }
+      modules_[path] = {key, tensor, options->feedforward()};
+    }
+    if (modules_.empty()) throw PeftError(fmt::format("{}: the adapter holds no weights", source_));
+  }
+
+  std::vector<std::string> target_keys(const model_state::KeySet& base_keys) const override {
+    std::vector<std::string> keys;
+    for (const auto& [path, m] : modules_) {
+      keys.push_back(path + ".weight");
+      if (!m.feedforward && base_keys.count(path + ".bias")) keys.push_back(path + ".bias");
+    }
+    return keys;
+  }
+
+  void check(const std::string& key, const at::Tensor& base, bool allow_non_finite) const override {
+    const auto& [path, m] = module_of(key);
+    if (!at::isFloatingType(base.scalar_type())) {
+      throw PeftError(fmt::format("'{}' has dtype {} in the base checkpoint; IA3 merges into floating-point weights "
+                                  "only",
+                                  key, c10::toString(base.scalar_type())));
+    }
+    if (key == path + ".weight") {
+      const std::vector<int64_t> expected =
+          m.feedforward ? std::vector<int64_t>{1, base.dim() == 2 ? base.size(1) : -1}
+                        : std::vector<int64_t>{base.dim() == 2 ? base.size(0) : -1, 1};
+      if (base.dim() != 2 || m.l.sizes().vec() != expected) {
+        throw PeftError(fmt::format("'{}' has shape [{}] but '{}' has shape [{}] ({}; wrong base model?)", m.key,
+                                    fmt::join(m.l.sizes(), ", "), key, fmt::join(base.sizes(), ", "),
+                                    m.feedforward ? "a feed-forward vector scales the input" : "a vector scales the "
+                                                                                               "output"));
+      }
+    }
+    if (!allow_non_finite && !at::isfinite(m.l).all().item<bool>()) {
+      throw PeftError(fmt::format("{}: '{}' holds NaN or Inf; merging it would write them into '{}'. Nothing was "
+                                  "written. Fix or retrain the adapter, or merge anyway with --allow-non-finite",
+                                  source_, m.key, key));
+    }
+  }
+
+  at::Tensor merge(const std::string& key, const at::Tensor& base, bool allow_non_finite) const override {
+    const auto& [path, m] = module_of(key);
+    const at::Tensor out = key == path + ".weight" ? ia3::merged_weight(base, m.l) : ia3::merged_bias(base, m.l);
+    if (!allow_non_finite && !at::isfinite(out).all().item<bool>()) {
+      throw PeftError(fmt::format("merging into '{}' gives NaN or Inf values (the product overflows {}). Nothing was "
+                                  "written; merge anyway with --allow-non-finite",
+                                  key, c10::toString(out.scalar_type())));
+    }
+    return out;
+  }
+
+ private:
+  struct Module {
+    std::string key;
+    at::Tensor l;
+    bool feedforward = false;
+  };
+  std::pair<std::string, const Module&> module_of(const std::string& key) const {
+    const std::string path = key.substr(0, key.rfind('.'));
+    return {path, modules_.at(path)};
+  }
+  std::string source_;
+  std::map<std::string, Module> modules_;
+};
+
+}  // namespace
+
+PeftMethodRegistration ia3_registration() {
+  PeftMethodRegistration r;
+  r.peft_type = "IA3";
+  r.load_hf_config = [](const nlohmann::json& j, const std::string& source,
+                        const std::string& adapter_name) -> std::unique_ptr<PeftMethodBase> {
+    return std::make_unique<IA3>(parse_ia3_config(j, source), adapter_name);
+  };
+  r.write_hf_config = [](const torch::nn::Module& model, const std::string& adapter_name,
+                         const hf::SaveAdapterOptions& options) {
+    IA3Config config = ia3_config_of(model, adapter_name);
+    config.base_model_name_or_path = options.base_model_name_or_path;
+    config.task_type = options.task_type;
+    return dump_ia3_config(config);
+  };
+  r.plan_offline_merge = [](const hf::AdapterFiles& files, double scale) -> std::unique_ptr<hf::OfflineMerge> {
+    return std::make_unique<IA3OfflineMerge>(files, scale);
+  };
+  return r;
+}
+
+}  // namespace d9d::peft
