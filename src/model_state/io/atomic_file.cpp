@@ -25,8 +25,11 @@ std::string temporary_name(const std::string& path) {
   return fmt::format("{}.tmp-{}-{:08x}", path, ::getpid(), rd());
 }
 
-/// The PID in a temporary file name of ours, or -1 when `name` is not one:
-/// `X.tmp-PID-XXXXXXXX`, `X.partial-PID`, `.X.d9d-partial-PID`.
+/// The PID in a temporary file name of ours, or -1 when `name` is not one.
+/// Besides today's `X.tmp-PID-XXXXXXXX` it knows the names of older
+/// versions, whose files may still lie where they were killed:
+/// `X.partial-PID` (save_model_state's shards) and `.X.d9d-partial-PID`
+/// (d9d-peft merge).
 long partial_file_pid(const std::string& name) {
   auto digits = [](const std::string& s, size_t from, size_t to) -> long {
     if (from >= to || to - from > 9) return -1;
@@ -112,6 +115,37 @@ void write_file_atomically(const std::string& path, const std::string& bytes) {
   AtomicFile file(path);
   file.write(bytes.data(), bytes.size());
   file.commit();
+}
+
+// -------------------------------------------------------------- PendingFiles
+
+PendingFiles::PendingFiles(std::string dir, bool created_dir) : dir_(std::move(dir)), created_dir_(created_dir) {}
+
+PendingFiles::~PendingFiles() {
+  if (committed_) return;
+  for (size_t i = placed_; i < files_.size(); ++i) ::unlink(files_[i].temporary.c_str());
+  std::error_code ec;
+  if (created_dir_) std::filesystem::remove(dir_, ec);  // only if empty again
+}
+
+std::string PendingFiles::add(const std::string& name) {
+  const std::string final_path = (std::filesystem::path(dir_) / name).string();
+  files_.push_back({temporary_name(final_path), final_path});
+  return files_.back().temporary;
+}
+
+void PendingFiles::commit() {
+  for (; placed_ < files_.size(); ++placed_) {
+    const File& file = files_[placed_];
+    if (::rename(file.temporary.c_str(), file.final_path.c_str()) != 0) {
+      const std::string why = errno_text();
+      for (size_t rest = placed_; rest < files_.size(); ++rest) ::unlink(files_[rest].temporary.c_str());
+      throw CheckpointError(fmt::format("{}: cannot rename {} to {}: {} ({} of {} files were put in place)", dir_,
+                                        file.temporary, std::filesystem::path(file.final_path).filename().string(),
+                                        why, placed_, files_.size()));
+    }
+  }
+  committed_ = true;
 }
 
 }  // namespace d9d::model_state
