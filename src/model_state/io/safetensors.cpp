@@ -17,14 +17,9 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
-#include <random>
 #include <set>
 
-#include <cctype>
-#include <filesystem>
-
 #include <fcntl.h>
-#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -294,106 +289,6 @@ StateDict SafetensorsFile::load_all() const {
 }
 
 // ------------------------------------------------------------------ writing
-
-namespace {
-
-/// The PID in a temporary file name of ours, or -1 when `name` is not one:
-/// `X.tmp-PID-XXXXXXXX`, `X.partial-PID`, `.X.d9d-partial-PID`.
-long partial_file_pid(const std::string& name) {
-  auto digits = [](const std::string& s, size_t from, size_t to) -> long {
-    if (from >= to || to - from > 9) return -1;
-    for (size_t i = from; i < to; ++i) {
-      if (s[i] < '0' || s[i] > '9') return -1;
-    }
-    return std::stol(s.substr(from, to - from));
-  };
-  for (const std::string marker : {".d9d-partial-", ".partial-"}) {
-    const size_t at = name.rfind(marker);
-    if (at != std::string::npos && at > 0) {
-      const long pid = digits(name, at + marker.size(), name.size());
-      if (pid > 0) return pid;
-    }
-  }
-  const size_t at = name.rfind(".tmp-");
-  if (at == std::string::npos || at == 0) return -1;
-  const size_t dash = name.find('-', at + 5);
-  if (dash == std::string::npos || name.size() - dash - 1 != 8) return -1;
-  for (size_t i = dash + 1; i < name.size(); ++i) {
-    if (!std::isxdigit(static_cast<unsigned char>(name[i]))) return -1;
-  }
-  return digits(name, at + 5, dash);
-}
-
-}  // namespace
-
-size_t remove_stale_partial_files(const std::string& dir) {
-  size_t removed = 0;
-  std::error_code ec;
-  for (std::filesystem::directory_iterator it(dir.empty() ? "." : dir, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    const long pid = partial_file_pid(name);
-    if (pid <= 0 || pid == static_cast<long>(::getpid())) continue;
-    // kill(pid, 0) fails with ESRCH only when no such process exists.
-    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
-    std::error_code rm;
-    if (it->is_regular_file(rm) && std::filesystem::remove(it->path(), rm)) ++removed;
-  }
-  return removed;
-}
-
-namespace {
-
-/// A file written under a temporary name and renamed into place on commit().
-class AtomicFile {
- public:
-  explicit AtomicFile(std::string path) : path_(std::move(path)) {
-    remove_stale_partial_files(std::filesystem::path(path_).parent_path().string());
-    std::random_device rd;
-    tmp_ = fmt::format("{}.tmp-{}-{:08x}", path_, ::getpid(), rd());
-    fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd_ < 0) throw CheckpointError(fmt::format("{}: cannot create {}: {}", path_, tmp_, errno_text()));
-  }
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-  ~AtomicFile() {
-    if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(tmp_.c_str());
-  }
-  void write(const void* data, size_t n) {
-    const char* p = static_cast<const char*>(data);
-    while (n > 0) {
-      const ssize_t w = ::write(fd_, p, n);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        throw CheckpointError(fmt::format("{}: write failed: {}", path_, errno_text()));
-      }
-      p += w;
-      n -= static_cast<size_t>(w);
-    }
-  }
-  void commit() {
-    if (::fsync(fd_) != 0) throw CheckpointError(fmt::format("{}: fsync failed: {}", path_, errno_text()));
-    ::close(fd_);
-    fd_ = -1;
-    if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
-      throw CheckpointError(fmt::format("{}: cannot rename {} into place: {}", path_, tmp_, errno_text()));
-    }
-    committed_ = true;
-  }
-
- private:
-  std::string path_, tmp_;
-  int fd_ = -1;
-  bool committed_ = false;
-};
-
-}  // namespace
-
-void write_file_atomically(const std::string& path, const std::string& bytes) {
-  AtomicFile file(path);
-  file.write(bytes.data(), bytes.size());
-  file.commit();
-}
 
 void save_safetensors(const std::string& path, const StateDict& tensors,
                       const std::map<std::string, std::string>& metadata) {

@@ -1,3 +1,4 @@
+#include <d9d/model_state/io/atomic_file.h>
 #include <d9d/model_state/io/stream.h>
 #include <d9d/model_state/load.h>
 #include <d9d/model_state/mapper/adapters.h>
@@ -184,43 +185,33 @@ void save_model_state(const std::string& dir, const ModelStateMapper& mapper, co
 
   Clock clock;
   ProgressInfo info{"save", 0, groups.size(), 0, total, 0, false};
-  std::vector<std::string> partials;
+  // Shards are completed under temporary names and put in place only when
+  // all are: a failed save leaves the old checkpoint as it was.
+  PendingFiles pending(dir, /*created_dir=*/false);
   SafetensorsIndex index;
   index.total_size = total;
-  try {
-    for (size_t s = 0; s < n; ++s) {
-      StateDict tensors;
-      for (size_t i : shards[s]) {
-        for (auto& [key, tensor] : run(groups[i])) {
-          if (!tensors.emplace(key, tensor).second || index.weight_map.count(key)) {
-            throw CheckpointError(fmt::format("save to {}: two mapper groups write '{}'", dir, key));
-          }
-          info.bytes_done += nbytes_of(tensor);
-        }
-        ++info.done;
-      }
-      for (const auto& item : tensors) index.weight_map.emplace(item.first, names[s]);
-      const std::string partial = (fs::path(dir) / (names[s] + fmt::format(".partial-{}", ::getpid()))).string();
-      partials.push_back(partial);
-      save_safetensors(partial, tensors, options.metadata);
-      info.elapsed_seconds = clock.seconds();
-      if (options.progress) options.progress(info);
-    }
-  } catch (...) {
-    for (const auto& p : partials) fs::remove(p, ec);
-    throw;
-  }
-  // Every shard is complete on disk: put them in place, then the index.
   for (size_t s = 0; s < n; ++s) {
-    fs::rename(partials[s], fs::path(dir) / names[s], ec);
-    if (ec) {
-      const std::string why = ec.message();
-      for (size_t rest = s; rest < n; ++rest) fs::remove(partials[rest], ec);
-      throw CheckpointError(fmt::format("save to {}: cannot rename {} to {}: {} ({} of {} shards were put in place)",
-                                        dir, partials[s], names[s], why, s, n));
+    StateDict tensors;
+    for (size_t i : shards[s]) {
+      for (auto& [key, tensor] : run(groups[i])) {
+        if (!tensors.emplace(key, tensor).second || index.weight_map.count(key)) {
+          throw CheckpointError(fmt::format("save to {}: two mapper groups write '{}'", dir, key));
+        }
+        info.bytes_done += nbytes_of(tensor);
+      }
+      ++info.done;
     }
-    old_files.erase(names[s]);
+    for (const auto& item : tensors) index.weight_map.emplace(item.first, names[s]);
+    save_safetensors(pending.add(names[s]), tensors, options.metadata);
+    info.elapsed_seconds = clock.seconds();
+    if (options.progress) options.progress(info);
   }
+  try {
+    pending.commit();
+  } catch (const CheckpointError& e) {
+    throw CheckpointError(fmt::format("save to {}", e.what()));  // "save to DIR: cannot rename ..."
+  }
+  for (const auto& name : names) old_files.erase(name);
   if (n > 1) {
     write_file_atomically(old_index.string(), dump_safetensors_index(index));
     old_files.erase(old_index.filename().string());

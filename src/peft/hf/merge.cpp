@@ -1,5 +1,6 @@
 // Merging an adapter directory into a checkpoint on disk, without model
 // code: the method's OfflineMerge, streamed shard by shard.
+#include <d9d/model_state/io/atomic_file.h>
 #include <d9d/model_state/io/safetensors.h>
 #include <d9d/model_state/io/source.h>
 #include <d9d/peft/errors.h>
@@ -8,8 +9,6 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-
-#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -40,44 +39,6 @@ bool same_file(const fs::path& a, const fs::path& b) {
   std::error_code ec;
   return fs::exists(a, ec) && fs::exists(b, ec) && fs::equivalent(a, b, ec);
 }
-
-/// Output files written under temporary names; removed again unless committed.
-class PendingFiles {
- public:
-  explicit PendingFiles(fs::path out_dir, bool created_dir) : dir_(std::move(out_dir)), created_dir_(created_dir) {}
-  PendingFiles(const PendingFiles&) = delete;
-  PendingFiles& operator=(const PendingFiles&) = delete;
-  ~PendingFiles() {
-    if (committed_) return;
-    std::error_code ec;
-    for (const auto& [partial, final_name] : files_) fs::remove(partial, ec);
-    if (created_dir_) fs::remove(dir_, ec);  // only if still empty
-  }
-  /// The temporary path to write `name` to.
-  fs::path add(const std::string& name) {
-    fs::path partial = dir_ / fmt::format(".{}.d9d-partial-{}", name, ::getpid());
-    files_.emplace_back(partial, dir_ / name);
-    return partial;
-  }
-  /// Renames every file into place, in the order added (the index last).
-  void commit() {
-    for (const auto& [partial, final_name] : files_) {
-      std::error_code ec;
-      fs::rename(partial, final_name, ec);
-      if (ec) {
-        throw ms::CheckpointError(
-            fmt::format("{}: cannot rename {} into place: {}", final_name.string(), partial.string(), ec.message()));
-      }
-    }
-    committed_ = true;
-  }
-
- private:
-  fs::path dir_;
-  bool created_dir_;
-  std::vector<std::pair<fs::path, fs::path>> files_;
-  bool committed_ = false;
-};
 
 }  // namespace
 
@@ -165,7 +126,9 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
   fs::create_directories(out_dir, ec);
   if (ec) throw ms::CheckpointError(fmt::format("{}: cannot create the output directory: {}", out, ec.message()));
 
-  PendingFiles pending(out_dir, created);
+  // Nothing appears in `out` until every file is complete; a failed merge
+  // leaves no file behind, nor the directory if it made it.
+  ms::PendingFiles pending(out, created);
   const auto start = std::chrono::steady_clock::now();
   ms::ProgressInfo info{"merge", 0, source->keys().size(), 0, 0, 0, false};
   for (const auto& key : source->keys()) info.bytes_total += source->nbytes(key);
@@ -191,13 +154,13 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
       index.weight_map.emplace(key, out_names.at(location));
       report();
     }
-    ms::save_safetensors(pending.add(out_names.at(location)).string(), shard, metadata);
+    ms::save_safetensors(pending.add(out_names.at(location)), shard, metadata);
     shard.clear();
     for (const auto& key : keys) source->release(key);
   }
   if (sharded) {
     index.total_size = info.bytes_total;
-    ms::write_file_atomically(pending.add(index_name).string(), ms::dump_safetensors_index(index));
+    ms::write_file_atomically(pending.add(index_name), ms::dump_safetensors_index(index));
   }
   pending.commit();
   info.finished = true;

@@ -1,6 +1,7 @@
 #pragma once
 
-#include <d9d/error.h>
+#include <d9d/model_state/io/atomic_file.h>
+#include <d9d/model_state/io/checkpoint_error.h>
 #include <d9d/model_state/mapper/mapper.h>
 
 #include <c10/core/ScalarType.h>
@@ -12,14 +13,6 @@
 #include <vector>
 
 namespace d9d::model_state {
-
-/// A checkpoint file, index or directory is malformed, unreadable or cannot
-/// be written. The message names the path, the key where one is at fault, and
-/// the operating system's reason where it gave one.
-class CheckpointError : public d9d::Error {
- public:
-  using d9d::Error::Error;
-};
 
 /// Where one tensor lies in a safetensors file.
 struct SafetensorsEntry {
@@ -83,20 +76,10 @@ class SafetensorsFile {
 /// Writes `tensors` (any device; made contiguous on the CPU) to `path` as
 /// safetensors: 8-byte aligned data, keys in the reference writer's order,
 /// optional `__metadata__`. The file is written under a temporary name in
-/// the same directory and renamed into place, so a crash never leaves a
-/// half-written `path` (an old file there stays intact until the rename).
+/// the same directory and renamed into place (an `AtomicFile`), so a crash
+/// never leaves a half-written `path` (an old file there stays intact until
+/// the rename).
 void save_safetensors(const std::string& path, const StateDict& tensors,
                       const std::map<std::string, std::string>& metadata = {});
-
-/// Writes `bytes` to `path` atomically (temporary name + fsync + rename).
-void write_file_atomically(const std::string& path, const std::string& bytes);
-
-/// Removes, from directory `dir`, the temporary files this library's writers
-/// leave when their process is killed mid-write (`NAME.tmp-PID-XXXXXXXX`,
-/// `NAME.partial-PID`, `.NAME.d9d-partial-PID`) whose process PID no longer
-/// runs on this machine. Every write above calls it for its directory, so a
-/// killed merge or save is cleaned up by the next write to the same place.
-/// Returns how many files it removed.
-size_t remove_stale_partial_files(const std::string& dir);
 
 }  // namespace d9d::model_state
