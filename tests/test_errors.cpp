@@ -267,7 +267,7 @@ TEST(Errors, AShardThatCannotBePutInPlaceIsACheckpointErrorAndLeavesNoPartialFil
                    ms::save_model_state(dir.str(), *ms::identity_mapper_from_module(*model), *model, quiet_save()),
                    "save to " + dir.str() + ": cannot rename", "model.safetensors");
   for (const auto& entry : fs::directory_iterator(dir.path)) {
-    EXPECT_EQ(entry.path().filename().string().find(".partial-"), std::string::npos) << entry.path();
+    EXPECT_EQ(entry.path().filename().string().find(".tmp-"), std::string::npos) << entry.path();
   }
 }
 
