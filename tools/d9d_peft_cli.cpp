@@ -92,6 +92,21 @@ bool has_key(const hf::AdapterTensors& tensors, const std::string& path, const s
 
 void inspect_adapter(const std::string& dir) {
   const hf::AdapterFiles adapter = hf::read_adapter_files(dir);
+  if (adapter.peft_type != "LORA") {
+    // Another registered method: its config as written and its tensors.
+    fmt::print("adapter: {}\n  {:<18} {}\n", dir, "peft_type:", adapter.peft_type);
+    for (const auto& item : adapter.config.items()) {
+      if (item.key() != "peft_type") fmt::print("  {:<18} {}\n", item.key() + ":", item.value().dump());
+    }
+    uint64_t count = 0;
+    fmt::print("\ntensors ({}) in {}:\n", adapter.tensors.size(), adapter.weights_path);
+    for (const auto& [key, tensor] : adapter.tensors) {
+      fmt::print("  {}  {}  {}\n", key, dtype_str(tensor.scalar_type()), shape_str(tensor.sizes()));
+      count += static_cast<uint64_t>(tensor.numel());
+    }
+    fmt::print("\ntrainable parameters: {}\n", grouped(count));
+    return;
+  }
   const hf::LoraConfig c = hf::parse_lora_config(adapter.config, adapter.config_path);
   fmt::print("adapter: {}\n", dir);
   fmt::print("  {:<18} LORA\n", "peft_type:");

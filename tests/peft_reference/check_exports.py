@@ -119,7 +119,7 @@ def main() -> int:
             report.check(diff <= TOLERANCE, f"PEFT loads adapters/{adapter.name}", f"max |peft - d9d| logits {diff:.2e}")
         except Exception as e:  # noqa: BLE001
             report.check(False, f"PEFT loads adapters/{adapter.name}", f"{type(e).__name__}: {e}")
-    report.check(len(adapters) >= 9, "toy adapters found", f"{len(adapters)}")
+    report.check(len(adapters) >= 10, "toy adapters found", f"{len(adapters)}")
 
     # The trainer's adapter, and the merged checkpoints, on the GPT twin.
     trainer = args.exports / "trainer"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PEFT -> d9d-peft, differential: fresh LoRA adapters written by real Hugging Face PEFT.
+"""PEFT -> d9d-peft, differential: fresh LoRA and IA3 adapters written by real Hugging Face PEFT.
 
 Makes COUNT cases from SEED (case i uses seed SEED + i, so one case is
 reproduced alone with --seed SEED+i --count 1). Each case draws a toy
@@ -7,9 +7,12 @@ transformer's sizes and weights (tests/peft_reference/twins.py: Toy), a PEFT
 LoraConfig (random r and lora_alpha; rsLoRA; DoRA; embeddings; biased and
 unbiased layers; rank_pattern / alpha_pattern; target_modules as a list or a
 regex; exclude_modules as a list or a regex; init_lora_weights=False so that B
-is not zero), applies it with get_peft_model and writes, under OUT/case_NNN/:
+is not zero) or, for about one case in four, an IA3Config (targets as above
+without the embedding; feedforward_modules; init_ia3_weights=False so that the
+vectors are not ones), applies it with get_peft_model and writes, under
+OUT/case_NNN/:
 
-  config.json                 the toy's sizes, the case seed, the LoraConfig (for the log)
+  config.json                 the toy's sizes, the case seed, the PEFT config (for the log)
   model.safetensors           the base weights (standard keys)
   inputs.safetensors          input_ids
   adapter/                    PEFT's save_pretrained
@@ -30,7 +33,7 @@ import sys
 import warnings
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, get_peft_model
 from peft.utils.error import NoMatchingPeftModuleError
 from safetensors.torch import save_file
 
@@ -50,6 +53,20 @@ def module_names(n_layers):
     return names
 
 
+def draw_ia3(rng, names):
+    """An IA3Config over the linear layers: targets as names or a regex, some feed-forward."""
+    linear = ATTENTION + MLP + (["lm_head"] if rng.random() < 0.3 else [])
+    if rng.random() < 0.7:
+        targets = sorted(rng.sample(linear, rng.randint(1, len(linear))))
+        feedforward = sorted(rng.sample(targets, rng.randint(0, len(targets))))
+    else:
+        targets = r"layers\.\d+\.(attention|mlp)\.\w+_proj"
+        feedforward = rng.choice([r".*mlp\.(up|down)_proj", r".*\.down_proj", r"layers\.0\..*"])
+    exclude = [rng.choice(names)] if rng.random() < 0.2 else None
+    return {"peft_type": "IA3", "target_modules": targets, "feedforward_modules": feedforward,
+            "exclude_modules": exclude, "init_ia3_weights": False}
+
+
 def draw_case(seed):
     rng = random.Random(seed)
     sizes = {
@@ -60,6 +77,8 @@ def draw_case(seed):
     }
     use_dora = rng.random() < 0.3
     names = module_names(sizes["n_layers"])
+    if rng.random() < 0.25:
+        return sizes, draw_ia3(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     # Targets: a list of short names (PEFT matches a name or a dotted suffix of it),
     # a list with full paths, or a regex over the whole path.
     style = rng.choice(["names", "names", "paths", "regex"])
@@ -85,6 +104,7 @@ def draw_case(seed):
             exclude = r"layers\.0\.attention\..*"
     r = rng.randint(1, 8)
     config = {
+        "peft_type": "LORA",
         "r": r,
         "lora_alpha": rng.choice([r, 2 * r, rng.randint(1, 32), round(rng.uniform(0.5, 20.0), 3)]),
         "lora_dropout": rng.choice([0.0, 0.0, 0.1]),
@@ -117,15 +137,17 @@ def make_case(seed, out_dir):
     base_state = {k: v.clone().contiguous() for k, v in base.state_dict().items()}
     ids = torch.randint(0, sizes["vocab"], (batch, time))
 
+    kwargs = {k: v for k, v in config.items() if k != "peft_type"}
+    peft_config = IA3Config(**kwargs) if config["peft_type"] == "IA3" else LoraConfig(**kwargs)
     try:
-        model = get_peft_model(base, LoraConfig(**config)).eval()
-    except NoMatchingPeftModuleError:
+        model = get_peft_model(base, peft_config).eval()
+    except (NoMatchingPeftModuleError, ValueError):
         return None  # the exclusions left nothing to adapt: draw another case
     adapted = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
-                     if hasattr(m, "lora_A") and "default" in getattr(m, "r", {}))
+                     if "default" in getattr(m, "r", {}) or "default" in getattr(m, "ia3_l", {}))
     if not adapted:
         return None
-    if config["use_dora"]:
+    if config.get("use_dora"):
         # DoRA's magnitude starts as the weight norm; move it so the scaling shows.
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -145,7 +167,7 @@ def make_case(seed, out_dir):
     save_file(base_state, str(case / "model.safetensors"))
     save_file({"input_ids": ids}, str(case / "inputs.safetensors"))
     save_file(expected, str(case / "expected.safetensors"))
-    (case / "config.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "lora_config": config,
+    (case / "config.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "peft_config": config,
                                                   "adapted_modules": adapted}, indent=1))
     return case
 
@@ -161,7 +183,7 @@ def main():
         seed = int(os.environ["D9D_PEFT_SEED"])
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 1_000_000_000
-    print(f"peft-reference: generating {args.count} PEFT LoRA cases from seed {seed} "
+    print(f"peft-reference: generating {args.count} PEFT LoRA and IA3 cases from seed {seed} "
           f"(reproduce: bash scripts/peft-reference.sh --seed {seed} --count {args.count})", flush=True)
     for old in args.out.glob("case_*"):
         shutil.rmtree(old)
@@ -169,7 +191,7 @@ def main():
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # PEFT's notes on unmatched rank_pattern keys and the like
     made, s = 0, seed
-    counts = {"dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
+    counts = {"ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
               "alpha_pattern": 0, "biased": 0}
     while made < args.count:
         case = make_case(s, args.out)
@@ -178,7 +200,12 @@ def main():
             continue
         made += 1
         info = json.loads((case / "config.json").read_text())
-        c = info["lora_config"]
+        c = info["peft_config"]
+        counts["biased"] += any(".mlp." in m for m in info["adapted_modules"])
+        if c["peft_type"] == "IA3":
+            counts["ia3"] += 1
+            counts["ia3 feed-forward"] += bool(c["feedforward_modules"])
+            continue
         counts["dora"] += c["use_dora"]
         counts["rslora"] += c["use_rslora"]
         counts["embedding"] += "embed_tokens" in info["adapted_modules"]
@@ -186,7 +213,6 @@ def main():
         counts["exclude"] += c["exclude_modules"] is not None
         counts["rank_pattern"] += bool(c["rank_pattern"])
         counts["alpha_pattern"] += bool(c["alpha_pattern"])
-        counts["biased"] += any(".mlp." in m for m in info["adapted_modules"])
     print(f"peft-reference: wrote {made} cases to {args.out} (seeds {seed}..{s - 1}); cases with "
           + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
 

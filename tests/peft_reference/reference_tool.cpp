@@ -178,7 +178,7 @@ int check(const fs::path& cases, const std::string& cli) {
     ++failed;
     const json info = read_json(dir / "config.json");
     std::printf("FAIL %s\n  LoraConfig: %s\n  adapted: %s\n", dir.filename().string().c_str(),
-                info.at("lora_config").dump().c_str(), info.at("adapted_modules").dump().c_str());
+                info.at("peft_config").dump().c_str(), info.at("adapted_modules").dump().c_str());
     for (const auto& f : failures) std::printf("  %s\n", f.c_str());
     std::printf("  reproduce: bash scripts/peft-reference.sh --seed %s --count 1\n", seed.c_str());
   }
@@ -248,7 +248,22 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
     }
   }
 
-  // 3. One trained here: LoRA with dropout on every projection, a few SGD steps.
+  // 3. IA3 made here (random vectors, feed-forward and output scaling), which
+  //    PEFT must read as an IA3 adapter with the same numbers.
+  {
+    toy::Toy model = toy_base();
+    torch::manual_seed(1);
+    peft::IA3Config config;
+    config.target_modules.names = {"q_proj", "v_proj", "up_proj", "down_proj", "lm_head"};
+    config.feedforward_modules.names = {"down_proj"};
+    config.init_ia3_weights = false;
+    peft::IA3 ia3(config);
+    peft::inject_peft_and_freeze(ia3, model);
+    export_adapter(model, out / "adapters" / "ia3_made_here", ids);
+    ++count;
+  }
+
+  // 4. One trained here: LoRA with dropout on every projection, a few SGD steps.
   {
     toy::Toy model = toy_base();
     torch::manual_seed(0);
@@ -267,7 +282,7 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
     ++count;
   }
 
-  // 4. The adapter d9d-peft-train wrote, on the trainer's GPT: its base saved
+  // 5. The adapter d9d-peft-train wrote, on the trainer's GPT: its base saved
   // again as a sharded checkpoint, and the trainer's adapter merged offline.
   {
     const json run_config = read_json(trainer_run / "run_config.json");
