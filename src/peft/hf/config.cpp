@@ -16,20 +16,16 @@
 #include <map>
 #include <regex>
 #include <set>
+#include "config_rules.h"
 
 namespace d9d::peft::hf {
+
+using detail::ends_with;
+using detail::fail;
 
 using nlohmann::json;
 
 namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-[[noreturn]] void fail(const std::string& source, const std::string& field, const std::string& rule) {
-  throw ConfigError(source + ": " + field, rule);
-}
 
 /// The value PEFT writes for fields this library leaves at their default.
 bool is_default_like(const json& v) {

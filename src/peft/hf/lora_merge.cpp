@@ -14,8 +14,11 @@
 #include <limits>
 #include <map>
 #include <set>
+#include "config_rules.h"
 
 namespace d9d::peft::hf {
+
+using detail::ends_with;
 
 namespace {
 
@@ -26,10 +29,6 @@ const std::string kMagnitude = ".lora_magnitude_vector";
 const std::string kEmbeddingA = ".lora_embedding_A";
 const std::string kEmbeddingB = ".lora_embedding_B";
 const std::string* const kSuffixes[] = {&kLoraA, &kLoraB, &kMagnitude, &kEmbeddingA, &kEmbeddingB};
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 std::string strip_prefix(const std::string& key) {
   return key.rfind(kPeftKeyPrefix, 0) == 0 ? key.substr(kPeftKeyPrefix.size()) : key;

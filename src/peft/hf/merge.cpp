@@ -15,17 +15,16 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include "config_rules.h"
 
 namespace d9d::peft::hf {
+
+using detail::ends_with;
 
 namespace fs = std::filesystem;
 namespace ms = d9d::model_state;
 
 namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 /// A torch.save archive (a zip file) rather than safetensors.
 bool is_zip_archive(const std::string& path) {

@@ -7,22 +7,14 @@
 #include "../../json_text.h"
 
 #include <regex>
+#include "config_rules.h"
 
 namespace d9d::peft::hf {
 
+using detail::ends_with;
+using detail::fail;
+
 using nlohmann::json;
-
-namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-[[noreturn]] void fail(const std::string& source, const std::string& field, const std::string& rule) {
-  throw ConfigError(source + ": " + field, rule);
-}
-
-}  // namespace
 
 ModuleSelector parse_selector(const json& v, const std::string& source, const std::string& field) {
   ModuleSelector s;

@@ -9,20 +9,16 @@
 #include <algorithm>
 #include <regex>
 #include <set>
+#include "../hf/config_rules.h"
 
 namespace d9d::peft {
+
+using hf::detail::ends_with;
+using hf::detail::fail;
 
 using nlohmann::json;
 
 namespace {
-
-[[noreturn]] void fail(const std::string& source, const std::string& field, const std::string& rule) {
-  throw ConfigError(source + ": " + field, rule);
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 /// Bookkeeping fields that do not change the numbers.
 const std::set<std::string> kMetadata = {"auto_mapping", "revision", "inference_mode", "peft_version"};
