@@ -22,8 +22,8 @@ namespace {
 
 double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
-peft::IA3Config config_of(std::vector<std::string> targets, std::vector<std::string> feedforward, bool ones = false) {
-  peft::IA3Config c;
+peft::hf::IA3Config config_of(std::vector<std::string> targets, std::vector<std::string> feedforward, bool ones = false) {
+  peft::hf::IA3Config c;
   c.target_modules.names = std::move(targets);
   c.feedforward_modules.names = std::move(feedforward);
   c.init_ia3_weights = ones;
@@ -137,26 +137,26 @@ TEST(IA3Method, OneLayerHoldsOneMethod) {
 }
 
 TEST(IA3Config, PeftsRulesAndErrors) {
-  const auto c = peft::parse_ia3_config(
+  const auto c = peft::hf::parse_ia3_config(
       nlohmann::json::parse(R"({"peft_type":"IA3","target_modules":["q_proj","down_proj"],
                                 "feedforward_modules":["down_proj"],"init_ia3_weights":true,"fan_in_fan_out":false})"),
       "cfg");
   EXPECT_TRUE(c.select("layers.0.mlp.down_proj")->feedforward());
   EXPECT_FALSE(c.select("layers.0.attention.q_proj")->feedforward());
   EXPECT_FALSE(c.select("layers.0.attention.k_proj").has_value());
-  EXPECT_THAT([] { peft::parse_ia3_config(nlohmann::json::parse(R"({"peft_type":"IA3","target_modules":["q_proj"],
+  EXPECT_THAT([] { peft::hf::parse_ia3_config(nlohmann::json::parse(R"({"peft_type":"IA3","target_modules":["q_proj"],
                                                                    "feedforward_modules":["down_proj"]})"),
                                           "cfg"); },
               ::testing::ThrowsMessage<peft::ConfigError>(HasSubstr("cfg: feedforward_modules: \"down_proj\" is not in "
                                                                     "target_modules")));
-  EXPECT_THAT([] { peft::parse_ia3_config(nlohmann::json::parse(R"({"peft_type":"IA3","target_modules":["q"],
+  EXPECT_THAT([] { peft::hf::parse_ia3_config(nlohmann::json::parse(R"({"peft_type":"IA3","target_modules":["q"],
                                                                    "fan_in_fan_out":true})"),
                                           "cfg"); },
               ::testing::ThrowsMessage<peft::ConfigError>(HasSubstr("cfg: fan_in_fan_out: true is not supported")));
-  EXPECT_THAT([] { peft::parse_ia3_config(nlohmann::json::parse(R"({"peft_type":"IA3","target_modules":"q(("})"), "cfg"); },
+  EXPECT_THAT([] { peft::hf::parse_ia3_config(nlohmann::json::parse(R"({"peft_type":"IA3","target_modules":"q(("})"), "cfg"); },
               ::testing::ThrowsMessage<peft::ConfigError>(HasSubstr("cfg: target_modules: invalid regular expression")));
   // What we write, we read back the same.
-  const auto again = peft::parse_ia3_config(nlohmann::json::parse(peft::dump_ia3_config(c)), "dumped");
+  const auto again = peft::hf::parse_ia3_config(nlohmann::json::parse(peft::hf::dump_ia3_config(c)), "dumped");
   EXPECT_EQ(again.target_modules.names, c.target_modules.names);
   EXPECT_EQ(again.feedforward_modules.names, c.feedforward_modules.names);
 }
@@ -193,4 +193,29 @@ TEST(IA3Files, SaveThenLoadThroughTheRegistryRoundTrips) {
   EXPECT_THAT([&] { peft::hf::merge_adapter_into_checkpoint(kToy + "/model.safetensors", dir.str(), dir / "half", 0.5,
                                                             ms::no_progress()); },
               ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("--scale 0.5 has no meaning")));
+}
+
+TEST(IA3Files, PeftsFixtureGivesPeftsLogitsMergedWeightsAndOfflineMerge) {
+  const std::string dir = kToy + "/tuners/ia3";
+  const auto expected = ms::SafetensorsFile::open(dir + "/expected.safetensors");
+  const auto ids = ms::SafetensorsFile::open(kToy + "/inputs.safetensors")->get("input_ids");
+  toy::Toy model = toy_base();
+  auto method = peft::hf::load_adapter(*model, dir);
+  torch::NoGradGuard g;
+  EXPECT_LE(max_diff(model->forward(ids), expected->get("logits")), 1e-5);
+  peft::merge_peft(*method, model);
+  EXPECT_LE(max_diff(model->forward(ids), expected->get("merged_logits")), 1e-5);
+  TempDir out;
+  peft::hf::merge_adapter_into_checkpoint(kToy + "/model.safetensors", dir, out / "merged", 1.0, ms::no_progress());
+  const auto offline = ms::SafetensorsFile::open(out / "merged/model.safetensors");
+  const auto state = ms::module_state_dict(*model);
+  size_t merged = 0;
+  for (const auto& key : expected->keys()) {
+    if (key.rfind("merged.", 0) != 0) continue;
+    ++merged;
+    const std::string name = key.substr(7);
+    EXPECT_LE(max_diff(state.at(name), expected->get(key)), 1e-5) << name;
+    EXPECT_LE(max_diff(offline->get(name), expected->get(key)), 1e-5) << "offline " << name;
+  }
+  EXPECT_GT(merged, 0u) << "the fixture lists the weights IA3 changes";
 }

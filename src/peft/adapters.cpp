@@ -27,7 +27,7 @@ void add_unique(std::vector<std::string>& to, const std::vector<std::string>& fr
 
 std::string quoted_list(const std::vector<std::string>& names) {
   if (names.empty()) return "none";
-  return "\"" + fmt::format("{}", fmt::join(names, "\", \"")) + "\"";
+  return fmt::format("\"{}\"", fmt::join(names, "\", \""));
 }
 
 void require_known(const torch::nn::Module& model, const std::string& name, const char* what) {

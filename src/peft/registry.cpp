@@ -32,7 +32,7 @@ Registry& registry() {
 }
 
 std::string quoted(const std::vector<std::string>& names) {
-  return names.empty() ? std::string("none") : "\"" + fmt::format("{}", fmt::join(names, "\", \"")) + "\"";
+  return names.empty() ? std::string("none") : fmt::format("\"{}\"", fmt::join(names, "\", \""));
 }
 
 }  // namespace

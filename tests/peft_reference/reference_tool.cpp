@@ -253,7 +253,7 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
   {
     toy::Toy model = toy_base();
     torch::manual_seed(1);
-    peft::IA3Config config;
+    peft::hf::IA3Config config;
     config.target_modules.names = {"q_proj", "v_proj", "up_proj", "down_proj", "lm_head"};
     config.feedforward_modules.names = {"down_proj"};
     config.init_ia3_weights = false;

@@ -6,6 +6,7 @@
 #include <d9d/peft/registry.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "../../json_text.h"

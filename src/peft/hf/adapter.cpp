@@ -55,7 +55,7 @@ namespace {
 /// `name`, or the model's only adapter when `name` is empty.
 std::string resolve_adapter(const torch::nn::Module& module, const std::string& name, const std::string& what) {
   const auto names = adapter_names(module);
-  auto listed = [&] { return "\"" + fmt::format("{}", fmt::join(names, "\", \"")) + "\""; };
+  auto listed = [&] { return fmt::format("\"{}\"", fmt::join(names, "\", \"")); };
   if (names.empty()) throw PeftError(fmt::format("{}: the model holds no adapter", what));
   if (name.empty()) {
     if (names.size() == 1) return names.front();

@@ -11,10 +11,10 @@
 #include <set>
 #include "../hf/config_rules.h"
 
-namespace d9d::peft {
+namespace d9d::peft::hf {
 
-using hf::detail::ends_with;
-using hf::detail::fail;
+using detail::ends_with;
+using detail::fail;
 
 using nlohmann::json;
 
@@ -40,7 +40,7 @@ std::optional<IA3Parameters> IA3Config::select(const std::string& name) const {
 void validate(const IA3Config& c, const std::string& source) {
   if (c.target_modules.empty()) fail(source, "target_modules", "must name the modules to adapt");
   for (const auto& [field, selector] :
-       {std::pair<const char*, const hf::ModuleSelector*>{"target_modules", &c.target_modules},
+       {std::pair<const char*, const ModuleSelector*>{"target_modules", &c.target_modules},
         {"exclude_modules", &c.exclude_modules},
         {"feedforward_modules", &c.feedforward_modules}}) {
     if (!selector->regex) continue;
@@ -72,11 +72,11 @@ IA3Config parse_ia3_config(const json& j, const std::string& source) {
     if (field == "peft_type") {
       if (v != "IA3") fail(source, field, fmt::format("{} is not \"IA3\"", d9d::detail::quote_json(v)));
     } else if (field == "target_modules") {
-      c.target_modules = hf::parse_selector(v, source, field);
+      c.target_modules = parse_selector(v, source, field);
     } else if (field == "exclude_modules") {
-      c.exclude_modules = hf::parse_selector(v, source, field);
+      c.exclude_modules = parse_selector(v, source, field);
     } else if (field == "feedforward_modules") {
-      c.feedforward_modules = hf::parse_selector(v, source, field);
+      c.feedforward_modules = parse_selector(v, source, field);
     } else if (field == "init_ia3_weights") {
       if (!v.is_boolean()) fail(source, field, fmt::format("expected true or false, got {}", d9d::detail::quote_json(v)));
       c.init_ia3_weights = v.get<bool>();
@@ -103,13 +103,13 @@ IA3Config parse_ia3_config(const json& j, const std::string& source) {
 std::string dump_ia3_config(const IA3Config& c) {
   json j = {{"auto_mapping", nullptr}, {"fan_in_fan_out", false}, {"inference_mode", true},
             {"modules_to_save", nullptr}, {"peft_type", "IA3"}, {"peft_version", "0.21.0"}, {"revision", nullptr}};
-  j["target_modules"] = hf::selector_json(c.target_modules);
-  j["exclude_modules"] = hf::selector_json(c.exclude_modules);
-  j["feedforward_modules"] = c.feedforward_modules.empty() ? json::array() : hf::selector_json(c.feedforward_modules);
+  j["target_modules"] = selector_json(c.target_modules);
+  j["exclude_modules"] = selector_json(c.exclude_modules);
+  j["feedforward_modules"] = c.feedforward_modules.empty() ? json::array() : selector_json(c.feedforward_modules);
   j["init_ia3_weights"] = c.init_ia3_weights;
   j["base_model_name_or_path"] = c.base_model_name_or_path ? json(*c.base_model_name_or_path) : json(nullptr);
   j["task_type"] = c.task_type ? json(*c.task_type) : json(nullptr);
   return j.dump(2);
 }
 
-}  // namespace d9d::peft
+}  // namespace d9d::peft::hf

@@ -9,6 +9,7 @@
 #include <d9d/peft/inject.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "../builtin_methods.h"
 
@@ -16,7 +17,7 @@
 
 namespace d9d::peft {
 
-IA3::IA3(IA3Config config, std::string adapter_name)
+IA3::IA3(hf::IA3Config config, std::string adapter_name)
     : PeftMethod(std::move(config)), adapter_name_(std::move(adapter_name)) {
   validate(config_);
   validate_adapter_name(adapter_name_);
@@ -54,8 +55,8 @@ void IA3::merge(torch::nn::Module& module) {
       module, [this](const std::string& name) { return config_.select(name).has_value(); }, adapter_name_);
 }
 
-IA3Config ia3_config_of(const torch::nn::Module& module, const std::string& adapter_name) {
-  IA3Config config;
+hf::IA3Config ia3_config_of(const torch::nn::Module& module, const std::string& adapter_name) {
+  hf::IA3Config config;
   for (const auto& entry : adapter_layers(module)) {
     if (!entry.layer->has_adapter(adapter_name)) continue;
     const auto* layer = dynamic_cast<const IA3LinearImpl*>(entry.layer);
@@ -84,7 +85,7 @@ class IA3OfflineMerge : public hf::OfflineMerge {
       throw PeftError(fmt::format("{}: an IA3 adapter scales weights; --scale {} has no meaning for it (use 1)",
                                   files.config_path, scale));
     }
-    const IA3Config config = parse_ia3_config(files.config, files.config_path);
+    const hf::IA3Config config = hf::parse_ia3_config(files.config, files.config_path);
     const std::string suffix = ".ia3_l";
     for (const auto& [key, tensor] : files.tensors) {
       std::string path = key.rfind(hf::kPeftKeyPrefix, 0) == 0 ? key.substr(hf::kPeftKeyPrefix.size()) : key;
@@ -168,14 +169,14 @@ PeftMethodRegistration ia3_registration() {
   r.peft_type = "IA3";
   r.load_hf_config = [](const nlohmann::json& j, const std::string& source,
                         const std::string& adapter_name) -> std::unique_ptr<PeftMethodBase> {
-    return std::make_unique<IA3>(parse_ia3_config(j, source), adapter_name);
+    return std::make_unique<IA3>(hf::parse_ia3_config(j, source), adapter_name);
   };
   r.write_hf_config = [](const torch::nn::Module& model, const std::string& adapter_name,
                          const hf::SaveAdapterOptions& options) {
-    IA3Config config = ia3_config_of(model, adapter_name);
+    hf::IA3Config config = ia3_config_of(model, adapter_name);
     config.base_model_name_or_path = options.base_model_name_or_path;
     config.task_type = options.task_type;
-    return dump_ia3_config(config);
+    return hf::dump_ia3_config(config);
   };
   r.plan_offline_merge = [](const hf::AdapterFiles& files, double scale) -> std::unique_ptr<hf::OfflineMerge> {
     return std::make_unique<IA3OfflineMerge>(files, scale);

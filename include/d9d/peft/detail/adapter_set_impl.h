@@ -36,7 +36,7 @@ Adapter& AdapterSetLayer<Adapter>::adapter(const std::string& name) const {
   const auto held = adapter_names();
   throw PeftError(fmt::format("this {} layer has no adapter \"{}\"; it holds {}", peft_type(), name,
                               held.empty() ? std::string("none")
-                                           : "\"" + fmt::format("{}", fmt::join(held, "\", \"")) + "\""));
+                                           : fmt::format("\"{}\"", fmt::join(held, "\", \""))));
 }
 
 template <typename Adapter>

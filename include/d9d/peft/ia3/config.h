@@ -8,7 +8,7 @@
 #include <optional>
 #include <string>
 
-namespace d9d::peft {
+namespace d9d::peft::hf {
 
 /// Hugging Face PEFT's `IA3Config` (adapter_config.json with `"peft_type": "IA3"`):
 /// which linear layers get an (IA)³ vector and which of them are feed-forward
@@ -17,7 +17,7 @@ namespace d9d::peft {
 /// `modules_to_save`); anything else is a `ConfigError` naming the field.
 ///
 /// ```
-/// d9d::peft::IA3Config config;
+/// d9d::peft::hf::IA3Config config;
 /// config.target_modules.names = {"q_proj", "v_proj", "down_proj"};
 /// config.feedforward_modules.names = {"down_proj"};
 /// d9d::peft::IA3 ia3(config);
@@ -26,12 +26,12 @@ namespace d9d::peft {
 struct IA3Config {
   /// A module matches a name when its qualified name equals it or ends with
   /// "." + it; a regex must match the whole name (PEFT's rule).
-  hf::ModuleSelector target_modules;
-  hf::ModuleSelector exclude_modules;
+  ModuleSelector target_modules;
+  ModuleSelector exclude_modules;
   /// Feed-forward layers among the targets: a name matches when the
   /// qualified name ends with it (PEFT's plain suffix rule), a regex the whole
   /// name. Listed names must be among `target_modules`' names.
-  hf::ModuleSelector feedforward_modules;
+  ModuleSelector feedforward_modules;
   /// PEFT's `init_ia3_weights`: vectors start at ones (false: normal(0, 1)).
   bool init_ia3_weights = true;
   std::optional<std::string> base_model_name_or_path;
@@ -48,4 +48,4 @@ void validate(const IA3Config& config, const std::string& source = "IA3Config");
 /// The config as PEFT 0.21's `save_pretrained` writes it: every field, keys sorted, 2-space indent.
 std::string dump_ia3_config(const IA3Config& config);
 
-}  // namespace d9d::peft
+}  // namespace d9d::peft::hf

@@ -17,10 +17,10 @@ namespace d9d::peft {
 /// weights (and biases) and puts the base layers back. Registered under
 /// `peft_type` `"IA3"`, so `hf::load_adapter`, `hf::save_adapter` and
 /// `d9d-peft merge` read and write PEFT's IA3 adapters.
-class IA3 : public PeftMethod<IA3Config> {
+class IA3 : public PeftMethod<hf::IA3Config> {
  public:
   /// Validates the config (`ConfigError`).
-  explicit IA3(IA3Config config, std::string adapter_name = kDefaultAdapterName);
+  explicit IA3(hf::IA3Config config, std::string adapter_name = kDefaultAdapterName);
   PeftInjectionResult inject(torch::nn::Module& module) override;
   void merge(torch::nn::Module& module) override;
   const std::string& adapter_name() const noexcept { return adapter_name_; }
@@ -29,7 +29,7 @@ class IA3 : public PeftMethod<IA3Config> {
   std::string adapter_name_;
 };
 
-/// The `IA3Config` that describes IA3 adapter `adapter_name` of `module`.
-IA3Config ia3_config_of(const torch::nn::Module& module, const std::string& adapter_name);
+/// The `hf::IA3Config` that describes IA3 adapter `adapter_name` of `module`.
+hf::IA3Config ia3_config_of(const torch::nn::Module& module, const std::string& adapter_name);
 
 }  // namespace d9d::peft
