@@ -164,6 +164,7 @@ void naive_merge(benchmark::State& state, int64_t d, int64_t r) {
   const double scale = 2.0;
   for (auto _ : state) {
     w += scale * b.mm(a);
+    w -= scale * b.mm(a);
     benchmark::ClobberMemory();
   }
 }

@@ -109,12 +109,14 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
     for (const auto& item : out_names) written.insert(item.second);
     if (sharded) written.insert(index_name);
     std::set<std::string> stale;
-    for (const auto& entry : fs::directory_iterator(out_dir, ec)) {
-      const std::string name = entry.path().filename().string();
+    // increment(ec): a directory that cannot be listed is an error below, not a filesystem_error.
+    for (fs::directory_iterator it(out_dir, ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string name = it->path().filename().string();
       if ((ends_with(name, ".safetensors") || ends_with(name, ".safetensors.index.json")) && !written.count(name)) {
         stale.insert("'" + name + "'");
       }
     }
+    if (ec) throw ms::CheckpointError(fmt::format("{}: cannot list the output directory: {}", out, ec.message()));
     if (!stale.empty()) {
       throw PeftError(fmt::format("the output directory '{}' already holds {}, which this merge would not "
                                   "replace; use a new or empty directory",
