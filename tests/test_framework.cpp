@@ -209,16 +209,26 @@ TEST(DoraLoading, InjectedBeforeLoadingGivesPeftsLogits) {
   EXPECT_LE((model->forward(input_ids()) - expected->get("logits")).abs().max().item<double>(), 1e-5);
 }
 
-TEST(DoraLoading, AFreshDoraAdapterLeavesALoadedModelsOutputAlone) {
-  // Default init (B = 0): the model must compute the base once the base is loaded.
-  const auto ids = input_ids();
-  toy::Toy plain = toy_base();
+namespace {
+
+/// A toy with random weights and a fresh (B = 0) DoRA adapter on its MLP; the mapper to load it.
+std::pair<toy::Toy, ms::MapperPtr> fresh_dora_on_random_weights() {
   torch::manual_seed(5);
   toy::Toy model;
   auto config = fixture_config("dora_mlp");
   config.init = peft::LoRAInit::Default;
   peft::hf::HfLoRA method(config);
   auto mapper = peft::inject_peft_and_freeze(method, model);
+  return {model, mapper};
+}
+
+}  // namespace
+
+TEST(DoraLoading, AFreshDoraAdapterLeavesALoadedModelsOutputAlone) {
+  // Default init (B = 0): the model must compute the base once the base is loaded.
+  const auto ids = input_ids();
+  toy::Toy plain = toy_base();
+  auto [model, mapper] = fresh_dora_on_random_weights();
   ms::load_model_state(kToy + "/model.safetensors", *mapper, *model, quiet());
   model->eval();
   torch::NoGradGuard g;
@@ -228,12 +238,7 @@ TEST(DoraLoading, AFreshDoraAdapterLeavesALoadedModelsOutputAlone) {
 TEST(DoraLoading, ExplicitCallForWeightsWrittenOtherwise) {
   const auto ids = input_ids();
   toy::Toy plain = toy_base();
-  torch::manual_seed(5);
-  toy::Toy model;
-  auto config = fixture_config("dora_mlp");
-  config.init = peft::LoRAInit::Default;
-  peft::hf::HfLoRA method(config);
-  peft::inject_peft_and_freeze(method, model);
+  toy::Toy model = fresh_dora_on_random_weights().first;
   // Base weights copied in by hand: no loader, so no hook.
   {
     torch::NoGradGuard g;
