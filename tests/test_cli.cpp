@@ -502,4 +502,22 @@ TEST(TrainerFullTune, StackWithLoraSavesBothAndFullTuneKeepsTheBaseKeys) {
   EXPECT_FALSE(same_values(tuned->get("layers.0.attention.q_proj.weight"), merged->get("layers.0.attention.q_proj.weight")));
 }
 
+TEST(TrainerIA3, AnIA3RunTrainsSavesAPeftIA3AdapterAndReloadsIt) {
+  TempDir tmp;
+  const TrainerRun run = run_trainer(tmp, R"json({"kind": "ia3", "module_name_pattern": ".*(k_proj|v_proj|down_proj)",
+    "params": {"feedforward_pattern": ".*down_proj"}})json");
+  ASSERT_EQ(run.exit_code, 0) << run.log;
+  EXPECT_THAT(run.log, HasSubstr("result: OK"));
+  EXPECT_THAT(run.log, ::testing::ContainsRegex("adapter reload +max \\|diff\\| [^ ]+: ok"));
+  const auto config = nlohmann::json::parse(read_bytes((run.out / "adapter" / "adapter_config.json").string()));
+  EXPECT_EQ(config["peft_type"], "IA3");
+  const auto weights = ms::SafetensorsFile::open((run.out / "adapter" / "adapter_model.safetensors").string());
+  EXPECT_TRUE(weights->contains("base_model.model.layers.0.mlp.down_proj.ia3_l"));
+  EXPECT_EQ(weights->get("base_model.model.layers.0.mlp.down_proj.ia3_l").size(0), 1) << "feed-forward: [1, in]";
+  EXPECT_EQ(weights->get("base_model.model.layers.0.attention.k_proj.ia3_l").size(1), 1) << "output: [out, 1]";
+  // Trained: the vectors moved away from their initial ones.
+  EXPECT_FALSE(at::equal(weights->get("base_model.model.layers.0.attention.k_proj.ia3_l"),
+                         at::ones_like(weights->get("base_model.model.layers.0.attention.k_proj.ia3_l"))));
+}
+
 #endif  // D9D_TRAINER

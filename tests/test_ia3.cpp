@@ -219,3 +219,23 @@ TEST(IA3Files, PeftsFixtureGivesPeftsLogitsMergedWeightsAndOfflineMerge) {
   }
   EXPECT_GT(merged, 0u) << "the fixture lists the weights IA3 changes";
 }
+
+TEST(IA3Config, D9dJsonParsesDumpsAndStacksWithLora) {
+  const std::string text =
+      R"json({"kind":"ia3","module_name_pattern":".*(k_proj|down_proj)","params":{"feedforward_pattern":".*down_proj"}})json";
+  EXPECT_EQ(peft::dump_peft_config(peft::parse_peft_config(text)), text);
+  EXPECT_THAT([] { peft::parse_peft_config(R"json({"kind":"ia3","module_name_pattern":"x","params":{"feedforward_pattern":"("}})json"); },
+              ::testing::ThrowsMessage<peft::ConfigError>(HasSubstr("params.feedforward_pattern: invalid regular expression")));
+  const auto stack = peft::parse_peft_config(
+      R"({"kind":"stack","methods":[{"kind":"lora","module_name_pattern":".*q_proj","params":{"r":2,"alpha":4,"dropout":0.0}},)"
+      + text + "]}");
+  toy::Toy model = toy_base();
+  auto method = peft::peft_method_from_config(stack);
+  peft::inject_peft_and_freeze(*method, model);
+  EXPECT_NE(model->named_modules()["layers.0.attention.q_proj"]->as<peft::LoRALinearImpl>(), nullptr);
+  auto* down = model->named_modules()["layers.0.mlp.down_proj"]->as<peft::IA3LinearImpl>();
+  ASSERT_NE(down, nullptr);
+  EXPECT_TRUE(down->feedforward());
+  EXPECT_TRUE(down->ia3_l.requires_grad());
+  EXPECT_FALSE(model->named_modules()["layers.0.attention.k_proj"]->as<peft::IA3LinearImpl>()->feedforward());
+}

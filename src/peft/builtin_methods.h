@@ -5,6 +5,7 @@
 // one line to `builtin_methods()` in registry.cpp.
 
 #include <d9d/peft/full_tune/config.h>
+#include <d9d/peft/ia3/config.h>
 #include <d9d/peft/lora/config.h>
 #include <d9d/peft/registry.h>
 
@@ -23,6 +24,7 @@ PeftMethodRegistration ia3_registration();
 /// The d9d JSON readers (the `"kind"` field already checked by the caller).
 LoRAConfig parse_lora_config_json(const nlohmann::json& j, const std::string& path);
 FullTuneConfig parse_full_tune_config_json(const nlohmann::json& j, const std::string& path);
+IA3Config parse_ia3_config_json(const nlohmann::json& j, const std::string& path);
 
 /// A registration's d9d-config functions, for a config struct `Config` with
 /// `validate(config, path)` and `to_json(ordered_json&, config)`, and a method

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <regex>
 #include <set>
+#include "../config_json.h"
 #include "../hf/config_rules.h"
 
 namespace d9d::peft::hf {
@@ -113,3 +114,57 @@ std::string dump_ia3_config(const IA3Config& c) {
 }
 
 }  // namespace d9d::peft::hf
+
+namespace d9d::peft {
+
+using nlohmann::json;
+
+namespace {
+
+template <typename Json>
+void write_config(Json& j, const IA3Config& c) {
+  j = Json::object();
+  j["kind"] = IA3Config::kind;
+  j["module_name_pattern"] = c.module_name_pattern;
+  j["params"] = Json::object();
+  if (!c.feedforward_pattern.empty()) j["params"]["feedforward_pattern"] = c.feedforward_pattern;
+}
+
+}  // namespace
+
+void validate(const IA3Config& c, const std::string& path) {
+  using config_json::field_path;
+  config_json::validate_pattern(c.module_name_pattern, field_path(path, "module_name_pattern"));
+  if (!c.feedforward_pattern.empty()) {
+    config_json::validate_pattern(c.feedforward_pattern, field_path(field_path(path, "params"), "feedforward_pattern"));
+  }
+}
+
+hf::IA3Config to_peft_config(const IA3Config& c) {
+  hf::IA3Config out;
+  out.target_modules.regex = c.module_name_pattern;
+  if (!c.feedforward_pattern.empty()) out.feedforward_modules.regex = c.feedforward_pattern;
+  return out;
+}
+
+IA3Config parse_ia3_config_json(const json& j, const std::string& path) {
+  using namespace config_json;
+  check_object(j, path, {"kind", "module_name_pattern", "params"});
+  IA3Config c;
+  c.module_name_pattern = get_string(require(j, path, "module_name_pattern"), field_path(path, "module_name_pattern"));
+  if (auto it = j.find("params"); it != j.end()) {
+    const std::string params = field_path(path, "params");
+    check_object(*it, params, {"feedforward_pattern"});
+    if (auto ff = it->find("feedforward_pattern"); ff != it->end() && !ff->is_null()) {
+      c.feedforward_pattern = get_string(*ff, field_path(params, "feedforward_pattern"));
+    }
+  }
+  validate(c, path);
+  return c;
+}
+
+void to_json(json& j, const IA3Config& c) { write_config(j, c); }
+void to_json(nlohmann::ordered_json& j, const IA3Config& c) { write_config(j, c); }
+void from_json(const json& j, IA3Config& c) { c = parse_ia3_config_json(j, ""); }
+
+}  // namespace d9d::peft

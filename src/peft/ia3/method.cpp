@@ -23,6 +23,11 @@ IA3::IA3(hf::IA3Config config, std::string adapter_name)
   validate_adapter_name(adapter_name_);
 }
 
+IA3 IA3::from_config(const IA3Config& config) {
+  validate(config);
+  return IA3(to_peft_config(config));
+}
+
 PeftInjectionResult IA3::inject(torch::nn::Module& module) {
   AdapterTargeting t;
   t.method = "IA3";
@@ -165,7 +170,7 @@ class IA3OfflineMerge : public hf::OfflineMerge {
 }  // namespace
 
 PeftMethodRegistration ia3_registration() {
-  PeftMethodRegistration r;
+  PeftMethodRegistration r = d9d_config_registration<IA3Config, IA3>(&parse_ia3_config_json);
   r.peft_type = "IA3";
   r.load_hf_config = [](const nlohmann::json& j, const std::string& source,
                         const std::string& adapter_name) -> std::unique_ptr<PeftMethodBase> {

@@ -5,6 +5,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <string>
+
 #include <optional>
 #include <string>
 
@@ -49,3 +51,28 @@ void validate(const IA3Config& config, const std::string& source = "IA3Config");
 std::string dump_ia3_config(const IA3Config& config);
 
 }  // namespace d9d::peft::hf
+
+namespace d9d::peft {
+
+/// IA3 in d9d's JSON, usable inside a stack and in the trainer's config:
+/// `{"kind":"ia3","module_name_pattern":".*(k|v|down)_proj","params":{"feedforward_pattern":".*down_proj"}}`.
+/// The patterns are ECMAScript regexes that must match the whole qualified
+/// name; `params` and `feedforward_pattern` are optional (none feed-forward).
+/// Vectors start at ones.
+struct IA3Config {
+  static constexpr const char* kind = "ia3";
+  std::string module_name_pattern;
+  /// The feed-forward layers (input scaled) among those matched; empty: none.
+  std::string feedforward_pattern;
+};
+
+/// Throws `ConfigError` naming `path`-relative fields; the patterns are compiled here.
+void validate(const IA3Config& config, const std::string& path = "");
+/// The same layers as PEFT's config: the patterns as regexes.
+hf::IA3Config to_peft_config(const IA3Config& config);
+
+void to_json(nlohmann::json& j, const IA3Config& config);
+void to_json(nlohmann::ordered_json& j, const IA3Config& config);
+void from_json(const nlohmann::json& j, IA3Config& config);
+
+}  // namespace d9d::peft

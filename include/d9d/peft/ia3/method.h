@@ -21,6 +21,8 @@ class IA3 : public PeftMethod<hf::IA3Config> {
  public:
   /// Validates the config (`ConfigError`).
   explicit IA3(hf::IA3Config config, std::string adapter_name = kDefaultAdapterName);
+  /// From d9d's JSON config (`"kind": "ia3"`), adapter "default".
+  static IA3 from_config(const IA3Config& config);
   PeftInjectionResult inject(torch::nn::Module& module) override;
   void merge(torch::nn::Module& module) override;
   const std::string& adapter_name() const noexcept { return adapter_name_; }
