@@ -96,11 +96,14 @@ std::vector<std::string> check_case(const fs::path& dir, const std::string& cli,
   torch::NoGradGuard no_grad;
 
   auto adapter = peft::hf::load_adapter(*model, (dir / "adapter").string());
-  auto expect = [&](const std::string& what, const at::Tensor& ours, const at::Tensor& peft) {
+  // `slack`: how far PEFT's own two computations of the same numbers lie apart
+  // (relative, as `relative_diff`); a check is never asked to be tighter than that.
+  auto expect = [&](const std::string& what, const at::Tensor& ours, const at::Tensor& peft, double slack = 0.0) {
     const double diff = relative_diff(ours, peft);
-    if (!(diff <= kTolerance)) {
-      failures.push_back(fmt::format("{}: max |d9d - peft| = {:.3g} with max |peft| = {:.3g}", what,
-                                     max_diff(ours, peft), peft.abs().max().item<double>()));
+    if (!(diff <= std::max(kTolerance, slack))) {
+      failures.push_back(fmt::format("{}: max |d9d - peft| = {:.3g} with max |peft| = {:.3g} (PEFT's own merged vs "
+                                     "unmerged: {:.3g})",
+                                     what, max_diff(ours, peft), peft.abs().max().item<double>(), slack));
     }
   };
   expect("logits with the adapter", model->forward(ids), expected->get("logits"));
@@ -122,7 +125,12 @@ std::vector<std::string> check_case(const fs::path& dir, const std::string& cli,
     failures.push_back("merged model has " + std::to_string(state.size()) + " tensors, PEFT's " +
                        std::to_string(merged_keys));
   }
-  expect("logits after merging", model->forward(ids), expected->get("merged_logits"));
+  // Merging is exact arithmetic, rounded differently: where PEFT's merged logits
+  // move from its unmerged ones by more than the tolerance (a model that
+  // amplifies rounding), ours may differ from PEFT's by as much, and no more
+  // than twice that.
+  const double peft_rounding = relative_diff(expected->get("merged_logits"), expected->get("logits"));
+  expect("logits after merging", model->forward(ids), expected->get("merged_logits"), 2.0 * peft_rounding);
 
   // The offline merge, without model code, must give PEFT's merged weights too.
   const fs::path out = scratch / dir.filename();

@@ -18,12 +18,16 @@ at::Tensor as_broadcast(LayerKind kind, const at::Tensor& per_slice) {
   return kind == LayerKind::Linear ? per_slice.view({-1, 1}) : per_slice.view({1, -1});
 }
 
-/// `W + s * delta` in the compute type.
+/// `W + s * delta` in the compute type, fused (`addmm`).
 at::Tensor summed(LayerKind kind, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b, double scale) {
   const at::ScalarType type = compute_type(weight);
   const at::Tensor w = weight.to(type), a_ = a.to(type), b_ = b.to(type);
   return kind == LayerKind::Linear ? w.addmm(b_, a_, /*beta=*/1.0, /*alpha=*/scale) : w.add(b_.mm(a_).t(), scale);
 }
+
+/// `W + (B @ A) * s` in the compute type, in PEFT's order of operations: DoRA's
+/// norm divides by it, so the rounding should be PEFT's.
+at::Tensor dora_sum(LayerKind kind, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b, double scale);
 
 }  // namespace
 
@@ -34,20 +38,28 @@ at::Tensor delta_weight(LayerKind kind, const at::Tensor& a, const at::Tensor& b
   return (kind == LayerKind::Linear ? product : product.t()).mul(scale);
 }
 
+namespace {
+
+at::Tensor dora_sum(LayerKind kind, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b, double scale) {
+  return weight.to(compute_type(weight)).add(delta_weight(kind, a, b, scale, weight));
+}
+
+}  // namespace
+
 at::Tensor dora_norm(LayerKind kind, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
                      double scale) {
-  return at::linalg_vector_norm(summed(kind, weight, a, b, scale).to(at::kDouble), 2, {norm_dim(kind)});
+  return at::linalg_vector_norm(dora_sum(kind, weight, a, b, scale), 2, {norm_dim(kind)});
 }
 
 at::Tensor merged_weight(LayerKind kind, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
                          double scale, const at::Tensor& magnitude, at::Tensor* norm_out) {
-  const at::Tensor sum = summed(kind, weight, a, b, scale);
-  if (!magnitude.defined()) return sum.to(weight.scalar_type());
-  // DoRA: the sum is formed once and gives its own norm.
-  const at::Tensor wide = sum.to(at::kDouble);
-  const at::Tensor norm = at::linalg_vector_norm(wide, 2, {norm_dim(kind)});
+  if (!magnitude.defined()) return summed(kind, weight, a, b, scale).to(weight.scalar_type());
+  // DoRA, as PEFT: the sum is formed once and gives its own norm;
+  // W' = m / ||W + s·ΔW|| * (W + s·ΔW).
+  const at::Tensor sum = dora_sum(kind, weight, a, b, scale);
+  const at::Tensor norm = at::linalg_vector_norm(sum, 2, {norm_dim(kind)});
   if (norm_out) *norm_out = norm;
-  return wide.mul(as_broadcast(kind, magnitude.to(at::kDouble).div(norm))).to(weight.scalar_type());
+  return sum.mul(as_broadcast(kind, magnitude.to(sum.scalar_type()).div(norm))).to(weight.scalar_type());
 }
 
 namespace {
@@ -82,7 +94,7 @@ at::Tensor unmerged_weight(LayerKind kind, const at::Tensor& merged, const at::T
   at::Tensor w = merged.to(type);
   if (magnitude.defined()) {
     // PEFT's unmerge: W = W' / (m / ||W + s·ΔW||) - s·ΔW, with the norm the merge used.
-    w = merged.to(at::kDouble).div(as_broadcast(kind, magnitude.to(at::kDouble).div(norm))).to(type);
+    w = w.div(as_broadcast(kind, magnitude.to(type).div(norm.to(type))));
   }
   return w.sub(delta_weight(kind, a, b, scale, merged)).to(merged.scalar_type());
 }

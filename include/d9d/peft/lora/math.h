@@ -17,13 +17,14 @@ enum class LayerKind {
   Embedding,
 };
 
-/// `scale * delta` in `weight`'s shape, computed in float32 (float64 for a
-/// float64 weight) whatever the adapter's dtype.
+/// `(B @ A) * scale` in `weight`'s shape (transposed for an embedding),
+/// computed in float32 (float64 for a float64 weight) whatever the adapter's dtype.
 at::Tensor delta_weight(LayerKind kind, const at::Tensor& a, const at::Tensor& b, double scale,
                         const at::Tensor& weight);
 
 /// The DoRA norm of `weight + scale * delta`: per row (linear) or per
-/// column (embedding), in float64.
+/// column (embedding), in float32 (float64 for a float64 weight), formed in
+/// PEFT's order of operations so that the rounding is PEFT's.
 at::Tensor dora_norm(LayerKind kind, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
                      double scale);
 
