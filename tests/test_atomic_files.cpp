@@ -171,9 +171,7 @@ TEST(SaveModelState, AShardThatCannotBePutInPlaceLeavesNoTemporaryFile) {
   TempDir dir;
   fs::create_directories(dir.path / "model.safetensors/keep");
   torch::nn::Linear model(2, 2);
-  ms::SaveOptions options;
-  options.progress = nullptr;
-  EXPECT_THROW(ms::save_model_state(dir.str(), *ms::identity_mapper_from_module(*model), *model, options),
+  EXPECT_THROW(ms::save_model_state(dir.str(), *ms::identity_mapper_from_module(*model), *model, d9d_test::quiet_save()),
                ms::CheckpointError);
   EXPECT_EQ(files_in(dir.path), std::set<std::string>{"model.safetensors"});
 }

@@ -80,13 +80,6 @@ void expect_same_state(const torch::nn::Module& a, const torch::nn::Module& b) {
   }
 }
 
-ms::SaveOptions quiet_save(uint64_t shard_size) {
-  ms::SaveOptions o;
-  o.shard_size = shard_size;
-  o.progress = nullptr;
-  return o;
-}
-
 }  // namespace
 
 // ------------------------------------------------------------- fixtures

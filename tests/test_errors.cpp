@@ -90,13 +90,6 @@ struct SmallImpl : torch::nn::Module {
 };
 TORCH_MODULE(Small);
 
-ms::SaveOptions quiet_save(uint64_t shard_size = 0) {
-  ms::SaveOptions options;
-  options.shard_size = shard_size;
-  options.progress = nullptr;
-  return options;
-}
-
 }  // namespace
 
 TEST(Errors, EveryRootDerivesFromTheOneRootAndKeepsItsAccessors) {

@@ -1,6 +1,7 @@
 #pragma once
 // Helpers shared by the test files: fixture paths, temporary directories, quiet loads.
 
+#include <d9d/model_state/io/stream.h>
 #include <d9d/model_state/load.h>
 
 #include <gtest/gtest.h>
@@ -51,6 +52,14 @@ inline std::string read_bytes(const std::string& path) {
 /// Load options without the progress line.
 inline d9d::model_state::LoadOptions quiet() {
   d9d::model_state::LoadOptions o;
+  o.progress = nullptr;
+  return o;
+}
+
+/// Save options without the progress line; `shard_size` 0: one file.
+inline d9d::model_state::SaveOptions quiet_save(uint64_t shard_size = 0) {
+  d9d::model_state::SaveOptions o;
+  o.shard_size = shard_size;
   o.progress = nullptr;
   return o;
 }

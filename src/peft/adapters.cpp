@@ -9,6 +9,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "non_finite.h"
+
 #include <algorithm>
 
 namespace d9d::peft {
@@ -107,7 +109,7 @@ size_t merge_adapter(torch::nn::Module& model, const std::function<bool(const st
   for (const auto& entry : layers) {
     if (!selects(entry.name) || !entry.layer->has_adapter(adapter_name)) continue;
     for (const auto& p : entry.layer->adapter_module(adapter_name)->named_parameters()) {
-      const int64_t bad = p.value().numel() - at::isfinite(p.value()).sum().item<int64_t>();
+      const int64_t bad = detail::count_non_finite(p.value());
       if (bad == 0) continue;
       throw PeftError(fmt::format("merge: adapter \"{}\" of '{}' holds {} NaN or Inf value{} in {} (of {}); merging "
                                   "would write them into the base weight. Nothing was merged; fix or retrain the "

@@ -61,6 +61,16 @@ std::string get_string(const json& v, const std::string& path) {
   throw ConfigError(path, fmt::format("expected a string, got {}", d9d::detail::quote_json(v)));
 }
 
+void check_kind(const json& j, const std::string& path, const char* expected) {
+  if (!j.is_object()) return;
+  auto it = j.find("kind");
+  if (it == j.end()) return;
+  if (!it->is_string() || it->get<std::string>() != expected) {
+    throw ConfigError(field_path(path, "kind"),
+                      fmt::format("expected \"{}\", got {}", expected, d9d::detail::quote_json(*it)));
+  }
+}
+
 void validate_pattern(const std::string& pattern, const std::string& path) {
   if (pattern.empty()) throw ConfigError(path, "must not be empty (it must fully match qualified module names)");
   try {

@@ -20,6 +20,9 @@ int64_t get_int(const nlohmann::json& v, const std::string& path);
 double get_number(const nlohmann::json& v, const std::string& path);
 bool get_bool(const nlohmann::json& v, const std::string& path);
 std::string get_string(const nlohmann::json& v, const std::string& path);
+/// A `"kind"` field, where `j` holds one, must be `expected` (reading a
+/// method's config directly, outside `AnyPeftConfig`).
+void check_kind(const nlohmann::json& j, const std::string& path, const char* expected);
 /// A module-name pattern: non-empty, and a regular expression that compiles.
 void validate_pattern(const std::string& pattern, const std::string& path);
 

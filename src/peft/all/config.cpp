@@ -9,6 +9,8 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include <type_traits>
+
 #include "../../json_text.h"
 #include "../builtin_methods.h"
 #include "../config_json.h"
@@ -74,7 +76,11 @@ void write_any(Json& j, const AnyPeftConfig& c) {
   check_not_empty(c, "");
   nlohmann::ordered_json ordered;
   method_for_kind(c.kind()).write(c, ordered);
-  j = Json::parse(ordered.dump());
+  if constexpr (std::is_same_v<Json, nlohmann::ordered_json>) {
+    j = std::move(ordered);
+  } else {
+    j = Json(ordered);  // basic_json converts between its specialisations
+  }
 }
 
 }  // namespace
@@ -97,7 +103,10 @@ void validate(const AnyPeftConfig& config, const std::string& path) {
 
 void to_json(json& j, const PeftStackConfig& c) { write_stack(j, c); }
 void to_json(nlohmann::ordered_json& j, const PeftStackConfig& c) { write_stack(j, c); }
-void from_json(const json& j, PeftStackConfig& c) { c = parse_stack(j, ""); }
+void from_json(const json& j, PeftStackConfig& c) {
+  config_json::check_kind(j, "", PeftStackConfig::kind);
+  c = parse_stack(j, "");
+}
 void to_json(json& j, const AnyPeftConfig& c) { write_any(j, c); }
 void to_json(nlohmann::ordered_json& j, const AnyPeftConfig& c) { write_any(j, c); }
 void from_json(const json& j, AnyPeftConfig& c) { c = parse_any(j, ""); }

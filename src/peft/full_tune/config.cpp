@@ -37,9 +37,7 @@ FullTuneConfig parse_full_tune_config_json(const json& j, const std::string& pat
 void to_json(json& j, const FullTuneConfig& c) { write_config(j, c); }
 void to_json(nlohmann::ordered_json& j, const FullTuneConfig& c) { write_config(j, c); }
 void from_json(const json& j, FullTuneConfig& c) {
-  if (j.is_object() && j.contains("kind") && j["kind"] != FullTuneConfig::kind) {
-    throw ConfigError("kind", fmt::format("expected \"{}\", got {}", FullTuneConfig::kind, j["kind"].dump()));
-  }
+  config_json::check_kind(j, "", FullTuneConfig::kind);
   c = parse_full_tune_config_json(j, "");
 }
 

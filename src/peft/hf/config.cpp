@@ -150,7 +150,6 @@ LoraConfig parse_lora_config(const json& j, const std::string& source) {
       if (v.is_null()) continue;
       if (!v.is_object()) fail(source, field, fmt::format("expected an object, got {}", d9d::detail::quote_json(v)));
       for (const auto& p : v.items()) {
-        check_pattern_key(p.key(), source, field + "." + p.key());
         if (field == "rank_pattern") {
           if (!p.value().is_number_integer() || p.value().get<int64_t>() < 1) {
             fail(source, field + "." + p.key(), fmt::format("must be an integer >= 1, got {}", d9d::detail::quote_json(p.value())));

@@ -14,11 +14,13 @@
 #include <limits>
 #include <map>
 #include <set>
+#include "../non_finite.h"
 #include "config_rules.h"
 
 namespace d9d::peft::hf {
 
 using detail::ends_with;
+using peft::detail::count_non_finite;
 
 namespace {
 
@@ -170,10 +172,6 @@ at::Tensor compute_merged(const at::Tensor& base_weight, const Resolved& r) {
   const bool embedding = r.kind == Kind::Embedding || r.kind == Kind::DoraEmbedding;
   return lora::merged_weight(embedding ? lora::LayerKind::Embedding : lora::LayerKind::Linear, base_weight,
                              r.a.tensor, r.b.tensor, r.scale, r.magnitude.tensor);
-}
-
-int64_t count_non_finite(const at::Tensor& t) {
-  return t.numel() - at::isfinite(t).sum().item<int64_t>();
 }
 
 const char* const kAllowHint =

@@ -165,6 +165,9 @@ IA3Config parse_ia3_config_json(const json& j, const std::string& path) {
 
 void to_json(json& j, const IA3Config& c) { write_config(j, c); }
 void to_json(nlohmann::ordered_json& j, const IA3Config& c) { write_config(j, c); }
-void from_json(const json& j, IA3Config& c) { c = parse_ia3_config_json(j, ""); }
+void from_json(const json& j, IA3Config& c) {
+  config_json::check_kind(j, "", IA3Config::kind);
+  c = parse_ia3_config_json(j, "");
+}
 
 }  // namespace d9d::peft

@@ -12,6 +12,7 @@
 #include <fmt/ranges.h>
 
 #include "../builtin_methods.h"
+#include "../non_finite.h"
 
 #include <map>
 
@@ -135,7 +136,7 @@ class IA3OfflineMerge : public hf::OfflineMerge {
                                                                                                "output"));
       }
     }
-    if (!allow_non_finite && !at::isfinite(m.l).all().item<bool>()) {
+    if (!allow_non_finite && detail::count_non_finite(m.l) > 0) {
       throw PeftError(fmt::format("{}: '{}' holds NaN or Inf; merging it would write them into '{}'. Nothing was "
                                   "written. Fix or retrain the adapter, or merge anyway with --allow-non-finite",
                                   source_, m.key, key));
@@ -145,7 +146,7 @@ class IA3OfflineMerge : public hf::OfflineMerge {
   at::Tensor merge(const std::string& key, const at::Tensor& base, bool allow_non_finite) const override {
     const auto& [path, m] = module_of(key);
     const at::Tensor out = key == path + ".weight" ? ia3::merged_weight(base, m.l) : ia3::merged_bias(base, m.l);
-    if (!allow_non_finite && !at::isfinite(out).all().item<bool>()) {
+    if (!allow_non_finite && detail::count_non_finite(out) > 0) {
       throw PeftError(fmt::format("merging into '{}' gives NaN or Inf values (the product overflows {}). Nothing was "
                                   "written; merge anyway with --allow-non-finite",
                                   key, c10::toString(out.scalar_type())));

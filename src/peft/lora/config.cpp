@@ -96,9 +96,7 @@ void from_json(const json& j, LoRAParameters& p) {
 void to_json(json& j, const LoRAConfig& c) { write_config(j, c); }
 void to_json(nlohmann::ordered_json& j, const LoRAConfig& c) { write_config(j, c); }
 void from_json(const json& j, LoRAConfig& c) {
-  if (j.is_object() && j.contains("kind") && j["kind"] != LoRAConfig::kind) {
-    throw ConfigError("kind", fmt::format("expected \"{}\", got {}", LoRAConfig::kind, j["kind"].dump()));
-  }
+  config_json::check_kind(j, "", LoRAConfig::kind);
   c = parse_lora_config_json(j, "");
 }
 

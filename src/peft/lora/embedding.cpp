@@ -34,10 +34,9 @@ LoRAEmbeddingImpl::LoRAEmbeddingImpl(std::shared_ptr<d9d::nn::EmbeddingImpl> bas
 }
 
 void LoRAEmbeddingImpl::add_adapter(const std::string& name, const AdapterOptions& options) {
-  const auto* p = dynamic_cast<const LoRAParameters*>(&options);
-  if (!p) throw PeftError("add_adapter: a LoRA layer takes LoRAParameters as the adapter's options");
   const auto& w = base->weight;
-  auto adapter = std::make_shared<LoRAEmbeddingAdapterImpl>(w.size(0), w.size(1), *p, w.options());
+  auto adapter =
+      std::make_shared<LoRAEmbeddingAdapterImpl>(w.size(0), w.size(1), lora_parameters(options), w.options());
   reset_adapter(*adapter);
   append(name, std::move(adapter));
 }

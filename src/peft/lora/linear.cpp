@@ -18,12 +18,6 @@ namespace d9d::peft {
 
 namespace {
 
-const LoRAParameters& lora_options(const AdapterOptions& options) {
-  const auto* p = dynamic_cast<const LoRAParameters*>(&options);
-  if (!p) throw PeftError("add_adapter: a LoRA layer takes LoRAParameters as the adapter's options");
-  return *p;
-}
-
 /// Unregisters the children a wrapper's adapter layout uses.
 void clear_children(torch::nn::Module& m, std::initializer_list<const char*> children) {
   const auto registered = m.named_children();
@@ -73,7 +67,7 @@ LoRALinearImpl::LoRALinearImpl(std::shared_ptr<torch::nn::LinearImpl> base, cons
 void LoRALinearImpl::add_adapter(const std::string& name, const AdapterOptions& options) {
   const auto& weight = base_weight();
   auto adapter =
-      std::make_shared<LoRALinearAdapterImpl>(weight.size(1), weight.size(0), lora_options(options), weight.options());
+      std::make_shared<LoRALinearAdapterImpl>(weight.size(1), weight.size(0), lora_parameters(options), weight.options());
   reset_adapter(*adapter);
   append(name, std::move(adapter));
 }

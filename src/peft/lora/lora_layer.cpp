@@ -6,6 +6,12 @@
 
 namespace d9d::peft {
 
+const LoRAParameters& lora_parameters(const AdapterOptions& options) {
+  const auto* p = dynamic_cast<const LoRAParameters*>(&options);
+  if (!p) throw PeftError("add_adapter: a LoRA layer takes LoRAParameters as the adapter's options");
+  return *p;
+}
+
 template <typename Adapter>
 void LoRALayer<Adapter>::after_base_loaded(const model_state::KeySet& loaded_adapter_keys) {
   // DoRA's magnitude is the norm of the base weight with the delta added: it

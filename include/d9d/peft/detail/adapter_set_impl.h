@@ -108,9 +108,9 @@ void AdapterSetLayer<Adapter>::set_merged(const std::string& name, bool merged) 
 template <typename Adapter>
 std::vector<std::string> AdapterSetLayer<Adapter>::fresh_state_keys() const {
   std::vector<std::string> keys;
-  for (size_t i = 0; i < entries_.size(); ++i) {
-    const std::string prefix = i == 0 ? "" : "adapters." + entries_[i].first + ".";
-    for (const auto& p : entries_[i].second->named_parameters()) keys.push_back(prefix + p.key());
+  for (const auto& [name, adapter] : entries_) {
+    const std::string prefix = key_prefix(name);
+    for (const auto& p : adapter->named_parameters()) keys.push_back(prefix + p.key());
   }
   return keys;
 }

@@ -10,6 +10,9 @@ namespace d9d::peft {
 /// What the LoRA wrappers (`LoRALinearImpl`, `LoRAEmbeddingImpl`) share on
 /// top of `AdapterSetLayer`: the PEFT type, DoRA's magnitude following the
 /// base weights, re-initialisation, and the first adapter's options.
+/// `options` as LoRA's (`PeftError` for another method's): what `add_adapter` takes.
+const LoRAParameters& lora_parameters(const AdapterOptions& options);
+
 template <typename Adapter>
 class LoRALayer : public AdapterSetLayer<Adapter> {
  public:
