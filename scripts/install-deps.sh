@@ -7,6 +7,7 @@ packages=(
   cmake g++ make
   libtorch-dev libopenblas0-pthread  # LibTorch; OpenBLAS or matmuls fall back to reference BLAS (~40x slower)
   nlohmann-json3-dev libfmt-dev libcli11-dev  # CLI11: the d9d-peft tool
+  libre2-dev pkgconf  # RE2: module-name patterns in linear time
   googletest libgtest-dev libbenchmark-dev
   clang libclang-rt-14-dev  # libFuzzer and the sanitizers for scripts/fuzz.sh
   ccache  # rebuilds of the two LibTorch builds

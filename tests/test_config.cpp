@@ -134,3 +134,78 @@ TEST(Config, FactoryBuildsTheDescribedMethods) {
   EXPECT_EQ(lora->config().params.r(), 8);
   EXPECT_EQ(stack->config().methods.size(), 2u);
 }
+
+// ------------------------------------------------------------------ patterns
+
+#include <d9d/peft/hf/config.h>
+#include <d9d/peft/pattern.h>
+
+namespace {
+
+std::string hf_config_error(const std::string& patch) {
+  auto j = nlohmann::json::parse(R"({"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["q_proj"]})");
+  j.merge_patch(nlohmann::json::parse(patch));
+  try {
+    d9d::peft::hf::parse_lora_config(j, "adapter_config.json");
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+}  // namespace
+
+TEST(Patterns, FullMatchLikePythonRe) {
+  const d9d::peft::Pattern p(".*\\.(q|v)_proj", "module_name_pattern");
+  EXPECT_TRUE(p.full_match("layers.0.attention.q_proj"));
+  EXPECT_FALSE(p.full_match("layers.0.attention.q_proj.lora_A"));  // the whole name, not a prefix
+  EXPECT_FALSE(p.full_match("xlayers.0.attention.k_proj"));
+  // Python re syntax RE2 shares: named groups, classes, flags, lazy repeats.
+  EXPECT_TRUE(d9d::peft::Pattern("(?P<layer>layers\\.\\d+)\\.mlp\\.(up|down)_proj", "p").full_match("layers.12.mlp.up_proj"));
+  EXPECT_TRUE(d9d::peft::Pattern("(?i)LAYERS\\..*?PROJ", "p").full_match("layers.3.q_proj"));
+  EXPECT_TRUE(d9d::peft::Pattern("", "p").full_match(""));
+  EXPECT_FALSE(d9d::peft::Pattern("", "p").full_match("x"));
+}
+
+TEST(Patterns, PathologicalPatternsRunInLinearTimeAndBoundedStack) {
+  // A backtracking matcher overflows its stack on the first (the name is
+  // 200,000 characters) and takes about 2^n steps on the second: a test
+  // process on std::regex crashes or runs into ctest's timeout here.
+  const std::string long_name(200000, 'x');
+  EXPECT_FALSE(d9d::peft::Pattern("(x|y)*z", "p").full_match(long_name));
+  EXPECT_TRUE(d9d::peft::Pattern("(x|y)*", "p").full_match(long_name));
+  const std::string almost(64, 'a');
+  EXPECT_FALSE(d9d::peft::Pattern("(a+)+$", "p").full_match(almost + "!"));
+  EXPECT_FALSE(d9d::peft::Pattern("(a|aa)*b", "p").full_match(almost));
+  // The same through a PEFT config's selector and the d9d LoRA method.
+  const auto config = d9d::peft::hf::parse_lora_config(
+      nlohmann::json::parse(R"({"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":"(x|y)*z"})"),
+      "adapter_config.json");
+  EXPECT_FALSE(config.select(long_name).has_value());
+  EXPECT_TRUE(config.select(long_name + "z").has_value());
+}
+
+TEST(Patterns, SyntaxRe2LacksIsRefusedWithTheFieldNamed) {
+  // d9d JSON: the field path, the reason, and where the syntax is described.
+  const std::string lookahead = error_of(R"({"kind":"lora","module_name_pattern":"(?!lm_head).*",)"
+                                         R"("params":{"r":8,"alpha":16,"dropout":0}})");
+  EXPECT_THAT(lookahead, HasSubstr("module_name_pattern: invalid regular expression \"(?!lm_head).*\""));
+  EXPECT_THAT(lookahead, HasSubstr("lookahead and lookbehind are not supported"));
+  EXPECT_THAT(lookahead, HasSubstr("docs/config-reference.md"));
+  EXPECT_THAT(error_of(R"({"kind":"full_tune","module_name_pattern":"(a)\\1"})"),
+              HasSubstr("module_name_pattern: invalid regular expression \"(a)\\1\""));
+  EXPECT_THAT(error_of(R"({"kind":"stack","methods":[{"kind":"full_tune","module_name_pattern":"x{1001}"}]})"),
+              HasSubstr("methods[0].module_name_pattern: invalid regular expression \"x{1001}\""));
+  // adapter_config.json: file and field.
+  EXPECT_THAT(hf_config_error(R"j({"target_modules":".*(?<!lm_head)"})j"),
+              HasSubstr("adapter_config.json: target_modules: invalid regular expression"));
+  EXPECT_THAT(hf_config_error(R"({"exclude_modules":"lm_head\\Z"})"),
+              HasSubstr("adapter_config.json: exclude_modules: invalid regular expression \"lm_head\\Z\": "));
+  EXPECT_THAT(hf_config_error(R"({"exclude_modules":"lm_head\\Z"})"), HasSubstr("\\Z is not supported"));
+  EXPECT_THAT(hf_config_error(R"({"rank_pattern":{"(?=q)q_proj":2}})"),
+              HasSubstr("adapter_config.json: rank_pattern.(?=q)q_proj: the key is not a valid pattern"));
+  // The Pattern type itself.
+  EXPECT_THAT([] { d9d::peft::Pattern("[", "target"); },
+              ::testing::ThrowsMessage<ConfigError>(HasSubstr("target: invalid regular expression \"[\"")));
+  EXPECT_EQ(d9d::peft::Pattern::syntax_error(".*_proj"), "");
+}

@@ -1,6 +1,7 @@
 #include "config_json.h"
 
 #include <d9d/peft/errors.h>
+#include <d9d/peft/pattern.h>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -9,7 +10,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <regex>
 
 namespace d9d::peft::config_json {
 
@@ -73,11 +73,7 @@ void check_kind(const json& j, const std::string& path, const char* expected) {
 
 void validate_pattern(const std::string& pattern, const std::string& path) {
   if (pattern.empty()) throw ConfigError(path, "must not be empty (it must fully match qualified module names)");
-  try {
-    std::regex compiled(pattern, std::regex::ECMAScript);
-  } catch (const std::regex_error& e) {
-    throw ConfigError(path, fmt::format("invalid regular expression \"{}\": {}", pattern, e.what()));
-  }
+  static_cast<void>(Pattern(pattern, path));  // throws ConfigError(path, ...) for an invalid pattern
 }
 
 }  // namespace d9d::peft::config_json

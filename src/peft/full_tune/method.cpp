@@ -13,17 +13,24 @@
 
 namespace d9d::peft {
 
-FullTune::FullTune(FullTuneConfig config) : PeftMethod(std::move(config)) {
-  validate(config_);
-  pattern_ = std::regex(config_.module_name_pattern, std::regex::ECMAScript);
+namespace {
+
+const std::string& validated_pattern(const FullTuneConfig& config) {
+  validate(config);
+  return config.module_name_pattern;
 }
+
+}  // namespace
+
+FullTune::FullTune(FullTuneConfig config)
+    : PeftMethod(std::move(config)), pattern_(validated_pattern(config_), "module_name_pattern") {}
 
 PeftInjectionResult FullTune::inject(torch::nn::Module& module) {
   PeftInjectionResult result;
   std::unordered_set<const void*> seen;
   std::vector<std::string> matched;
   auto visit = [&](const std::string& name, const torch::nn::Module& m) {
-    if (!std::regex_match(name, pattern_)) return;
+    if (!pattern_.full_match(name)) return;
     matched.push_back("'" + name + "'");
     for (const auto& p : m.parameters()) {
       if (seen.insert(p.unsafeGetTensorImpl()).second) result.parameters_to_train.push_back(p);

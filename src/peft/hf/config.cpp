@@ -6,6 +6,7 @@
 #include <d9d/peft/hf/config.h>
 #include <d9d/peft/hf/module_selector.h>
 #include <d9d/peft/lora/layer.h>
+#include <d9d/peft/pattern.h>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -14,7 +15,6 @@
 
 #include <cmath>
 #include <map>
-#include <regex>
 #include <set>
 #include "config_rules.h"
 
@@ -38,17 +38,15 @@ bool is_default_like(const json& v) {
 template <typename T>
 std::optional<T> pattern_value(const std::vector<std::pair<std::string, T>>& patterns, const std::string& name) {
   for (const auto& [key, value] : patterns) {
-    if (key == name || std::regex_match(name, std::regex("(.*\\.)?(" + key + ")"))) return value;
+    if (key == name || Pattern("(.*\\.)?(" + key + ")", key).full_match(name)) return value;
   }
   return std::nullopt;
 }
 
 /// A `rank_pattern`/`alpha_pattern` key must compile as PEFT uses it: `(.*\.)?(key)`.
 void check_pattern_key(const std::string& key, const std::string& source, const std::string& field) {
-  try {
-    std::regex check("(.*\\.)?(" + key + ")");
-  } catch (const std::regex_error& e) {
-    fail(source, field, fmt::format("the key is not a valid regular expression: {}", e.what()));
+  if (auto why = Pattern::syntax_error("(.*\\.)?(" + key + ")"); !why.empty()) {
+    fail(source, field, fmt::format("the key is not a valid pattern as PEFT uses it, (.*\\.)?(KEY): {}", why));
   }
 }
 
@@ -187,11 +185,8 @@ void validate(const LoraConfig& c, const std::string& source) {
   if (c.target_modules.empty()) fail(source, "target_modules", "must name the modules to adapt");
   for (const auto* selector : {&c.target_modules, &c.exclude_modules}) {
     if (!selector->regex) continue;
-    try {
-      std::regex check(*selector->regex, std::regex::ECMAScript);
-    } catch (const std::regex_error& e) {
-      fail(source, selector == &c.target_modules ? "target_modules" : "exclude_modules",
-           fmt::format("invalid regular expression \"{}\": {}", *selector->regex, e.what()));
+    if (auto why = Pattern::syntax_error(*selector->regex); !why.empty()) {
+      fail(source, selector == &c.target_modules ? "target_modules" : "exclude_modules", why);
     }
   }
   for (const auto& [key, value] : c.rank_pattern) {

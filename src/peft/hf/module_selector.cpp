@@ -1,12 +1,12 @@
 // Which modules a Hugging Face PEFT config names (`target_modules`, `exclude_modules`).
 #include <d9d/peft/errors.h>
 #include <d9d/peft/hf/module_selector.h>
+#include <d9d/peft/pattern.h>
 
 #include <fmt/format.h>
 
 #include "../../json_text.h"
 
-#include <regex>
 #include "config_rules.h"
 
 namespace d9d::peft::hf {
@@ -21,11 +21,7 @@ ModuleSelector parse_selector(const json& v, const std::string& source, const st
   if (v.is_null()) return s;
   if (v.is_string()) {
     s.regex = v.get<std::string>();
-    try {
-      std::regex check(*s.regex, std::regex::ECMAScript);
-    } catch (const std::regex_error& e) {
-      fail(source, field, fmt::format("invalid regular expression \"{}\": {}", *s.regex, e.what()));
-    }
+    if (auto why = Pattern::syntax_error(*s.regex); !why.empty()) fail(source, field, why);
     return s;
   }
   if (!v.is_array()) fail(source, field, fmt::format("expected a list of names or a regex string, got {}", d9d::detail::quote_json(v)));
@@ -43,7 +39,7 @@ json selector_json(const ModuleSelector& s) {
 }
 
 bool ModuleSelector::matches(const std::string& name) const {
-  if (regex) return std::regex_match(name, std::regex(*regex, std::regex::ECMAScript));
+  if (regex) return Pattern(*regex, "regex").full_match(name);
   for (const auto& target : names) {
     if (name == target || ends_with(name, "." + target)) return true;
   }

@@ -7,7 +7,7 @@
 #include "../../json_text.h"
 
 #include <algorithm>
-#include <regex>
+#include <d9d/peft/pattern.h>
 #include <set>
 #include "../config_json.h"
 #include "../hf/config_rules.h"
@@ -30,7 +30,7 @@ std::optional<IA3Parameters> IA3Config::select(const std::string& name) const {
   if (!target_modules.matches(name) || exclude_modules.matches(name)) return std::nullopt;
   bool feedforward = false;
   if (feedforward_modules.regex) {
-    feedforward = std::regex_match(name, std::regex(*feedforward_modules.regex, std::regex::ECMAScript));
+    feedforward = Pattern(*feedforward_modules.regex, "feedforward_modules").full_match(name);
   } else {
     feedforward = std::any_of(feedforward_modules.names.begin(), feedforward_modules.names.end(),
                               [&](const std::string& key) { return ends_with(name, key); });
@@ -45,11 +45,7 @@ void validate(const IA3Config& c, const std::string& source) {
         {"exclude_modules", &c.exclude_modules},
         {"feedforward_modules", &c.feedforward_modules}}) {
     if (!selector->regex) continue;
-    try {
-      std::regex check(*selector->regex, std::regex::ECMAScript);
-    } catch (const std::regex_error& e) {
-      fail(source, field, fmt::format("invalid regular expression \"{}\": {}", *selector->regex, e.what()));
-    }
+    if (auto why = Pattern::syntax_error(*selector->regex); !why.empty()) fail(source, field, why);
   }
   // PEFT: a list of feed-forward modules must be a subset of a list of targets.
   if (!c.target_modules.regex && !c.feedforward_modules.regex) {

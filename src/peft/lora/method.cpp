@@ -12,10 +12,17 @@
 
 namespace d9d::peft {
 
-LoRA::LoRA(LoRAConfig config) : PeftMethod(std::move(config)) {
-  validate(config_);
-  pattern_ = std::regex(config_.module_name_pattern, std::regex::ECMAScript);
+namespace {
+
+const std::string& validated_pattern(const LoRAConfig& config) {
+  validate(config);
+  return config.module_name_pattern;
 }
+
+}  // namespace
+
+LoRA::LoRA(LoRAConfig config)
+    : PeftMethod(std::move(config)), pattern_(validated_pattern(config_), "module_name_pattern") {}
 
 PeftInjectionResult LoRA::inject(torch::nn::Module& module) {
   LoRATargeting targeting;
@@ -23,7 +30,7 @@ PeftInjectionResult LoRA::inject(torch::nn::Module& module) {
   targeting.hint = "it must match the whole qualified name";
   const LoRAParameters options = config_.params;
   targeting.select = [this, options](const std::string& name) -> std::optional<LoRAParameters> {
-    if (std::regex_match(name, pattern_)) return options;
+    if (pattern_.full_match(name)) return options;
     return std::nullopt;
   };
   return inject_lora(module, targeting);
@@ -31,7 +38,7 @@ PeftInjectionResult LoRA::inject(torch::nn::Module& module) {
 
 void LoRA::merge(torch::nn::Module& module) {
   merge_adapter(
-      module, [this](const std::string& name) { return std::regex_match(name, pattern_); }, kDefaultAdapterName);
+      module, [this](const std::string& name) { return pattern_.full_match(name); }, kDefaultAdapterName);
 }
 
 PeftMethodRegistration lora_registration() {

@@ -2,8 +2,8 @@
 
 #include <d9d/peft/base.h>
 #include <d9d/peft/full_tune/config.h>
+#include <d9d/peft/pattern.h>
 
-#include <regex>
 
 namespace d9d::peft {
 
@@ -20,7 +20,7 @@ class FullTune : public PeftMethod<FullTuneConfig> {
   void merge(torch::nn::Module& module) override;
 
  private:
-  std::regex pattern_;
+  Pattern pattern_;
 };
 
 }  // namespace d9d::peft

@@ -4,10 +4,10 @@
 #include <d9d/peft/lora/config.h>
 
 #include <d9d/peft/lora/layer.h>
+#include <d9d/peft/pattern.h>
 
 #include <functional>
 #include <optional>
-#include <regex>
 #include <string>
 
 namespace d9d::peft {
@@ -65,7 +65,7 @@ class LoRA : public PeftMethod<LoRAConfig> {
   void merge(torch::nn::Module& module) override;
 
  private:
-  std::regex pattern_;
+  Pattern pattern_;
 };
 
 }  // namespace d9d::peft
