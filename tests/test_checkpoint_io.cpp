@@ -109,7 +109,7 @@ TEST(CheckpointIO, WriterIsByteIdenticalToTheReferenceWriter) {
   }
 }
 
-TEST(CheckpointIO, TensorsViewTheMappingCopyOnWrite) {
+TEST(CheckpointIO, TensorsAreOwnedAndWritingThemNeverChangesTheFile) {
   TempDir dir;
   ms::save_safetensors(dir / "a.safetensors", {{"w", torch::arange(16, torch::kFloat)}});
   const std::string before = read_bytes(dir / "a.safetensors");
@@ -117,11 +117,56 @@ TEST(CheckpointIO, TensorsViewTheMappingCopyOnWrite) {
     auto file = ms::SafetensorsFile::open(dir / "a.safetensors");
     auto w = file->get("w");
     auto again = file->get("w");
-    EXPECT_EQ(w.data_ptr(), again.data_ptr()) << "aligned tensors are views of the mapping, not copies";
+    EXPECT_NE(w.data_ptr(), again.data_ptr()) << "each read is a tensor of its own";
     w.fill_(-1.0f);
-    EXPECT_TRUE(torch::equal(again, torch::full({16}, -1.0f)));
+    EXPECT_TRUE(torch::equal(again, torch::arange(16, torch::kFloat)));
   }
-  EXPECT_EQ(read_bytes(dir / "a.safetensors"), before) << "writing to a view must never change the file";
+  EXPECT_EQ(read_bytes(dir / "a.safetensors"), before) << "writing to a tensor read must never change the file";
+}
+
+TEST(CheckpointIO, AFileTruncatedWhileOpenIsAnErrorNamingTheFileNotACrash) {
+  // Through an unguarded memory mapping, this kills the process with SIGBUS.
+  TempDir dir;
+  const std::string path = dir / "big.safetensors";
+  ms::save_safetensors(path, {{"a", torch::randn({4096})}, {"b", torch::randn({4096})}});
+  auto file = ms::SafetensorsFile::open(path);
+  const uint64_t b_begin = file->header().data_offset + file->header().tensors.at("b").begin;
+  const at::Tensor a_view = file->view("a");
+  const at::Tensor a_before = file->get("a");
+  fs::resize_file(path, b_begin + 100);  // another process rewrites the checkpoint
+  const std::string expected = path + ": the file was truncated or replaced while it was read";
+  EXPECT_THAT([&] { file->get("b"); }, ::testing::ThrowsMessage<ms::CheckpointError>(HasSubstr(expected)));
+  // A view read past the new end holds zeros, and verify() says so.
+  EXPECT_TRUE(torch::equal(file->view("b").slice(0, 1024), torch::zeros({4096 - 1024})));
+  EXPECT_THAT([&] { file->verify(); }, ::testing::ThrowsMessage<ms::CheckpointError>(HasSubstr(expected)));
+  EXPECT_THAT([&] { file->release("a"); }, ::testing::ThrowsMessage<ms::CheckpointError>(HasSubstr(expected)));
+  EXPECT_TRUE(torch::equal(a_view, a_before)) << "pages read before the truncation are kept";
+
+  // The loader reads views of the mapping and reports it as well.
+  ms::save_safetensors(path, {{"a", torch::randn({4096})}, {"b", torch::randn({4096})}});
+  struct TwoTensors : torch::nn::Module {
+    TwoTensors() {
+      register_parameter("a", torch::zeros({4096}));
+      register_parameter("b", torch::zeros({4096}));
+    }
+  } model;
+  ms::LoadOptions options;
+  options.progress = [&](const ms::ProgressInfo& p) {
+    if (p.done == 1 && !p.finished) fs::resize_file(path, 4096);
+  };
+  EXPECT_THAT([&] { ms::load_model_state(path, *ms::identity_mapper_from_module(model), model, options); },
+              ::testing::ThrowsMessage<ms::CheckpointError>(HasSubstr(expected)));
+}
+
+TEST(CheckpointIO, LoadsIntoAModelOnTheStack) {
+  // Not every model is held by a shared_ptr (no TORCH_MODULE holder).
+  TempDir dir;
+  AllDtypes saved;
+  ms::save_model_state(dir.path.string(), *ms::identity_mapper_from_module(*saved), *saved, quiet_save(0));
+  AllDtypesImpl on_stack;
+  auto report = ms::load_model_state(dir.path.string(), *ms::identity_mapper_from_module(on_stack), on_stack, quiet());
+  EXPECT_TRUE(report.ok()) << report.to_string();
+  expect_same_state(*saved, on_stack);
 }
 
 // ---------------------------------------------------------- round trips

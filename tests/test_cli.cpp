@@ -304,6 +304,26 @@ TEST(CliMerge, FailedMergeLeavesNoFiles) {
             (std::vector<std::string>{"config.json", fmt_shard(0), fmt_shard(1), "model.safetensors.index.json"}));
 }
 
+TEST(CliMerge, ABaseTruncatedDuringTheMergeIsAnErrorAndLeavesNothingBehind) {
+  // Another process truncates the base while the merge reads it: through a
+  // memory mapping this was SIGBUS (exit 135, no message, an empty OUT left).
+  TempDir tmp;
+  write_sharded_toy(tmp / "base");
+  const std::string second = tmp / "base/" + fmt_shard(1);
+  const size_t first_shard = ms::SafetensorsFile::open(tmp / "base/" + fmt_shard(0))->keys().size();
+  auto truncating = [&](const ms::ProgressInfo& p) {
+    if (p.done == first_shard + 1) fs::resize_file(second, fs::file_size(second) / 2);
+  };
+  try {
+    hf::merge_adapter_into_checkpoint(tmp / "base", kToy + "/adapters/lora_all_linear_r8", tmp / "out", 1.0,
+                                      truncating);
+    ADD_FAILURE() << "no error";
+  } catch (const ms::CheckpointError& e) {
+    EXPECT_THAT(e.what(), HasSubstr(second + ": the file was truncated or replaced while it was read"));
+  }
+  EXPECT_FALSE(fs::exists(tmp / "out")) << "nothing left behind";
+}
+
 TEST(CliMerge, ReportsProgressPerTensor) {
   TempDir tmp;
   std::vector<ms::ProgressInfo> seen;

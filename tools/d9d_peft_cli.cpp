@@ -167,7 +167,7 @@ void inspect_checkpoint(const std::string& path, bool all) {
   uint64_t total = 0, params = 0;
   std::set<std::string> files;
   for (const auto& key : keys) {
-    const at::Tensor t = source->read(key);
+    const at::Tensor t = source->read_meta(key);  // shapes and dtypes: no data is read
     const uint64_t n = source->nbytes(key);
     auto& d = dtypes[dtype_str(t.scalar_type())];
     ++d.tensors;
@@ -176,7 +176,6 @@ void inspect_checkpoint(const std::string& path, bool all) {
     params += static_cast<uint64_t>(t.numel());
     files.insert(source->location(key));
     if (all || shown.size() < kKeysShown) shown.emplace_back(key, t);
-    source->release(key);
   }
   fmt::print("checkpoint: {}\n", source->describe());
   if (files.size() > 1) fmt::print("  shards:     {}\n", files.size());

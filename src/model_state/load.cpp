@@ -43,7 +43,7 @@ std::vector<StateGroup> reading_order(const StateSource& source, const ModelStat
 
 StateDict run_group(const StateSource& source, const ModelStateMapper& mapper, const StateGroup& group) {
   StateDict inputs;
-  for (const auto& key : group.inputs) inputs.emplace(key, source.read(key));
+  for (const auto& key : group.inputs) inputs.emplace(key, source.read_view(key));
   StateDict outputs = mapper.apply(std::move(inputs));
   KeySet got;
   for (const auto& item : outputs) got.insert(item.first);
@@ -51,6 +51,26 @@ StateDict run_group(const StateSource& source, const ModelStateMapper& mapper, c
     throw MapperError(fmt::format("load: the mapper declared group {} but its apply() returned {}", to_string(group),
                                   format_keys(got)));
   }
+  return outputs;
+}
+
+/// `run_group` on the meta device: the shapes and dtypes the group gives,
+/// without reading data. A mapper that cannot run on meta tensors (an op
+/// without a meta kernel, a tensor it creates on the CPU) runs on the data.
+StateDict run_group_shapes(const StateSource& source, const ModelStateMapper& mapper, const StateGroup& group) {
+  try {
+    StateDict inputs;
+    for (const auto& key : group.inputs) inputs.emplace(key, source.read_meta(key));
+    StateDict outputs = mapper.apply(std::move(inputs));
+    KeySet got;
+    for (const auto& item : outputs) got.insert(item.first);
+    if (got == group.outputs) return outputs;
+  } catch (const c10::OutOfMemoryError&) {
+    throw;
+  } catch (const c10::Error&) {
+  }
+  StateDict outputs = run_group(source, mapper, group);
+  for (const auto& key : group.inputs) source.release(key);
   return outputs;
 }
 
@@ -88,16 +108,20 @@ class Tracker {
 /// Tells every `FreshState` module which of its keys were just loaded.
 void notify_loaded(torch::nn::Module& module, const std::vector<std::string>& loaded) {
   if (loaded.empty()) return;
-  for (const auto& item : module.named_modules("", /*include_self=*/true)) {
-    auto* fresh = dynamic_cast<FreshState*>(item.value().get());
-    if (!fresh) continue;
-    const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+  auto notify = [&loaded](const std::string& name, torch::nn::Module& m) {
+    auto* fresh = dynamic_cast<FreshState*>(&m);
+    if (!fresh) return;
+    const std::string prefix = name.empty() ? "" : name + ".";
     KeySet relative;
     for (const auto& key : loaded) {
       if (key.compare(0, prefix.size(), prefix) == 0) relative.insert(key.substr(prefix.size()));
     }
     if (!relative.empty()) fresh->after_state_loaded(relative);
-  }
+  };
+  // The root apart: include_self needs it held by a shared_ptr, and a model
+  // on the stack is not.
+  notify("", module);
+  for (const auto& item : module.named_modules("", /*include_self=*/false)) notify(item.key(), *item.value());
 }
 
 }  // namespace
@@ -177,10 +201,10 @@ LoadReport load_model_state(const StateSource& source, const ModelStateMapper& m
   for (const auto& item : model) {
     if (!produced.count(item.first) && !fresh.count(item.first)) report.missing_keys.push_back(item.first);
   }
-  // Shapes and dtypes: map every group once without writing (views of a
-  // memory-mapped file cost nothing to map).
+  // Shapes and dtypes: map every group once on the meta device, which reads
+  // no data (files answer from their headers).
   for (const StateGroup* group : runnable) {
-    for (const auto& [key, tensor] : run_group(source, mapper, *group)) {
+    for (const auto& [key, tensor] : run_group_shapes(source, mapper, *group)) {
       auto it = model.find(key);
       if (it == model.end() || fits(it->second, tensor)) continue;
       MismatchedKey m{key, it->second.sizes().vec(), {}, std::string(c10::toString(it->second.scalar_type())),
@@ -191,7 +215,6 @@ LoadReport load_model_state(const StateSource& source, const ModelStateMapper& m
       }
       report.mismatched_keys.push_back(std::move(m));
     }
-    for (const auto& key : group->inputs) source.release(key);
   }
   if (options.strict && !report.ok()) {
     throw StateLoadError(fmt::format("load from {}: the state does not fit the model (nothing was loaded):\n{}\n  "

@@ -12,6 +12,7 @@
 #include "../../json_text.h"
 #include "../torch_error_text.h"
 #include "io_checks.h"
+#include "mapped_file.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -218,18 +219,25 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
     ::close(fd);
     parse_safetensors_header(nullptr, 0, size, path);  // throws "truncated"
   }
-  // Private, writable mapping: tensors viewing it may be modified in memory
-  // (copy-on-write) without ever touching the file.
-  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
-  const std::string why = errno_text();
-  ::close(fd);
-  if (addr == MAP_FAILED) throw CheckpointError(fmt::format("{}: cannot map: {}", path, why));
-  std::shared_ptr<void> mapping(addr, [size](void* p) { ::munmap(p, size); });
+  std::shared_ptr<detail::MappedFile> mapping;
+  try {
+    mapping = std::make_shared<detail::MappedFile>(fd, size, path);
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  ::close(fd);  // the mapping keeps the file
 
   auto file = std::shared_ptr<SafetensorsFile>(new SafetensorsFile());
   file->path_ = path;
-  file->size_ = size;
-  file->header_ = parse_safetensors_header(static_cast<const uint8_t*>(addr), size, size, path);
+  try {
+    file->header_ =
+        parse_safetensors_header(reinterpret_cast<const uint8_t*>(mapping->data()), size, size, path);
+  } catch (const CheckpointError&) {
+    mapping->verify();  // a file cut short while its header was read says so
+    throw;
+  }
+  mapping->verify();
   file->mapping_ = std::move(mapping);
   return file;
 }
@@ -242,22 +250,27 @@ KeySet SafetensorsFile::keys() const {
   return keys;
 }
 
-at::Tensor SafetensorsFile::get(const std::string& key) const {
+const SafetensorsEntry& SafetensorsFile::entry(const std::string& key) const {
   auto it = header_.tensors.find(key);
   if (it == header_.tensors.end()) {
     throw CheckpointError(fmt::format("{}: no tensor '{}' in this file ({} tensors)", path_, key,
                                       header_.tensors.size()));
   }
-  const SafetensorsEntry& e = it->second;
+  return it->second;
+}
+
+at::Tensor SafetensorsFile::view(const std::string& key) const {
+  const SafetensorsEntry& e = entry(key);
   const auto options = at::TensorOptions().dtype(e.dtype);
   // The header is validated, but LibTorch may still refuse a shape it allows
   // (a stride that overflows beside a zero-size dimension).
   try {
     if (e.end == e.begin) return at::empty(e.shape, options);
-    char* data = static_cast<char*>(mapping_.get()) + header_.data_offset + e.begin;
+    char* data = mapping_->data() + header_.data_offset + e.begin;
     if (reinterpret_cast<uintptr_t>(data) % c10::elementSize(e.dtype) != 0) {
       at::Tensor copy = at::empty(e.shape, options);
       std::memcpy(copy.data_ptr(), data, e.end - e.begin);
+      mapping_->verify();
       return copy;
     }
     auto keep_alive = mapping_;
@@ -270,11 +283,22 @@ at::Tensor SafetensorsFile::get(const std::string& key) const {
   }
 }
 
+at::Tensor SafetensorsFile::get(const std::string& key) const {
+  const at::Tensor mapped = view(key);
+  at::Tensor out = at::empty_like(mapped);
+  if (out.numel() > 0) std::memcpy(out.data_ptr(), mapped.data_ptr(), out.numel() * out.element_size());
+  mapping_->verify();
+  return out;
+}
+
+void SafetensorsFile::verify() const { mapping_->verify(); }
+
 void SafetensorsFile::release(const std::string& key) const {
   auto it = header_.tensors.find(key);
   if (it == header_.tensors.end()) return;
+  mapping_->verify();
   const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const uintptr_t base = reinterpret_cast<uintptr_t>(mapping_.get());
+  const uintptr_t base = reinterpret_cast<uintptr_t>(mapping_->data());
   uintptr_t begin = base + header_.data_offset + it->second.begin;
   uintptr_t end = base + header_.data_offset + it->second.end;
   begin = (begin + page - 1) / page * page;  // only whole pages of this tensor

@@ -55,12 +55,23 @@ class MemorySource final : public StateSource {
   std::string name_;
 };
 
+/// A meta-device tensor shaped as a file's header says.
+at::Tensor meta_of(const SafetensorsFile& file, const std::string& key) {
+  auto it = file.header().tensors.find(key);
+  if (it == file.header().tensors.end()) {
+    throw CheckpointError(fmt::format("{}: no tensor '{}'", file.path(), key));
+  }
+  return at::empty(it->second.shape, at::TensorOptions().dtype(it->second.dtype).device(at::kMeta));
+}
+
 class SafetensorsSource final : public StateSource {
  public:
   explicit SafetensorsSource(std::shared_ptr<SafetensorsFile> file) : file_(std::move(file)) {}
   KeySet keys() const override { return file_->keys(); }
   bool contains(const std::string& key) const override { return file_->contains(key); }
   at::Tensor read(const std::string& key) const override { return file_->get(key); }
+  at::Tensor read_view(const std::string& key) const override { return file_->view(key); }
+  at::Tensor read_meta(const std::string& key) const override { return meta_of(*file_, key); }
   uint64_t nbytes(const std::string& key) const override { return entry(key).end - entry(key).begin; }
   void release(const std::string& key) const override { file_->release(key); }
   std::string describe() const override { return file_->path(); }
@@ -106,6 +117,8 @@ class ShardedSource final : public StateSource {
   }
   bool contains(const std::string& key) const override { return files_.count(key) > 0; }
   at::Tensor read(const std::string& key) const override { return file(key).get(key); }
+  at::Tensor read_view(const std::string& key) const override { return file(key).view(key); }
+  at::Tensor read_meta(const std::string& key) const override { return meta_of(file(key), key); }
   uint64_t nbytes(const std::string& key) const override {
     const auto& e = file(key).header().tensors.at(key);
     return e.end - e.begin;
@@ -153,6 +166,11 @@ SourcePtr open_torch_save(const std::string& path) {
 
 SourcePtr state_dict_source(StateDict tensors, std::string name) {
   return std::make_shared<MemorySource>(std::move(tensors), std::move(name));
+}
+
+at::Tensor StateSource::read_meta(const std::string& key) const {
+  const at::Tensor t = read(key);
+  return t.defined() ? at::empty(t.sizes(), t.options().device(at::kMeta)) : t;
 }
 
 SourcePtr open_checkpoint(const std::string& path) {

@@ -90,7 +90,7 @@ void read_model_state(const StateSource& source, const ModelStateMapper& mapper,
   for (const auto& group : groups) {
     StateDict inputs;
     for (const auto& key : group.inputs) {
-      inputs.emplace(key, source.read(key));
+      inputs.emplace(key, source.read_view(key));
       info.bytes_done += source.nbytes(key);
     }
     consume(mapper.apply(std::move(inputs)));

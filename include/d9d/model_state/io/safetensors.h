@@ -43,9 +43,18 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
 /// The safetensors name of a dtype (`"F32"`), or throws for one the format lacks.
 std::string safetensors_dtype_name(at::ScalarType dtype);
 
-/// A memory-mapped safetensors file. Tensors are views of the mapping where
-/// their data is aligned for the dtype (copy-on-write: writing to them never
-/// changes the file), copies otherwise; they keep the mapping alive.
+namespace detail {
+class MappedFile;
+}
+
+/// A memory-mapped safetensors file, validated when opened.
+///
+/// The mapping is guarded: a file truncated or replaced while it is read
+/// (another process rewriting a checkpoint) is a `CheckpointError` naming the
+/// file, where an unguarded mapping kills the process with SIGBUS. For that,
+/// the first open installs a process-wide SIGBUS handler that handles faults
+/// inside these mappings and passes every other SIGBUS to the handler that
+/// was there before (or the default action).
 class SafetensorsFile {
  public:
   /// Maps and validates `path`; throws `CheckpointError`.
@@ -56,21 +65,32 @@ class SafetensorsFile {
   const SafetensorsHeader& header() const noexcept { return header_; }
   KeySet keys() const;
   bool contains(const std::string& key) const { return header_.tensors.count(key) > 0; }
-  /// The tensor stored under `key` (CPU); throws `CheckpointError` if absent.
+  /// A CPU tensor of its own holding what is stored under `key`: read and
+  /// verified (`CheckpointError` if absent or if the file no longer holds
+  /// its bytes).
   at::Tensor get(const std::string& key) const;
-  /// Every tensor of the file.
+  /// Zero-copy: a view of the mapping where the data is aligned for its
+  /// dtype (a copy otherwise), copy-on-write (writing to it never changes the
+  /// file), keeping the mapping alive. Its data is the file's only once
+  /// `verify()` (or `release(key)`) returns after it was read: a file cut
+  /// short reads as zeros until then.
+  at::Tensor view(const std::string& key) const;
+  /// Throws `CheckpointError` if any read of this file found it shorter than
+  /// when it was opened.
+  void verify() const;
+  /// Every tensor of the file (`get`).
   StateDict load_all() const;
-  /// Drops the pages of `key`'s data from this process's memory (they are
-  /// read again from the file on the next access). Only for data no tensor
-  /// still in use was modified through.
+  /// `verify()`, then drops the pages of `key`'s data from this process's
+  /// memory (they are read again from the file on the next access). Only for
+  /// data no tensor still in use was modified through.
   void release(const std::string& key) const;
 
  private:
   SafetensorsFile() = default;
+  const SafetensorsEntry& entry(const std::string& key) const;
   std::string path_;
   SafetensorsHeader header_;
-  std::shared_ptr<void> mapping_;
-  size_t size_ = 0;
+  std::shared_ptr<detail::MappedFile> mapping_;
 };
 
 /// Writes `tensors` (any device; made contiguous on the CPU) to `path` as

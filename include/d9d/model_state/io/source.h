@@ -19,11 +19,20 @@ class StateSource {
   virtual bool contains(const std::string& key) const = 0;
   /// The tensor under `key` (CPU); throws `CheckpointError` naming the source if absent.
   virtual at::Tensor read(const std::string& key) const = 0;
+  /// `read` without a copy where the source can (a view of a mapped file):
+  /// its data is the source's only once `release(key)` returns, which throws
+  /// `CheckpointError` if the file was cut short while it was read.
+  virtual at::Tensor read_view(const std::string& key) const { return read(key); }
   /// The tensor's size in bytes, without reading it.
   virtual uint64_t nbytes(const std::string& key) const = 0;
+  /// The tensor's shape and dtype without its data: a tensor on the meta
+  /// device (undefined where `read` gives an undefined one). Files answer
+  /// from their headers; the default reads the tensor.
+  virtual at::Tensor read_meta(const std::string& key) const;
   /// The file holding `key` (reads are ordered by it).
   virtual std::string location(const std::string& /*key*/) const { return describe(); }
-  /// Lets go of memory the source holds for `key` once it has been used.
+  /// Lets go of memory the source holds for `key` once it has been used;
+  /// throws `CheckpointError` if what `read_view` gave was not the file's data.
   virtual void release(const std::string& /*key*/) const {}
   /// What this source is, for messages: a path.
   virtual std::string describe() const = 0;
