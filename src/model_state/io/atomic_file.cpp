@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include "io_checks.h"
+
 #include <cctype>
 #include <cerrno>
 #include <cstring>
@@ -75,6 +77,7 @@ size_t remove_stale_partial_files(const std::string& dir) {
 // ---------------------------------------------------------------- AtomicFile
 
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+  detail::check_path_text(path_, "AtomicFile");
   remove_stale_partial_files(std::filesystem::path(path_).parent_path().string());
   tmp_ = temporary_name(path_);
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
@@ -129,6 +132,15 @@ PendingFiles::~PendingFiles() {
 }
 
 std::string PendingFiles::add(const std::string& name) {
+  detail::check_path_text(dir_, "PendingFiles");
+  detail::check_file_name(name, dir_, "the file name");
+  // Two files of one write under one name: the second would replace the first.
+  for (const File& file : files_) {
+    if (std::filesystem::path(file.final_path).filename() == name) {
+      throw CheckpointError(fmt::format("{}: two files of this write are both named {}; each needs its own name",
+                                        dir_, detail::printable(name)));
+    }
+  }
   const std::string final_path = (std::filesystem::path(dir_) / name).string();
   files_.push_back({temporary_name(final_path), final_path});
   return files_.back().temporary;

@@ -104,7 +104,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
   } catch (const json::exception& e) {
     fail(source, fmt::format("the header is not valid JSON: {}", e.what()));
   }
-  if (!duplicate.empty()) fail(source, fmt::format("key '{}' appears twice in the header", duplicate));
+  if (!duplicate.empty()) fail(source, fmt::format("key {} appears twice in the header", detail::shown_key(duplicate)));
   if (!header.is_object()) fail(source, "the header is not a JSON object");
 
   SafetensorsHeader out;
@@ -123,7 +123,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
       }
       continue;
     }
-    const std::string where = fmt::format("tensor '{}'", key);
+    const std::string where = "tensor " + detail::shown_key(key);
     if (!value.is_object()) fail(source, fmt::format("{}: expected an object, got {}", where, d9d::detail::quote_json(value)));
     for (const char* field : {"dtype", "shape", "data_offsets"}) {
       if (!value.contains(field)) fail(source, fmt::format("{}: missing field '{}'", where, field));
@@ -181,11 +181,11 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
   for (const auto& [name, entry] : order) {
     if (entry->begin != cursor) {
       fail(source, entry->begin < cursor
-                       ? fmt::format("tensor '{}' (bytes {}..{}) overlaps tensor '{}' (ends at {})", *name,
-                                     entry->begin, entry->end, previous ? *previous : "", cursor)
-                       : fmt::format("tensor '{}' starts at byte {} but the previous data ends at {}: gap in the "
+                       ? fmt::format("tensor {} (bytes {}..{}) overlaps tensor {} (ends at {})", detail::shown_key(*name),
+                                     entry->begin, entry->end, detail::shown_key(previous ? *previous : ""), cursor)
+                       : fmt::format("tensor {} starts at byte {} but the previous data ends at {}: gap in the "
                                      "data section",
-                                     *name, entry->begin, cursor));
+                                     detail::shown_key(*name), entry->begin, cursor));
     }
     cursor = entry->end;
     previous = name;
@@ -201,6 +201,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
 // ------------------------------------------------------------------ reading
 
 std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+  detail::check_path_text(path, "SafetensorsFile::open");
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw CheckpointError(fmt::format("{}: cannot open: {}", path, errno_text()));
   struct stat st {};
@@ -245,7 +246,7 @@ KeySet SafetensorsFile::keys() const {
 at::Tensor SafetensorsFile::get(const std::string& key) const {
   auto it = header_.tensors.find(key);
   if (it == header_.tensors.end()) {
-    throw CheckpointError(fmt::format("{}: no tensor '{}' in this file ({} tensors)", path_, key,
+    throw CheckpointError(fmt::format("{}: no tensor {} in this file ({} tensors)", path_, detail::shown_key(key),
                                       header_.tensors.size()));
   }
   const SafetensorsEntry& e = it->second;
@@ -265,7 +266,7 @@ at::Tensor SafetensorsFile::get(const std::string& key) const {
   } catch (const c10::OutOfMemoryError&) {
     throw;
   } catch (const c10::Error& error) {
-    throw CheckpointError(fmt::format("{}: tensor '{}' ({} of shape {}) cannot be made a tensor: {}", path_, key,
+    throw CheckpointError(fmt::format("{}: tensor {} ({} of shape {}) cannot be made a tensor: {}", path_, detail::shown_key(key),
                                       e.dtype_name, fmt::join(e.shape, "x"), detail::torch_error_text(error)));
   }
 }

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include "../../model_state/io/io_checks.h"
 #include "config_rules.h"
 
 namespace d9d::peft::hf {
@@ -85,6 +86,24 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
     out_names[item.first] = sharded ? fs::path(item.first).filename().string() : "model.safetensors";
   }
   const std::string index_name = sharded ? fs::path(source->describe()).filename().string() : "";
+  // Each output gets its own plain file name in `out`, checked before
+  // anything is written: a name from a hostile index must not reach outside
+  // `out`, nor two outputs one file (the second would replace the first).
+  std::map<std::string, std::string> writers;  // output name -> the input it comes from
+  auto claim = [&](const std::string& name, const std::string& from) {
+    ms::detail::check_file_name(name, source->describe(), fmt::format("the output file name for {}",
+                                                                      ms::detail::printable(from)));
+    auto [it, fresh] = writers.emplace(name, from);
+    if (!fresh) {
+      throw ms::CheckpointError(fmt::format(
+          "{}: {} and {} would both be written to {} in {}; nothing was written. Give every shard of the base its "
+          "own file name",
+          source->describe(), ms::detail::printable(it->second), ms::detail::printable(from),
+          ms::detail::printable(name), out));
+    }
+  };
+  for (const auto& item : out_names) claim(item.second, item.first);
+  if (sharded) claim(index_name, source->describe());
 
   // Never write where the base lies.
   const fs::path out_dir(out);
