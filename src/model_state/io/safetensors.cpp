@@ -141,16 +141,35 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
     entry.dtype = known->type;
     const json& shape = value["shape"];
     if (!shape.is_array()) fail(source, fmt::format("{}: shape must be a list", where));
+    // The byte count must fit 64 bits (and each dimension LibTorch's int64):
+    // a product that wraps would otherwise "match" a small data_offsets span.
+    // As the reference reader: the element count, then the bytes, each checked.
+    const uint64_t itemsize = c10::elementSize(entry.dtype);
     uint64_t numel = 1;
+    bool numel_overflows = false;
     for (const auto& dim : shape) {
       const uint64_t d = to_u64(dim, source, where + " shape entry");
-      if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
-          (d != 0 && numel > std::numeric_limits<uint64_t>::max() / d)) {
-        fail(source, fmt::format("{}: shape {} overflows", where, d9d::detail::quote_json(shape)));
+      if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+        fail(source, fmt::format("{}: shape {} has dimension {}, larger than 2^63-1 (LibTorch's limit): corrupt "
+                                 "header?",
+                                 where, d9d::detail::quote_json(shape), d));
       }
+      if (d != 0 && numel > std::numeric_limits<uint64_t>::max() / d) numel_overflows = true;
       numel *= d;
       entry.shape.push_back(static_cast<int64_t>(d));
     }
+    if (numel_overflows) {
+      fail(source, fmt::format("{}: shape {} of {} is too large: its element count overflows 64 bits (corrupt "
+                               "header?)",
+                               where, d9d::detail::quote_json(shape), entry.dtype_name));
+    }
+    if (numel > std::numeric_limits<uint64_t>::max() / itemsize) {
+      fail(source, fmt::format("{}: shape {} of {} is too large: {} elements of {} bytes ({:.3g} bytes) overflow "
+                               "64 bits (corrupt header?)",
+                               where, d9d::detail::quote_json(shape), entry.dtype_name, numel, itemsize,
+                               static_cast<double>(numel) * static_cast<double>(itemsize)));
+    }
+    const uint64_t nbytes = numel * itemsize;
     const json& offsets = value["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2) {
       fail(source, fmt::format("{}: data_offsets must be [begin, end], got {}", where, d9d::detail::quote_json(offsets)));
@@ -162,10 +181,10 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
       fail(source, fmt::format("{}: data_offsets {} run past the data section ({} bytes): truncated file?", where,
                                d9d::detail::quote_json(offsets), data_size));
     }
-    const uint64_t itemsize = c10::elementSize(entry.dtype);
-    if (numel > std::numeric_limits<uint64_t>::max() / itemsize || numel * itemsize != entry.end - entry.begin) {
-      fail(source, fmt::format("{}: shape {} of {} needs {} bytes but data_offsets {} span {}", where, d9d::detail::quote_json(shape),
-                               entry.dtype_name, numel * itemsize, d9d::detail::quote_json(offsets), entry.end - entry.begin));
+    if (nbytes != entry.end - entry.begin) {
+      fail(source, fmt::format("{}: shape {} of {} needs {} bytes but data_offsets {} span {}", where,
+                               d9d::detail::quote_json(shape), entry.dtype_name, nbytes,
+                               d9d::detail::quote_json(offsets), entry.end - entry.begin));
     }
     out.tensors.emplace(key, std::move(entry));
   }
