@@ -40,6 +40,19 @@ bool same_file(const fs::path& a, const fs::path& b) {
   return fs::exists(a, ec) && fs::exists(b, ec) && fs::equivalent(a, b, ec);
 }
 
+/// Runs `f`; a PeftError from it names the adapter's weights file (a
+/// method's message names the keys, and may not know the file).
+template <typename F>
+auto naming_adapter_file(const AdapterFiles& adapter, F&& f) {
+  try {
+    return f();
+  } catch (const PeftError& e) {
+    const std::string what = e.what();
+    if (what.find(adapter.weights_path) != std::string::npos) throw;
+    throw PeftError(fmt::format("{}: {}", adapter.weights_path, what));
+  }
+}
+
 }  // namespace
 
 void merge_adapter_into_checkpoint(const std::string& base, const std::string& adapter_dir, const std::string& out,
@@ -68,11 +81,11 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
   std::set<std::string> targets;
   for (const auto& key : plan->target_keys(source->keys())) {
     if (!source->contains(key)) {
-      throw PeftError(fmt::format("the adapter changes '{}', which the base checkpoint does not hold (wrong base "
-                                  "model?); base: {}",
-                                  key, source->describe()));
+      throw PeftError(fmt::format("{}: the adapter changes '{}', which the base checkpoint does not hold (wrong "
+                                  "base model?); base: {}",
+                                  adapter.weights_path, key, source->describe()));
     }
-    plan->check(key, source->read(key), options.allow_non_finite);
+    naming_adapter_file(adapter, [&] { plan->check(key, source->read(key), options.allow_non_finite); });
     source->release(key);
     targets.insert(key);
   }
@@ -167,7 +180,9 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
     ms::StateDict shard;
     for (const auto& key : keys) {
       at::Tensor tensor = source->read(key);
-      if (targets.count(key)) tensor = plan->merge(key, tensor, options.allow_non_finite);
+      if (targets.count(key)) {
+        tensor = naming_adapter_file(adapter, [&] { return plan->merge(key, tensor, options.allow_non_finite); });
+      }
       info.bytes_done += source->nbytes(key);
       ++info.done;
       shard.emplace(key, std::move(tensor));
