@@ -484,6 +484,20 @@ TEST(Adversarial, HostileIndexFiles) {
   std::cout << "adversarial: index files: " << cases.size() << " cases\n";
 }
 
+TEST(Adversarial, SaveOverAHostileOldIndexKeepsTheNewCheckpoint) {
+  // The old index's shard names are removed once a new checkpoint is in
+  // place. "model.safetensors\0x" would have reached the new
+  // model.safetensors through the NUL and deleted it.
+  TempDir tmp;
+  write_bytes(tmp / "model.safetensors.index.json",
+              json({{"weight_map", {{"w", std::string("model.safetensors") + '\0' + "x"}}}}).dump());
+  toy::Toy model;
+  ms::save_model_state(tmp.str(), *ms::identity_mapper_from_module(*model), *model, d9d_test::quiet_save());
+  ASSERT_TRUE(fs::exists(tmp / "model.safetensors"));
+  EXPECT_EQ(ms::open_checkpoint(tmp / "model.safetensors")->keys().size(), model->named_parameters().size() +
+                                                                                 model->named_buffers().size());
+}
+
 // -------------------------------------------------------------- (3) adapters
 
 /// A copy of the lora_attn_r4 fixture in `dir` with `config` and `tensors`.
