@@ -305,6 +305,25 @@ TEST(CheckpointIO, ReadModelStateStreamsGroupByGroup) {
 
 // ----------------------------------------------------------- bad input
 
+TEST(CheckpointIO, OverflowingShapeSaysSo) {
+  TempDir dir;
+  // 2^62 float32 elements are 2^64 bytes, which wrapped to 0 and read as
+  // "needs 0 bytes but data_offsets [0,0] span 0".
+  EXPECT_THAT(header_error(R"({"w":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,0]}})", "", dir),
+              HasSubstr("bad.safetensors: tensor 'w': shape [4611686018427387904] of F32 is too large: "
+                        "4611686018427387904 elements of 4 bytes (1.84e+19 bytes) overflow 64 bits"));
+  EXPECT_THAT(header_error(R"({"w":{"dtype":"U8","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}})", "", dir),
+              HasSubstr("tensor 'w': shape [4294967296,4294967296,0] of U8 is too large: its element count "
+                        "overflows 64 bits"));
+  EXPECT_THAT(header_error(R"({"w":{"dtype":"U8","shape":[9223372036854775808],"data_offsets":[0,0]}})", "", dir),
+              HasSubstr("tensor 'w': shape [9223372036854775808] has dimension 9223372036854775808, larger than "
+                        "2^63-1"));
+  // As the reference reader: a 0 after dimensions whose product fits is an empty tensor.
+  EXPECT_EQ(header_error(R"({"w":{"dtype":"F32","shape":[4611686018427387904,0],"data_offsets":[0,0]}})", "", dir),
+            "<no error>");
+  EXPECT_EQ(ms::SafetensorsFile::open(dir / "bad.safetensors")->get("w").numel(), 0);
+}
+
 TEST(CheckpointIO, MalformedSafetensorsAreErrorsNamingFileAndKey) {
   TempDir dir;
   const std::string f32x2 = std::string(8, '\0');

@@ -276,6 +276,44 @@ TEST(CliMerge, RefusesToWriteOverTheBase) {
                         "'model.safetensors.index.json', which this merge would not replace"));
 }
 
+TEST(CliMerge, ShardNameWithANulIsRefusedAndLeavesAnExistingOutAsItWas) {
+  // "model-00001-of-00002.safetensors\0x" reads as the real shard (the OS
+  // stops at the NUL), so half a shard was written to the same output path
+  // as the other half, after an existing merged checkpoint was replaced.
+  TempDir tmp;
+  const ms::SafetensorsIndex valid = write_sharded_toy(tmp / "base");
+  const std::string adapter = kToy + "/adapters/lora_attn_r4";
+  hf::merge_adapter_into_checkpoint(tmp / "base", adapter, tmp / "out", 1.0, ms::no_progress());
+  std::map<std::string, std::string> before;
+  for (const auto& name : files_in(tmp / "out")) before[name] = read_bytes(tmp / "out/" + name);
+
+  nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", valid.weight_map}};
+  const std::string alias = fmt_shard(0) + std::string(1, '\0') + "x";
+  std::string aliased_key;
+  for (auto& item : index["weight_map"].items()) {
+    if (item.value() == fmt_shard(0) && !aliased_key.empty()) continue;
+    if (item.value() == fmt_shard(0)) {
+      aliased_key = item.key();
+      item.value() = alias;
+    }
+  }
+  std::ofstream(tmp / "base/model.safetensors.index.json", std::ios::trunc) << index.dump(2);
+  for (const std::string out : {tmp / "out", tmp / "fresh"}) {
+    try {
+      hf::merge_adapter_into_checkpoint(tmp / "base", adapter, out, 1.0, ms::no_progress());
+      ADD_FAILURE() << "no error";
+    } catch (const ms::CheckpointError& e) {
+      EXPECT_THAT(e.what(), HasSubstr(tmp / "base/model.safetensors.index.json: weight_map['" + aliased_key +
+                                      "'] = \"" + fmt_shard(0) + "\\u0000x\" is not a plain file name: it contains a "
+                                      "NUL character"));
+    }
+  }
+  std::map<std::string, std::string> after;
+  for (const auto& name : files_in(tmp / "out")) after[name] = read_bytes(tmp / "out/" + name);
+  EXPECT_EQ(after, before) << "the existing merged checkpoint changed";
+  EXPECT_FALSE(fs::exists(tmp / "fresh"));
+}
+
 TEST(CliMerge, FailedMergeLeavesNoFiles) {
   TempDir tmp;
   write_sharded_toy(tmp / "base");

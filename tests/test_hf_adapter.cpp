@@ -157,6 +157,24 @@ TEST(HfAdapter, UnsupportedFieldsAreErrorsNamingFieldAndValue) {
   EXPECT_THAT(config_error(R"({"target_modules":null})"), HasSubstr("target_modules: must name the modules to adapt"));
 }
 
+TEST(HfAdapter, AllLinearShorthandIsAnErrorThatSaysWhatToWriteInstead) {
+  // PEFT resolves "all-linear" (any case) against the Python model: every
+  // Linear but the output layer, which only the model class names.
+  for (const char* value : {"all-linear", "ALL-LINEAR", "All-Linear"}) {
+    const std::string message = config_error(std::string(R"({"target_modules":")") + value + "\"}");
+    EXPECT_THAT(message, HasSubstr(std::string("adapter_config.json: target_modules: \"") + value +
+                                   "\" is PEFT's shorthand for every linear layer except the model's output layer"));
+    EXPECT_THAT(message, HasSubstr("list the module names explicitly"));
+  }
+  // As a regex that merely contains the words, it is a regex.
+  EXPECT_EQ(config_error(R"({"target_modules":".*all-linear.*"})"), "<no error>");
+  // IA3 reads the same field the same way.
+  nlohmann::json ia3 = {{"peft_type", "IA3"}, {"target_modules", "all-linear"}, {"feedforward_modules", nullptr}};
+  EXPECT_THAT([&] { peft::hf::parse_ia3_config(ia3, "ia3/adapter_config.json"); },
+              ::testing::ThrowsMessage<peft::ConfigError>(
+                  HasSubstr("ia3/adapter_config.json: target_modules: \"all-linear\" is PEFT's shorthand")));
+}
+
 TEST(HfAdapter, WrongBaseModelIsAnErrorNamingTheKeyAndLeavesTheModelAlone) {
   toy::ToyConfig other;
   other.d = 8;

@@ -158,8 +158,15 @@ void validate(const RunConfig& c) {
   if (c.name.empty() || c.name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
                             std::string::npos ||
       c.name == "." || c.name == "..") {
-    throw ConfigError("name", "must be a non-empty directory name of letters, digits, '.', '_' or '-', got \"" +
-                                  c.name + "\"");
+    throw ConfigError("name", "must be a non-empty directory name of letters, digits, '.', '_' or '-', got " +
+                                  json(c.name).dump(-1, ' ', false, json::error_handler_t::replace));
+  }
+  // A path from the config reaches the operating system, where a NUL would end it early.
+  for (const char ch : c.base_checkpoint) {
+    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) {
+      throw ConfigError("base_checkpoint", "must be a path without control characters, got " +
+                                               json(c.base_checkpoint).dump(-1, ' ', false, json::error_handler_t::replace));
+    }
   }
   const bool cuda = c.device == "cuda" || (c.device.rfind("cuda:", 0) == 0 && c.device.size() > 5 &&
                                           c.device.find_first_not_of("0123456789", 5) == std::string::npos);

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <stdexcept>
+#include <string>
 
 namespace d9d {
 
@@ -31,9 +32,33 @@ namespace d9d {
 ///   std::cerr << e.what() << "\n";
 /// }
 /// ```
+///
+/// A message shows every character it holds: a NUL or another control
+/// character (other than a line break or a tab) from a key or a name read
+/// from a file is written as `\u0000`, since `what()` would end at a NUL and
+/// hide the rest of the message.
 class Error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& what) : std::runtime_error(visible(what)) {}
+  explicit Error(const char* what) : Error(std::string(what)) {}
+
+ private:
+  static std::string visible(const std::string& text) {
+    std::string out;
+    out.reserve(text.size());
+    for (const char c : text) {
+      const auto u = static_cast<unsigned char>(c);
+      if ((u < 0x20 && c != '\n' && c != '\t') || u == 0x7f) {
+        static const char digits[] = "0123456789abcdef";
+        out += "\\u00";
+        out += digits[u >> 4];
+        out += digits[u & 15];
+      } else {
+        out += c;
+      }
+    }
+    return out;
+  }
 };
 
 }  // namespace d9d

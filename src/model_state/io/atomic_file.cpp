@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include "io_checks.h"
+
 #include <cctype>
 #include <cerrno>
 #include <cstring>
@@ -55,6 +57,21 @@ long partial_file_pid(const std::string& name) {
   return digits(name, at + 5, dash);
 }
 
+/// The file `path` stands for: `X` for a temporary `X.tmp-PID-XXXXXXXX` (a
+/// `PendingFiles` file written through an `AtomicFile` has two such
+/// suffixes), so that messages name the file the caller asked for.
+std::string intended_path(std::string path) {
+  for (;;) {
+    const size_t slash = path.rfind('/');
+    const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+    const size_t at = path.rfind(".tmp-");
+    if (at == std::string::npos || partial_file_pid(name) <= 0 || name.rfind(".tmp-") == std::string::npos) {
+      return path;
+    }
+    path.erase(at);
+  }
+}
+
 }  // namespace
 
 size_t remove_stale_partial_files(const std::string& dir) {
@@ -75,6 +92,7 @@ size_t remove_stale_partial_files(const std::string& dir) {
 // ---------------------------------------------------------------- AtomicFile
 
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+  detail::check_path_text(path_, "AtomicFile");
   remove_stale_partial_files(std::filesystem::path(path_).parent_path().string());
   tmp_ = temporary_name(path_);
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
@@ -93,7 +111,7 @@ void AtomicFile::write(const void* data, size_t n) {
     const ssize_t w = ::write(fd_, p, n);
     if (w < 0) {
       if (errno == EINTR) continue;
-      throw CheckpointError(fmt::format("{}: write failed: {}", path_, errno_text()));
+      throw CheckpointError(fmt::format("{}: write failed: {}", intended_path(path_), errno_text()));
     }
     p += w;
     n -= static_cast<size_t>(w);
@@ -102,7 +120,9 @@ void AtomicFile::write(const void* data, size_t n) {
 
 void AtomicFile::commit() {
   if (fd_ < 0) throw CheckpointError(fmt::format("{}: commit() called twice", path_));
-  if (::fsync(fd_) != 0) throw CheckpointError(fmt::format("{}: fsync failed: {}", path_, errno_text()));
+  if (::fsync(fd_) != 0) {
+    throw CheckpointError(fmt::format("{}: fsync failed: {}", intended_path(path_), errno_text()));
+  }
   ::close(fd_);
   fd_ = -1;
   if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
@@ -129,6 +149,15 @@ PendingFiles::~PendingFiles() {
 }
 
 std::string PendingFiles::add(const std::string& name) {
+  detail::check_path_text(dir_, "PendingFiles");
+  detail::check_file_name(name, dir_, "the file name");
+  // Two files of one write under one name: the second would replace the first.
+  for (const File& file : files_) {
+    if (std::filesystem::path(file.final_path).filename() == name) {
+      throw CheckpointError(fmt::format("{}: two files of this write are both named {}; each needs its own name",
+                                        dir_, detail::printable(name)));
+    }
+  }
   const std::string final_path = (std::filesystem::path(dir_) / name).string();
   files_.push_back({temporary_name(final_path), final_path});
   return files_.back().temporary;

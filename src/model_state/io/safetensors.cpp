@@ -105,7 +105,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
   } catch (const json::exception& e) {
     fail(source, fmt::format("the header is not valid JSON: {}", e.what()));
   }
-  if (!duplicate.empty()) fail(source, fmt::format("key '{}' appears twice in the header", duplicate));
+  if (!duplicate.empty()) fail(source, fmt::format("key {} appears twice in the header", detail::shown_key(duplicate)));
   if (!header.is_object()) fail(source, "the header is not a JSON object");
 
   SafetensorsHeader out;
@@ -124,7 +124,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
       }
       continue;
     }
-    const std::string where = fmt::format("tensor '{}'", key);
+    const std::string where = "tensor " + detail::shown_key(key);
     if (!value.is_object()) fail(source, fmt::format("{}: expected an object, got {}", where, d9d::detail::quote_json(value)));
     for (const char* field : {"dtype", "shape", "data_offsets"}) {
       if (!value.contains(field)) fail(source, fmt::format("{}: missing field '{}'", where, field));
@@ -142,16 +142,35 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
     entry.dtype = known->type;
     const json& shape = value["shape"];
     if (!shape.is_array()) fail(source, fmt::format("{}: shape must be a list", where));
+    // The byte count must fit 64 bits (and each dimension LibTorch's int64):
+    // a product that wraps would otherwise "match" a small data_offsets span.
+    // As the reference reader: the element count, then the bytes, each checked.
+    const uint64_t itemsize = c10::elementSize(entry.dtype);
     uint64_t numel = 1;
+    bool numel_overflows = false;
     for (const auto& dim : shape) {
       const uint64_t d = to_u64(dim, source, where + " shape entry");
-      if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
-          (d != 0 && numel > std::numeric_limits<uint64_t>::max() / d)) {
-        fail(source, fmt::format("{}: shape {} overflows", where, d9d::detail::quote_json(shape)));
+      if (d > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+        fail(source, fmt::format("{}: shape {} has dimension {}, larger than 2^63-1 (LibTorch's limit): corrupt "
+                                 "header?",
+                                 where, d9d::detail::quote_json(shape), d));
       }
+      if (d != 0 && numel > std::numeric_limits<uint64_t>::max() / d) numel_overflows = true;
       numel *= d;
       entry.shape.push_back(static_cast<int64_t>(d));
     }
+    if (numel_overflows) {
+      fail(source, fmt::format("{}: shape {} of {} is too large: its element count overflows 64 bits (corrupt "
+                               "header?)",
+                               where, d9d::detail::quote_json(shape), entry.dtype_name));
+    }
+    if (numel > std::numeric_limits<uint64_t>::max() / itemsize) {
+      fail(source, fmt::format("{}: shape {} of {} is too large: {} elements of {} bytes ({:.3g} bytes) overflow "
+                               "64 bits (corrupt header?)",
+                               where, d9d::detail::quote_json(shape), entry.dtype_name, numel, itemsize,
+                               static_cast<double>(numel) * static_cast<double>(itemsize)));
+    }
+    const uint64_t nbytes = numel * itemsize;
     const json& offsets = value["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2) {
       fail(source, fmt::format("{}: data_offsets must be [begin, end], got {}", where, d9d::detail::quote_json(offsets)));
@@ -163,10 +182,10 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
       fail(source, fmt::format("{}: data_offsets {} run past the data section ({} bytes): truncated file?", where,
                                d9d::detail::quote_json(offsets), data_size));
     }
-    const uint64_t itemsize = c10::elementSize(entry.dtype);
-    if (numel > std::numeric_limits<uint64_t>::max() / itemsize || numel * itemsize != entry.end - entry.begin) {
-      fail(source, fmt::format("{}: shape {} of {} needs {} bytes but data_offsets {} span {}", where, d9d::detail::quote_json(shape),
-                               entry.dtype_name, numel * itemsize, d9d::detail::quote_json(offsets), entry.end - entry.begin));
+    if (nbytes != entry.end - entry.begin) {
+      fail(source, fmt::format("{}: shape {} of {} needs {} bytes but data_offsets {} span {}", where,
+                               d9d::detail::quote_json(shape), entry.dtype_name, nbytes,
+                               d9d::detail::quote_json(offsets), entry.end - entry.begin));
     }
     out.tensors.emplace(key, std::move(entry));
   }
@@ -182,11 +201,11 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
   for (const auto& [name, entry] : order) {
     if (entry->begin != cursor) {
       fail(source, entry->begin < cursor
-                       ? fmt::format("tensor '{}' (bytes {}..{}) overlaps tensor '{}' (ends at {})", *name,
-                                     entry->begin, entry->end, previous ? *previous : "", cursor)
-                       : fmt::format("tensor '{}' starts at byte {} but the previous data ends at {}: gap in the "
+                       ? fmt::format("tensor {} (bytes {}..{}) overlaps tensor {} (ends at {})", detail::shown_key(*name),
+                                     entry->begin, entry->end, detail::shown_key(previous ? *previous : ""), cursor)
+                       : fmt::format("tensor {} starts at byte {} but the previous data ends at {}: gap in the "
                                      "data section",
-                                     *name, entry->begin, cursor));
+                                     detail::shown_key(*name), entry->begin, cursor));
     }
     cursor = entry->end;
     previous = name;
@@ -202,6 +221,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* bytes, size_t size, ui
 // ------------------------------------------------------------------ reading
 
 std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+  detail::check_path_text(path, "SafetensorsFile::open");
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw CheckpointError(fmt::format("{}: cannot open: {}", path, errno_text()));
   struct stat st {};
@@ -253,7 +273,7 @@ KeySet SafetensorsFile::keys() const {
 const SafetensorsEntry& SafetensorsFile::entry(const std::string& key) const {
   auto it = header_.tensors.find(key);
   if (it == header_.tensors.end()) {
-    throw CheckpointError(fmt::format("{}: no tensor '{}' in this file ({} tensors)", path_, key,
+    throw CheckpointError(fmt::format("{}: no tensor {} in this file ({} tensors)", path_, detail::shown_key(key),
                                       header_.tensors.size()));
   }
   return it->second;
@@ -278,7 +298,7 @@ at::Tensor SafetensorsFile::view(const std::string& key) const {
   } catch (const c10::OutOfMemoryError&) {
     throw;
   } catch (const c10::Error& error) {
-    throw CheckpointError(fmt::format("{}: tensor '{}' ({} of shape {}) cannot be made a tensor: {}", path_, key,
+    throw CheckpointError(fmt::format("{}: tensor {} ({} of shape {}) cannot be made a tensor: {}", path_, detail::shown_key(key),
                                       e.dtype_name, fmt::join(e.shape, "x"), detail::torch_error_text(error)));
   }
 }

@@ -24,6 +24,7 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 std::string read_text(const std::string& path) {
+  detail::check_path_text(path, path);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw CheckpointError(fmt::format("{}: cannot open", path));
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -40,7 +41,7 @@ class MemorySource final : public StateSource {
   bool contains(const std::string& key) const override { return tensors_.count(key) > 0; }
   at::Tensor read(const std::string& key) const override {
     auto it = tensors_.find(key);
-    if (it == tensors_.end()) throw CheckpointError(fmt::format("{}: no tensor '{}'", name_, key));
+    if (it == tensors_.end()) throw CheckpointError(fmt::format("{}: no tensor {}", name_, detail::shown_key(key)));
     return it->second;
   }
   uint64_t nbytes(const std::string& key) const override {
@@ -80,7 +81,7 @@ class SafetensorsSource final : public StateSource {
   const SafetensorsEntry& entry(const std::string& key) const {
     auto it = file_->header().tensors.find(key);
     if (it == file_->header().tensors.end()) {
-      throw CheckpointError(fmt::format("{}: no tensor '{}'", file_->path(), key));
+      throw CheckpointError(fmt::format("{}: no tensor {}", file_->path(), detail::shown_key(key)));
     }
     return it->second;
   }
@@ -98,14 +99,22 @@ class ShardedSource final : public StateSource {
       if (it == opened.end()) {
         const std::string shard_path = (dir / shard).string();
         if (!detail::path_exists(shard_path, index_path)) {
-          throw CheckpointError(fmt::format("{}: key '{}' is mapped to shard '{}', which does not exist ({})",
-                                            index_path, key, shard, shard_path));
+          throw CheckpointError(fmt::format("{}: key {} is mapped to shard '{}', which does not exist ({})",
+                                            index_path, detail::shown_key(key), shard, shard_path));
         }
-        it = opened.emplace(shard, SafetensorsFile::open(shard_path)).first;
+        std::shared_ptr<SafetensorsFile> file;
+        try {
+          file = SafetensorsFile::open(shard_path);
+        } catch (const CheckpointError& e) {
+          // The shard's own message names the shard; this says which index sent the reader there.
+          throw CheckpointError(fmt::format("{}: key {} is mapped to shard '{}', which cannot be read: {}", index_path,
+                                            detail::shown_key(key), shard, e.what()));
+        }
+        it = opened.emplace(shard, std::move(file)).first;
       }
       if (!it->second->contains(key)) {
-        throw CheckpointError(fmt::format("{}: key '{}' is mapped to shard '{}', which has no such tensor",
-                                          index_path, key, shard));
+        throw CheckpointError(fmt::format("{}: key {} is mapped to shard '{}', which has no such tensor",
+                                          index_path, detail::shown_key(key), shard));
       }
       files_.emplace(key, it->second);
     }
@@ -130,7 +139,7 @@ class ShardedSource final : public StateSource {
  private:
   const SafetensorsFile& file(const std::string& key) const {
     auto it = files_.find(key);
-    if (it == files_.end()) throw CheckpointError(fmt::format("{}: no tensor '{}' in the index", index_path_, key));
+    if (it == files_.end()) throw CheckpointError(fmt::format("{}: no tensor {} in the index", index_path_, detail::shown_key(key)));
     return *it->second;
   }
   std::string index_path_;
@@ -174,6 +183,7 @@ at::Tensor StateSource::read_meta(const std::string& key) const {
 }
 
 SourcePtr open_checkpoint(const std::string& path) {
+  detail::check_path_text(path, "open_checkpoint");
   std::error_code ec;
   const fs::file_status status = fs::status(path, ec);
   if (status.type() == fs::file_type::not_found) {
@@ -223,8 +233,8 @@ SafetensorsIndex parse_safetensors_index(const std::string& text, const std::str
         index.total_size = total->get<uint64_t>();
       }
     } else if (item.key() != "weight_map") {
-      throw CheckpointError(fmt::format("{}: unknown field '{}' (an index has weight_map and metadata)", source,
-                                        item.key()));
+      throw CheckpointError(fmt::format("{}: unknown field {} (an index has weight_map and metadata)", source,
+                                        detail::shown_key(item.key())));
     }
   }
   auto map = j.find("weight_map");
@@ -232,16 +242,12 @@ SafetensorsIndex parse_safetensors_index(const std::string& text, const std::str
   if (!map->is_object()) throw CheckpointError(fmt::format("{}: weight_map must be an object", source));
   for (const auto& item : map->items()) {
     if (!item.value().is_string()) {
-      throw CheckpointError(fmt::format("{}: weight_map['{}'] must be a file name, got {}", source, item.key(),
+      throw CheckpointError(fmt::format("{}: weight_map[{}] must be a file name, got {}", source,
+                                        detail::shown_key(item.key()),
                                         d9d::detail::quote_json(item.value())));
     }
     const std::string shard = item.value().get<std::string>();
-    if (shard.empty() || shard == "." || shard == ".." || shard.find('/') != std::string::npos ||
-        shard.find('\\') != std::string::npos) {
-      throw CheckpointError(fmt::format("{}: weight_map['{}'] = \"{}\" is not a plain file name in the index's "
-                                        "directory",
-                                        source, item.key(), shard));
-    }
+    detail::check_file_name(shard, source, "weight_map[" + detail::shown_key(item.key()) + "]");
     index.weight_map.emplace(item.key(), shard);
   }
   return index;
@@ -250,6 +256,7 @@ SafetensorsIndex parse_safetensors_index(const std::string& text, const std::str
 std::string dump_safetensors_index(const SafetensorsIndex& index) {
   for (const auto& [key, shard] : index.weight_map) {
     detail::check_json_string(key, "safetensors index", "key");
+    detail::check_file_name(shard, "safetensors index", "weight_map[" + detail::shown_key(key) + "]");
     detail::check_json_string(shard, "safetensors index", "shard file name");
   }
   nlohmann::json j;

@@ -127,7 +127,10 @@ LoraConfig parse_lora_config(const json& j, const std::string& source) {
       if (!v.is_number_integer() || v.get<int64_t>() < 1) fail(source, field, fmt::format("must be an integer >= 1, got {}", d9d::detail::quote_json(v)));
       c.r = v.get<int64_t>();
     } else if (field == "lora_alpha") {
-      c.lora_alpha = number(1e-12, "must be a number > 0");
+      if (!v.is_number() || !(v.get<double>() > 0)) {
+        fail(source, field, fmt::format("must be a finite number > 0, got {}", d9d::detail::quote_json(v)));
+      }
+      c.lora_alpha = v.get<double>();
     } else if (field == "lora_dropout") {
       c.lora_dropout = number(0.0, "must be a number in [0, 1)");
       if (c.lora_dropout >= 1.0) fail(source, field, fmt::format("must be a number in [0, 1), got {}", d9d::detail::quote_json(v)));
@@ -195,10 +198,15 @@ void validate(const LoraConfig& c, const std::string& source) {
   }
   for (const auto& [key, value] : c.alpha_pattern) {
     check_pattern_key(key, source, "alpha_pattern." + key);
-    if (!(value > 0)) fail(source, "alpha_pattern." + key, fmt::format("must be a number > 0, got {}", value));
+    if (!(value > 0) || !std::isfinite(value)) {
+      fail(source, "alpha_pattern." + key, fmt::format("must be a finite number > 0, got {}", value));
+    }
   }
   if (c.r < 1) fail(source, "r", fmt::format("must be an integer >= 1, got {}", c.r));
-  if (!(c.lora_alpha > 0)) fail(source, "lora_alpha", fmt::format("must be a number > 0, got {}", c.lora_alpha));
+  // JSON text such as 1e999 reads as infinity; a scale of inf or NaN would merge NaN into every weight.
+  if (!(c.lora_alpha > 0) || !std::isfinite(c.lora_alpha)) {
+    fail(source, "lora_alpha", fmt::format("must be a finite number > 0, got {}", c.lora_alpha));
+  }
   if (!(c.lora_dropout >= 0 && c.lora_dropout < 1)) {
     fail(source, "lora_dropout", fmt::format("must be a number in [0, 1), got {}", c.lora_dropout));
   }

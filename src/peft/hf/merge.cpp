@@ -15,6 +15,7 @@
 #include <fstream>
 #include <map>
 #include <set>
+#include "../../model_state/io/io_checks.h"
 #include "config_rules.h"
 
 namespace d9d::peft::hf {
@@ -37,6 +38,19 @@ bool is_zip_archive(const std::string& path) {
 bool same_file(const fs::path& a, const fs::path& b) {
   std::error_code ec;
   return fs::exists(a, ec) && fs::exists(b, ec) && fs::equivalent(a, b, ec);
+}
+
+/// Runs `f`; a PeftError from it names the adapter's weights file (a
+/// method's message names the keys, and may not know the file).
+template <typename F>
+auto naming_adapter_file(const AdapterFiles& adapter, F&& f) {
+  try {
+    return f();
+  } catch (const PeftError& e) {
+    const std::string what = e.what();
+    if (what.find(adapter.weights_path) != std::string::npos) throw;
+    throw PeftError(fmt::format("{}: {}", adapter.weights_path, what));
+  }
 }
 
 }  // namespace
@@ -67,11 +81,11 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
   std::set<std::string> targets;
   for (const auto& key : plan->target_keys(source->keys())) {
     if (!source->contains(key)) {
-      throw PeftError(fmt::format("the adapter changes '{}', which the base checkpoint does not hold (wrong base "
-                                  "model?); base: {}",
-                                  key, source->describe()));
+      throw PeftError(fmt::format("{}: the adapter changes '{}', which the base checkpoint does not hold (wrong "
+                                  "base model?); base: {}",
+                                  adapter.weights_path, key, source->describe()));
     }
-    plan->check(key, source->read(key), options.allow_non_finite);
+    naming_adapter_file(adapter, [&] { plan->check(key, source->read(key), options.allow_non_finite); });
     source->release(key);
     targets.insert(key);
   }
@@ -85,6 +99,24 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
     out_names[item.first] = sharded ? fs::path(item.first).filename().string() : "model.safetensors";
   }
   const std::string index_name = sharded ? fs::path(source->describe()).filename().string() : "";
+  // Each output gets its own plain file name in `out`, checked before
+  // anything is written: a name from a hostile index must not reach outside
+  // `out`, nor two outputs one file (the second would replace the first).
+  std::map<std::string, std::string> writers;  // output name -> the input it comes from
+  auto claim = [&](const std::string& name, const std::string& from) {
+    ms::detail::check_file_name(name, source->describe(), fmt::format("the output file name for {}",
+                                                                      ms::detail::printable(from)));
+    auto [it, fresh] = writers.emplace(name, from);
+    if (!fresh) {
+      throw ms::CheckpointError(fmt::format(
+          "{}: {} and {} would both be written to {} in {}; nothing was written. Give every shard of the base its "
+          "own file name",
+          source->describe(), ms::detail::printable(it->second), ms::detail::printable(from),
+          ms::detail::printable(name), out));
+    }
+  };
+  for (const auto& item : out_names) claim(item.second, item.first);
+  if (sharded) claim(index_name, source->describe());
 
   // Never write where the base lies.
   const fs::path out_dir(out);
@@ -148,7 +180,9 @@ void merge_adapter_into_checkpoint(const std::string& base, const std::string& a
     ms::StateDict shard;
     for (const auto& key : keys) {
       at::Tensor tensor = source->read(key);
-      if (targets.count(key)) tensor = plan->merge(key, tensor, options.allow_non_finite);
+      if (targets.count(key)) {
+        tensor = naming_adapter_file(adapter, [&] { return plan->merge(key, tensor, options.allow_non_finite); });
+      }
       info.bytes_done += source->nbytes(key);
       ++info.done;
       shard.emplace(key, std::move(tensor));

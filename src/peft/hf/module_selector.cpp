@@ -7,6 +7,8 @@
 
 #include "../../json_text.h"
 
+#include <algorithm>
+#include <cctype>
 #include "config_rules.h"
 
 namespace d9d::peft::hf {
@@ -21,6 +23,19 @@ ModuleSelector parse_selector(const json& v, const std::string& source, const st
   if (v.is_null()) return s;
   if (v.is_string()) {
     s.regex = v.get<std::string>();
+    std::string lower = *s.regex;
+    std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+    if (field == "target_modules" && lower == "all-linear") {
+      // PEFT resolves it against the Python model (every Linear but the output
+      // embedding, which only the model class can name), so no exact reading
+      // exists here; PEFT itself saves the resolved list.
+      fail(source, field,
+           fmt::format("{} is PEFT's shorthand for every linear layer except the model's output layer, which PEFT "
+                       "resolves against the Python model and d9d-peft does not resolve; list the module names "
+                       "explicitly (e.g. [\"q_proj\", \"v_proj\"]) or give a regular expression. An adapter "
+                       "saved by PEFT holds the resolved list",
+                       d9d::detail::quote_json(v)));
+    }
     if (auto why = Pattern::syntax_error(*s.regex); !why.empty()) fail(source, field, why);
     return s;
   }
