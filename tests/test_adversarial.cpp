@@ -4,7 +4,8 @@
 //
 // Classes: (1) malformed safetensors headers and offsets, (2) hostile index
 // files, (3) hostile adapter configs and weights, (4) pathological names,
-// (5) a writer killed mid-write, (6) a full disk. Each prints its case count
+// (5) a writer killed mid-write, (6) a full disk, (7) pathological regular
+// expressions, (8) a file truncated while it is read. Each prints its case count
 // ("adversarial: <class>: N cases").
 #include "test_util.h"
 #include "toy_model.h"
@@ -739,12 +740,124 @@ TEST(Adversarial, PathologicalNames) {
   std::cout << "adversarial: pathological names: " << count << " cases\n";
 }
 
-// Another class goes here: pathological regular expressions in target_modules,
-// exclude_modules and rank/alpha_pattern keys (catastrophic backtracking,
-// huge repetition counts). It waits for the move of module patterns to RE2.
+// ------------------------------------------------- (7) pathological patterns
 
-// Another class goes here: a file truncated while it is being read (a shard
-// shrunk between open and read). It waits for the change of the readers.
+TEST(Adversarial, PathologicalPatterns) {
+  // Patterns that make a backtracking matcher take exponential time or
+  // overflow its stack, against long names, through every place a pattern
+  // is read: a d9d JSON config, adapter_config.json selectors and
+  // rank_pattern keys. Each either matches in linear time or is refused at
+  // parse time naming the field.
+  size_t count = 0;
+  const std::vector<std::string> explosive = {"(x|y)*z", "(a+)+$", "(a|aa)*b", "(a*)*b", "(.*a){20}", "((a|b)+)+c",
+                                              "(\\w+\\s?)*!", "([a-z]+)*[0-9]"};
+  // Names each pattern almost matches (the last character fails them all):
+  // the worst case for backtracking.
+  const std::vector<std::string> names = {std::string(200000, 'x') + "#", std::string(64, 'a') + "#",
+                                          std::string(100000, 'a') + "!#", "layers.0." + std::string(5000, 'b') + "#"};
+  // And where they do match, they say so.
+  EXPECT_TRUE(d9d::peft::Pattern("(a+)+$", "p").full_match(std::string(100000, 'a')));
+  EXPECT_TRUE(d9d::peft::Pattern("(x|y)*z", "p").full_match(std::string(200000, 'y') + "z"));
+  for (const auto& pattern : explosive) {
+    for (const auto& name : names) {
+      ++count;
+      const d9d::peft::Pattern p(pattern, "module_name_pattern");
+      EXPECT_FALSE(p.full_match(name)) << pattern << " on a " << name.size() << "-character name";
+    }
+    // Through a PEFT config's target_modules and rank_pattern.
+    ++count;
+    const auto config = hf::parse_lora_config(
+        json{{"peft_type", "LORA"}, {"r", 4}, {"lora_alpha", 8}, {"target_modules", pattern},
+             {"rank_pattern", {{pattern, 2}}}},
+        "adapter_config.json");
+    for (const auto& name : names) EXPECT_FALSE(config.select(name).has_value()) << pattern;
+    // Through a d9d LoRA method, injecting into a model with a long module name.
+    ++count;
+    torch::nn::Module model;
+    model.register_module(std::string(100000, 'x'), d9d::nn::Linear(4, 4));
+    EXPECT_THAT(d9d_error("inject " + pattern,
+                          [&] {
+                            d9d::peft::LoRA lora({pattern, d9d::peft::LoRAParameters().r(2).alpha(4)});
+                            lora.inject(model);
+                          }),
+                HasSubstr("matches no module"));
+  }
+  // Syntax a linear-time engine cannot run, or that is simply broken: refused
+  // when read, naming the field, never at match time.
+  const std::vector<std::string> refused = {"(?=a)a", "(?!lm_head).*", ".*(?<=proj)", "(?<!x)y", "(a)\\1",
+                                            "(?P<n>a)(?P=n)", "(?>a+)", "a*+", "a{1001}", "(?(1)a|b)",
+                                            "lm_head\\Z", "[", "(", "*a", "a{2,1}", std::string(3000, '(')};
+  for (const auto& pattern : refused) {
+    ++count;
+    EXPECT_THAT(d9d_error("d9d JSON " + pattern,
+                          [&] {
+                            d9d::peft::parse_peft_config(json{{"kind", "full_tune"}, {"module_name_pattern", pattern}}.dump());
+                          }),
+                HasSubstr("module_name_pattern: invalid regular expression"))
+        << pattern;
+    ++count;
+    EXPECT_THAT(d9d_error("target_modules " + pattern,
+                          [&] {
+                            hf::parse_lora_config(json{{"peft_type", "LORA"}, {"r", 4}, {"lora_alpha", 8},
+                                                       {"target_modules", pattern}},
+                                                  "adapter_config.json");
+                          }),
+                HasSubstr("adapter_config.json: target_modules: invalid regular expression"))
+        << pattern;
+  }
+  std::cout << "adversarial: pathological patterns: " << count << " cases\n";
+}
+
+// ------------------------------------------- (8) a file truncated while read
+
+TEST(Adversarial, FilesTruncatedWhileTheyAreRead) {
+  // Another process cuts a file short between its open (validated) and the
+  // reads: at every tensor boundary and inside tensors, through get, view +
+  // verify, the loader and the merge. Each is a CheckpointError naming the
+  // file; the process survives (an unguarded mapping dies of SIGBUS).
+  TempDir tmp;
+  size_t count = 0;
+  const std::string path = tmp / "model.safetensors";
+  ms::StateDict state;
+  for (int i = 0; i < 6; ++i) state.emplace("t" + std::to_string(i), at::randn({2048 + 512 * i}));
+  const std::string expected = ": the file was truncated or replaced while it was read";
+  for (int cut = 0; cut < 12; ++cut) {
+    ms::save_safetensors(path, state);
+    const auto file = ms::SafetensorsFile::open(path);
+    const uint64_t size = fs::file_size(path);
+    const uint64_t at = file->header().data_offset + (size - file->header().data_offset) * cut / 12;
+    fs::resize_file(path, at);
+    ++count;
+    // Reading every tensor must either give the saved data or say the file changed.
+    std::string error;
+    for (const auto& [key, saved] : state) {
+      try {
+        EXPECT_TRUE(at::equal(file->get(key), saved)) << key << " cut at " << at;
+      } catch (const ms::CheckpointError& e) {
+        error = e.what();
+      }
+    }
+    EXPECT_THAT(error, HasSubstr(path + expected)) << "cut at " << at;
+    // Views read as zeros past the cut, and verify() reports it.
+    EXPECT_THAT(d9d_error("verify", [&] { file->verify(); }), HasSubstr(path + expected));
+  }
+  // The merge: a shard cut short while merging leaves no output.
+  {
+    ++count;
+    const std::string base = tmp / "base.safetensors";
+    fs::copy_file(kToy + "/model.safetensors", base, fs::copy_options::overwrite_existing);
+    auto truncating = [&](const ms::ProgressInfo& p) {
+      if (p.done == 2) fs::resize_file(base, fs::file_size(base) / 3);
+    };
+    EXPECT_THAT(d9d_error("merge", [&] {
+                  hf::merge_adapter_into_checkpoint(base, kToy + "/adapters/lora_all_linear_r8", tmp / "merged", 1.0,
+                                                    truncating);
+                }),
+                HasSubstr(base + expected));
+    EXPECT_FALSE(fs::exists(tmp / "merged"));
+  }
+  std::cout << "adversarial: files truncated while read: " << count << " cases\n";
+}
 
 // --------------------------------------------------------- (5) killed writer
 

@@ -38,4 +38,5 @@
 #include <d9d/peft/lora/layer.h>
 #include <d9d/peft/lora/method.h>
 #include <d9d/peft/module_tree.h>
+#include <d9d/peft/pattern.h>
 #include <d9d/peft/registry.h>
