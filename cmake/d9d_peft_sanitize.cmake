@@ -35,3 +35,22 @@ if(D9D_PEFT_SANITIZE)
   endif()
   unset(_d9d_peft_sanitizers)
 endif()
+
+# A sanitizer report fails its test even where the exit status would not: a
+# test that expects a program to fail (`exit=1`, `exit=[1-9]...`) would
+# otherwise pass when a report ends it with ASan's exit status 1. Every report
+# ends with a SUMMARY line. Each list file that adds tests calls
+# d9d_peft_fail_tests_on_sanitizer_reports() last (CMake sets test properties
+# per directory); the discovered GoogleTest cases get the property through
+# gtest_discover_tests' PROPERTIES.
+set(D9D_PEFT_SANITIZER_TEST_PROPERTIES)
+if(D9D_PEFT_SANITIZE)
+  set(D9D_PEFT_SANITIZER_TEST_PROPERTIES FAIL_REGULAR_EXPRESSION "SUMMARY: [A-Za-z]+Sanitizer")
+endif()
+
+function(d9d_peft_fail_tests_on_sanitizer_reports)
+  get_property(tests DIRECTORY PROPERTY TESTS)
+  if(D9D_PEFT_SANITIZER_TEST_PROPERTIES AND tests)
+    set_tests_properties(${tests} PROPERTIES ${D9D_PEFT_SANITIZER_TEST_PROPERTIES})
+  endif()
+endfunction()
