@@ -327,6 +327,10 @@ TEST(Errors, ALayerWhoseWrapperWasDroppedIsAPeftError) {
 
 TEST(Errors, ParsePeftConfigErrorsAreConfigErrorsNamingThePath) {
   EXPECT_D9D_ERROR(peft::ConfigError, peft::parse_peft_config("{not json", "run.json"), "run.json: not valid JSON");
+  // nlohmann reports a number beyond double as out_of_range, not parse_error: still a ConfigError.
+  EXPECT_D9D_ERROR(peft::ConfigError,
+                   peft::parse_peft_config(R"({"kind":"lora","params":{"dropout":1e400}})", "run.json"),
+                   "run.json: not valid JSON");
   const std::string kind = EXPECT_D9D_ERROR(peft::ConfigError, peft::parse_peft_config(R"({"kind":"qlora"})"),
                                             "kind: unknown kind \"qlora\"");
   EXPECT_EQ(kind.rfind("kind: ", 0), 0u) << "the message starts with the path";

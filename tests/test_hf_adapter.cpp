@@ -130,6 +130,17 @@ TEST(HfAdapter, RankAndAlphaPatternsFollowPeftsMatchingRule) {
   EXPECT_DOUBLE_EQ(q1->scale(), 3.0 / 2.0);
 }
 
+TEST(HfAdapter, DumpedConfigsReadBackWhateverTheAlpha) {
+  for (const double alpha : {16.0, 0.5, 9007199254740992.0, 1e19, 1e300}) {
+    peft::hf::LoraConfig config;
+    config.target_modules.names = {"q_proj"};
+    config.lora_alpha = alpha;
+    const std::string text = peft::hf::dump_lora_config(config);
+    EXPECT_EQ(peft::hf::parse_lora_config(nlohmann::json::parse(text), "dumped").lora_alpha, alpha) << text;
+  }
+  EXPECT_THAT(peft::hf::dump_lora_config(peft::hf::LoraConfig{}), HasSubstr("\"lora_alpha\": 8,"));
+}
+
 TEST(HfAdapter, ExcludeModulesAndRegexTargets) {
   auto config = peft::hf::parse_lora_config(
       nlohmann::json::parse(R"({"target_modules":".*_proj","exclude_modules":["o_proj","down_proj"]})"), "cfg");

@@ -186,7 +186,7 @@ RunConfig load_run_config(const std::string& path) {
   json j;
   try {
     j = json::parse(text.str());
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number beyond double (1e400)
     throw std::runtime_error(path + ": not valid JSON: " + e.what());
   }
   try {

@@ -115,7 +115,7 @@ AnyPeftConfig parse_peft_config(const std::string& json_text, const std::string&
   json j;
   try {
     j = json::parse(json_text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number beyond double (1e400)
     throw ConfigError("", fmt::format("{}: not valid JSON: {}", source, e.what()));
   }
   return parse_any(j, "");

@@ -226,8 +226,13 @@ std::string dump_lora_config(const LoraConfig& c) {
       {"velora_config", nullptr},
   };
   j["r"] = c.r;
-  if (c.lora_alpha == std::floor(c.lora_alpha)) j["lora_alpha"] = static_cast<int64_t>(c.lora_alpha);
-  else j["lora_alpha"] = c.lora_alpha;
+  // An integral alpha as PEFT writes it (16, not 16.0), where int64 holds it exactly;
+  // beyond 2^53 as the number it is (1e+300), never cast out of int64's range.
+  if (c.lora_alpha == std::floor(c.lora_alpha) && std::abs(c.lora_alpha) <= 9007199254740992.0) {
+    j["lora_alpha"] = static_cast<int64_t>(c.lora_alpha);
+  } else {
+    j["lora_alpha"] = c.lora_alpha;
+  }
   j["lora_dropout"] = c.lora_dropout;
   j["target_modules"] = selector_json(c.target_modules);
   j["exclude_modules"] = selector_json(c.exclude_modules);

@@ -14,6 +14,24 @@ namespace d9d::peft::hf {
 
 namespace fs = std::filesystem;
 
+nlohmann::json parse_adapter_config_text(const std::string& text, const std::string& config_path,
+                                         std::string& peft_type) {
+  nlohmann::json config;
+  try {
+    config = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw ConfigError(config_path, fmt::format("not valid JSON: {}", e.what()));
+  }
+  if (!config.is_object()) throw ConfigError(config_path, "expected a JSON object");
+  auto type = config.find("peft_type");
+  if (type == config.end() || !type->is_string()) {
+    throw ConfigError(config_path + ": peft_type", "field required (a string such as \"LORA\")");
+  }
+  method_for_peft_type(type->get<std::string>(), config_path);  // throws for a type no method reads
+  peft_type = type->get<std::string>();
+  return config;
+}
+
 AdapterFiles read_adapter_files(const std::string& dir) {
   AdapterFiles files;
   files.dir = dir;
@@ -29,18 +47,7 @@ AdapterFiles read_adapter_files(const std::string& dir) {
   if (!in) throw model_state::CheckpointError(fmt::format("{}: cannot open", files.config_path));
   std::ostringstream text;
   text << in.rdbuf();
-  try {
-    files.config = nlohmann::json::parse(text.str());
-  } catch (const nlohmann::json::exception& e) {
-    throw ConfigError(files.config_path, fmt::format("not valid JSON: {}", e.what()));
-  }
-  if (!files.config.is_object()) throw ConfigError(files.config_path, "expected a JSON object");
-  auto type = files.config.find("peft_type");
-  if (type == files.config.end() || !type->is_string()) {
-    throw ConfigError(files.config_path + ": peft_type", "field required (a string such as \"LORA\")");
-  }
-  files.peft_type = type->get<std::string>();
-  method_for_peft_type(files.peft_type, files.config_path);  // throws for a type no method reads
+  files.config = parse_adapter_config_text(text.str(), files.config_path, files.peft_type);
 
   fs::path weights = fs::path(dir) / "adapter_model.safetensors";
   if (!fs::exists(weights, ec) && fs::exists(fs::path(dir) / "adapter_model.bin", ec)) {

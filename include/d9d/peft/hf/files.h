@@ -31,4 +31,10 @@ struct AdapterFiles {
 /// `CheckpointError` for the weights.
 AdapterFiles read_adapter_files(const std::string& dir);
 
+/// The `adapter_config.json` step of `read_adapter_files`: `text` must be a
+/// JSON object whose `peft_type` a registered method reads. Returns the
+/// config and sets `peft_type`; `ConfigError` naming `config_path` otherwise.
+nlohmann::json parse_adapter_config_text(const std::string& text, const std::string& config_path,
+                                         std::string& peft_type);
+
 }  // namespace d9d::peft::hf
