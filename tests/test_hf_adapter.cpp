@@ -316,3 +316,45 @@ TEST(HfAdapter, MergingAnAdapterHoldingNanIsRefusedAndChangesNothing) {
     if (after.count(key)) EXPECT_TRUE(torch::equal(tensor.nan_to_num(), after.at(key).nan_to_num())) << key;
   }
 }
+
+TEST(HfAdapter, AMergeThatOverflowsIsRefusedExactlyRestoringTheModelUnlessAllowed) {
+  toy::Toy model = base_model();
+  auto adapter = peft::hf::load_adapter(*model, kToy + "/adapters/lora_all_linear_r8");
+  auto* v_proj = model->named_modules()["layers.1.attention.v_proj"]->as<peft::LoRALinearImpl>();
+  ASSERT_NE(v_proj, nullptr);
+  {
+    // Finite adapter weights whose product exceeds float32's range.
+    torch::NoGradGuard g;
+    v_proj->lora_A->weight.fill_(1e20f);
+    v_proj->lora_B->weight.fill_(1e20f);
+  }
+  std::map<std::string, at::Tensor> before;
+  for (const auto& [key, tensor] : ms::module_state_dict(*model)) before.emplace(key, tensor.clone());
+  try {
+    peft::merge_peft(*adapter, model);
+    ADD_FAILURE() << "no error";
+  } catch (const peft::PeftError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("merging adapter \"default\" into 'layers.1.attention.v_proj' overflows "));
+    EXPECT_THAT(e.what(), HasSubstr("Float"));
+    EXPECT_THAT(e.what(), HasSubstr("Nothing was merged"));
+    EXPECT_THAT(e.what(), HasSubstr("AllowNonFiniteMerge"));
+  }
+  // Bit for bit as before: the trial merge's unmerge rounding does not stay.
+  const auto after = ms::module_state_dict(*model);
+  ASSERT_EQ(before.size(), after.size());
+  for (const auto& [key, tensor] : before) {
+    ASSERT_TRUE(after.count(key)) << key;
+    EXPECT_TRUE(torch::equal(tensor, after.at(key))) << key;
+  }
+  EXPECT_FALSE(v_proj->merged_adapters().size());
+
+  // Asked for, the merge happens and the overflow is in the weight.
+  {
+    peft::AllowNonFiniteMerge allow;
+    EXPECT_TRUE(peft::AllowNonFiniteMerge::enabled());
+    peft::merge_peft(*adapter, model);
+  }
+  EXPECT_FALSE(peft::AllowNonFiniteMerge::enabled());
+  const at::Tensor merged = model->named_parameters()["layers.1.attention.v_proj.weight"];
+  EXPECT_GT(merged.numel() - at::isfinite(merged).sum().item<int64_t>(), 0);
+}

@@ -66,11 +66,39 @@ void delete_adapter(torch::nn::Module& model, const std::string& name);
 
 /// Folds adapter `adapter_name` into the base weights of the layers whose
 /// qualified name `selects` accepts and removes it from them (layers left
-/// with no adapter get their base back). An adapter holding NaN or Inf is
-/// refused before any layer is merged (PEFT's `safe_merge`). Returns how many
-/// layers were merged.
+/// with no adapter get their base back). Returns how many layers were merged.
+///
+/// As PEFT's `safe_merge`, and before any layer is changed: an adapter
+/// holding NaN or Inf is refused, and so is one whose merge would make a
+/// finite base weight non-finite (an overflow), each a `PeftError` naming
+/// the layer; the model is then as it was. Inside an `AllowNonFiniteMerge`
+/// scope both checks are skipped.
 size_t merge_adapter(torch::nn::Module& model, const std::function<bool(const std::string&)>& selects,
                      const std::string& adapter_name);
+
+/// Lets `merge_adapter` and `merge_peft` merge adapters that hold NaN or Inf
+/// or overflow the base weight, for the current thread while it lives (a
+/// guard, as `torch::NoGradGuard`):
+///
+/// ```
+/// {
+///   d9d::peft::AllowNonFiniteMerge allow;
+///   d9d::peft::merge_peft(lora, *model);  // merged whatever the values
+/// }
+/// ```
+class AllowNonFiniteMerge {
+ public:
+  AllowNonFiniteMerge();
+  ~AllowNonFiniteMerge();
+  AllowNonFiniteMerge(const AllowNonFiniteMerge&) = delete;
+  AllowNonFiniteMerge& operator=(const AllowNonFiniteMerge&) = delete;
+  /// Whether a guard is alive on this thread.
+  static bool enabled();
+
+ private:
+  bool previous_;
+};
+
 
 /// Casts adapter `name`'s weights to `dtype` (PEFT's `cast_adapter_dtype`
 /// keeps adapters in float32 under a bf16/fp16 base). A layer computes the
