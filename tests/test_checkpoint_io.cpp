@@ -437,3 +437,30 @@ TEST(CheckpointIO, TheNextWriteRemovesPartialFilesOfKilledWriters) {
   EXPECT_TRUE(fs::exists(tmp / "new.safetensors"));
   EXPECT_EQ(ms::remove_stale_partial_files(tmp.str()), 0u);
 }
+
+TEST(CheckpointIO, LoadingIntoAMetaModelIsAnErrorNotANoOp) {
+  TempDir dir;
+  AllDtypes saved;
+  ms::save_model_state(dir.path.string(), *ms::identity_mapper_from_module(*saved), *saved, quiet_save(0));
+  struct MetaModel : torch::nn::Module {
+    MetaModel() { register_parameter("f32", torch::empty({7}, torch::TensorOptions().device(torch::kMeta))); }
+  } meta;
+  EXPECT_THAT([&] { ms::load_model_state(dir.path.string(), *ms::identity_mapper_from_module(meta), meta, quiet()); },
+              ::testing::ThrowsMessage<ms::StateLoadError>(HasSubstr("the model's 'f32' is on the meta device (1 of 1 tensors are)")));
+}
+
+TEST(CheckpointIO, AFailedSaveRemovesTheDirectoryItCreated) {
+  TempDir dir;
+  AllDtypes model;
+  const std::string out = dir / "new/checkpoint";
+  fs::create_directories(dir / "new");
+  // A failure after the first group was written (as a full disk would be).
+  auto progress = [](const ms::ProgressInfo& p) {
+    if (!p.finished) throw ms::CheckpointError("disk full (simulated)");
+  };
+  ms::SaveOptions options = quiet_save(0);
+  options.progress = progress;
+  EXPECT_THROW(ms::save_model_state(out, *ms::identity_mapper_from_module(*model), *model, options), ms::CheckpointError);
+  EXPECT_FALSE(fs::exists(out)) << "the directory the save created is gone";
+  EXPECT_TRUE(fs::exists(dir / "new")) << "the one that was there stays";
+}

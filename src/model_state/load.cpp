@@ -170,6 +170,18 @@ LoadReport load_model_state(const StateSource& source, const ModelStateMapper& m
     }
   }
   const StateDict model = module_state_dict(module);
+  // Writing into a meta tensor is a no-op: such a load would "succeed" with
+  // nothing loaded.
+  for (const auto& [key, tensor] : model) {
+    if (!tensor.is_meta()) continue;
+    size_t count = 0;
+    for (const auto& item : model) count += item.second.is_meta() ? 1 : 0;
+    throw StateLoadError(fmt::format("load from {}: the model's '{}' is on the meta device ({} of {} tensors are), "
+                                     "which holds no data to load into (nothing was loaded). Build the model's "
+                                     "tensors on the CPU or a GPU before loading into it",
+                                     source.describe(), key, count, model.size()),
+                         LoadReport{});
+  }
   const KeySet fresh = fresh_state_keys(module);
   const std::vector<StateGroup> groups = reading_order(source, mapper);
   LoadReport report;

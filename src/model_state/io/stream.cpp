@@ -154,6 +154,7 @@ void save_model_state(const std::string& dir, const ModelStateMapper& mapper, co
   }
 
   std::error_code ec;
+  const bool created = !fs::exists(dir, ec);  // then a failed save removes it again
   fs::create_directories(dir, ec);
   if (ec) throw CheckpointError(fmt::format("save to {}: cannot create the directory: {}", dir, ec.message()));
   const bool is_dir = fs::is_directory(dir, ec);
@@ -187,7 +188,7 @@ void save_model_state(const std::string& dir, const ModelStateMapper& mapper, co
   ProgressInfo info{"save", 0, groups.size(), 0, total, 0, false};
   // Shards are completed under temporary names and put in place only when
   // all are: a failed save leaves the old checkpoint as it was.
-  PendingFiles pending(dir, /*created_dir=*/false);
+  PendingFiles pending(dir, /*created_dir=*/created);
   SafetensorsIndex index;
   index.total_size = total;
   for (size_t s = 0; s < n; ++s) {
