@@ -26,4 +26,12 @@ void check_kind(const nlohmann::json& j, const std::string& path, const char* ex
 /// A module-name pattern: non-empty, and a regular expression that compiles.
 void validate_pattern(const std::string& pattern, const std::string& path);
 
+/// `config`'s module_name_pattern once `validate(config)` passed: for a
+/// method's constructor to validate before it compiles its pattern.
+template <typename Config>
+const std::string& validated_pattern(const Config& config) {
+  validate(config);
+  return config.module_name_pattern;
+}
+
 }  // namespace d9d::peft::config_json

@@ -8,22 +8,14 @@
 #include <fmt/ranges.h>
 
 #include "../builtin_methods.h"
+#include "../config_json.h"
 
 #include <unordered_set>
 
 namespace d9d::peft {
 
-namespace {
-
-const std::string& validated_pattern(const FullTuneConfig& config) {
-  validate(config);
-  return config.module_name_pattern;
-}
-
-}  // namespace
-
 FullTune::FullTune(FullTuneConfig config)
-    : PeftMethod(std::move(config)), pattern_(validated_pattern(config_), "module_name_pattern") {}
+    : PeftMethod(std::move(config)), pattern_(config_json::validated_pattern(config_), "module_name_pattern") {}
 
 PeftInjectionResult FullTune::inject(torch::nn::Module& module) {
   PeftInjectionResult result;

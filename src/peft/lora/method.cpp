@@ -9,20 +9,12 @@
 #include <fmt/format.h>
 
 #include "../builtin_methods.h"
+#include "../config_json.h"
 
 namespace d9d::peft {
 
-namespace {
-
-const std::string& validated_pattern(const LoRAConfig& config) {
-  validate(config);
-  return config.module_name_pattern;
-}
-
-}  // namespace
-
 LoRA::LoRA(LoRAConfig config)
-    : PeftMethod(std::move(config)), pattern_(validated_pattern(config_), "module_name_pattern") {}
+    : PeftMethod(std::move(config)), pattern_(config_json::validated_pattern(config_), "module_name_pattern") {}
 
 PeftInjectionResult LoRA::inject(torch::nn::Module& module) {
   LoRATargeting targeting;
