@@ -170,13 +170,18 @@ std::vector<HeaderCase> header_cases(const std::string& valid) {
       change(h[key]);
       cases.push_back({key + ": " + label, compose(h.dump(), data), "'" + key + "'"});
     };
-    for (const auto& [label, v] : wrong_types) with("entry = " + label, [&](json& e) { e = v; });
+    // Named copies: clang 14 cannot capture structured bindings.
+    for (const auto& wrong : wrong_types) {
+      const json& v = wrong.second;
+      with("entry = " + wrong.first, [&](json& e) { e = v; });
+    }
     for (const char* field : {"dtype", "shape", "data_offsets"}) {
       with(std::string("no ") + field, [&](json& e) { e.erase(field); });
-      for (const auto& [label, v] : wrong_types) {
+      for (const auto& wrong : wrong_types) {
+        const json& v = wrong.second;
         // A shape of [] is a valid scalar shape; it is mutated below instead.
         if (std::string(field) == "shape" && v.is_array() && v.empty()) continue;
-        with(std::string(field) + " = " + label, [&](json& e) { e[field] = v; });
+        with(std::string(field) + " = " + wrong.first, [&](json& e) { e[field] = v; });
       }
     }
     const std::string dtype = t["dtype"];
@@ -188,8 +193,9 @@ std::vector<HeaderCase> header_cases(const std::string& valid) {
     }
     const std::map<std::string, size_t> sizes = {{"F64", 8}, {"I64", 8}, {"F32", 4}, {"I32", 4}, {"F16", 2},
                                                  {"BF16", 2}, {"I16", 2}, {"I8", 1},  {"U8", 1},  {"BOOL", 1}};
-    for (const auto& [name, size] : sizes) {
-      if (size != itemsize) with("dtype " + name, [&](json& e) { e["dtype"] = name; });
+    for (const auto& sized : sizes) {
+      const std::string& name = sized.first;
+      if (sized.second != itemsize) with("dtype " + name, [&](json& e) { e["dtype"] = name; });
     }
     const uint64_t begin = t["data_offsets"][0], end = t["data_offsets"][1];
     const std::vector<json> shapes = {
