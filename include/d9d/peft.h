@@ -37,6 +37,7 @@
 #include <d9d/peft/inject.h>
 #include <d9d/peft/lora/layer.h>
 #include <d9d/peft/lora/method.h>
+#include <d9d/peft/mixed_batch.h>
 #include <d9d/peft/module_tree.h>
 #include <d9d/peft/pattern.h>
 #include <d9d/peft/registry.h>

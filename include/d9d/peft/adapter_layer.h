@@ -11,6 +11,8 @@
 
 namespace d9d::peft {
 
+class MixedBatch;
+
 /// What one adapter of an adapter layer is configured with. Each method's
 /// per-layer options derive from it (`LoRAParameters`), so generic code can
 /// hand them through `AdapterLayer::add_adapter`.
@@ -89,6 +91,25 @@ class AdapterLayer : public model_state::FreshState {
   /// The loader's hook (`model_state::FreshState`): calls `after_base_loaded`
   /// when a key of the base (`base.*`) was among `loaded_keys`.
   void after_state_loaded(const model_state::KeySet& loaded_keys) override;
+
+  /// Whether this layer computes a mixed batch (`MixedBatchScope`): each row
+  /// of its input with its own adapter. A layer that does implements it in
+  /// `forward` when `mixed_batch()` is set.
+  virtual bool supports_mixed_batch() const { return false; }
+  /// Set by `MixedBatchScope` (null when it ends); `layer_name` is the
+  /// layer's qualified name, for messages.
+  void set_mixed_batch(std::shared_ptr<const MixedBatch> batch, std::string layer_name = {});
+  /// The mixed batch this layer is computing, or null.
+  const MixedBatch* mixed_batch() const noexcept { return mixed_batch_.get(); }
+
+ protected:
+  /// Inside a mixed batch: `PeftError` naming the layer unless `input`'s
+  /// first dimension has one row per adapter name.
+  void check_mixed_batch_rows(const at::Tensor& input) const;
+
+ private:
+  std::shared_ptr<const MixedBatch> mixed_batch_;
+  std::string mixed_batch_layer_;
 };
 
 }  // namespace d9d::peft

@@ -3,10 +3,13 @@
 #include <d9d/peft/errors.h>
 #include <d9d/peft/lora/embedding.h>
 #include <d9d/peft/lora/math.h>
+#include <d9d/peft/mixed_batch.h>
 
 #include <ATen/Functions.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/functional/embedding.h>
+
+#include <algorithm>
 
 namespace d9d::peft {
 
@@ -85,38 +88,71 @@ torch::nn::AnyModule LoRAEmbeddingImpl::unwrap() {
   return torch::nn::AnyModule(base);
 }
 
+namespace {
+
+/// What adapter `a` adds to the base lookup `out` of `indices` (in `out`'s dtype).
+at::Tensor embedding_term(const LoRAEmbeddingAdapterImpl& a, const d9d::nn::EmbeddingImpl& base,
+                          const at::Tensor& indices, const at::Tensor& out) {
+  const auto& o = base.options;
+  const at::Tensor after_a = torch::nn::functional::embedding(
+      indices, a.lora_embedding_A.t(),
+      torch::nn::functional::EmbeddingFuncOptions()
+          .padding_idx(o.padding_idx())
+          .max_norm(o.max_norm())
+          .norm_type(o.norm_type())
+          .scale_grad_by_freq(o.scale_grad_by_freq())
+          .sparse(o.sparse()));
+  const at::Tensor term = after_a.matmul(a.lora_embedding_B.t());
+  if (a.options().use_dora()) {
+    // PEFT: m / ||W + s·ΔW|| (norm detached) scales the base lookup and the
+    // low-rank term alike.
+    at::Tensor norm;
+    {
+      torch::NoGradGuard no_grad;
+      norm = lora::dora_norm(lora::LayerKind::Embedding, base.weight, a.lora_embedding_A, a.lora_embedding_B,
+                             a.scale());
+    }
+    const at::Tensor m_scale = a.lora_magnitude_vector / norm.to(a.lora_magnitude_vector.scalar_type());
+    return ((m_scale - 1) * out.to(m_scale.scalar_type()) + m_scale * term * a.scale()).to(out.scalar_type());
+  }
+  return (term * a.scale()).to(out.scalar_type());
+}
+
+}  // namespace
+
 at::Tensor LoRAEmbeddingImpl::forward(const at::Tensor& indices) {
   at::Tensor out = base->forward_base(indices);
   if (!enabled_) return out;
-  const auto& o = base->options;
+  if (mixed_batch() != nullptr) return forward_mixed(indices, out);
   for (const auto& name : active_) {
     if (is_merged(name)) continue;
-    const LoRAEmbeddingAdapterImpl& a = *find(name);
-    const at::Tensor after_a = torch::nn::functional::embedding(
-        indices, a.lora_embedding_A.t(),
-        torch::nn::functional::EmbeddingFuncOptions()
-            .padding_idx(o.padding_idx())
-            .max_norm(o.max_norm())
-            .norm_type(o.norm_type())
-            .scale_grad_by_freq(o.scale_grad_by_freq())
-            .sparse(o.sparse()));
-    const at::Tensor term = after_a.matmul(a.lora_embedding_B.t());
-    if (a.options().use_dora()) {
-      // PEFT: m / ||W + s·ΔW|| (norm detached) scales the base lookup and the
-      // low-rank term alike.
-      at::Tensor norm;
-      {
-        torch::NoGradGuard no_grad;
-        norm = lora::dora_norm(lora::LayerKind::Embedding, base->weight, a.lora_embedding_A, a.lora_embedding_B,
-                               a.scale());
-      }
-      const at::Tensor m_scale = a.lora_magnitude_vector / norm.to(a.lora_magnitude_vector.scalar_type());
-      out = out + ((m_scale - 1) * out.to(m_scale.scalar_type()) + m_scale * term * a.scale()).to(out.scalar_type());
-      continue;
-    }
-    out = term.scalar_type() == out.scalar_type() ? out.add(term, a.scale())
-                                                  : out.add((term * a.scale()).to(out.scalar_type()));
+    out = out + embedding_term(*find(name), *base, indices, out);
   }
+  return out;
+}
+
+at::Tensor LoRAEmbeddingImpl::forward_mixed(const at::Tensor& indices, at::Tensor out) {
+  check_mixed_batch_rows(indices);
+  const auto held =
+      mixed_batch()->select([this](const std::string& name) { return find(name) != nullptr; }, indices.device());
+  if (held.segments.empty()) return out;
+  const at::Tensor& order = held.order;
+  const at::Tensor ids = indices.index_select(0, order);
+  // DoRA rescales the base lookup too: only then are the base rows gathered.
+  const bool dora = std::any_of(held.segments.begin(), held.segments.end(),
+                                [this](const MixedBatch::Segment* s) { return find(s->adapter)->options().use_dora(); });
+  const at::Tensor base_rows = dora ? out.index_select(0, order) : at::Tensor();
+  std::vector<at::Tensor> terms;
+  int64_t begin = 0;
+  for (const auto* segment : held.segments) {
+    const int64_t rows = segment->end - segment->begin;
+    const auto& a = *find(segment->adapter);
+    const at::Tensor segment_ids = ids.narrow(0, begin, rows);
+    terms.push_back(a.options().use_dora() ? embedding_term(a, *base, segment_ids, base_rows.narrow(0, begin, rows))
+                                           : embedding_term(a, *base, segment_ids, out));
+    begin += rows;
+  }
+  out.index_add_(0, order, terms.size() == 1 ? terms.front() : at::cat(terms));
   return out;
 }
 

@@ -2,6 +2,7 @@
 #include <d9d/peft/errors.h>
 #include <d9d/peft/lora/linear.h>
 #include <d9d/peft/lora/math.h>
+#include <d9d/peft/mixed_batch.h>
 
 #include <ATen/Functions.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -133,7 +134,9 @@ at::Tensor LoRALinearImpl::dora_scale(const LoRALinearAdapterImpl& a) const {
 at::Tensor LoRALinearImpl::forward(const at::Tensor& input) {
   const at::Tensor& weight = base_weight();
   const at::Tensor& bias = base_bias();
-  if (!enabled_ || active_.empty()) return torch::nn::functional::linear(input, weight, bias);
+  if (!enabled_) return torch::nn::functional::linear(input, weight, bias);
+  if (mixed_batch() != nullptr) return forward_mixed(input);
+  if (active_.empty()) return torch::nn::functional::linear(input, weight, bias);
   if (active_.size() > 1 || !merged_.empty()) return forward_general(input);
   LoRALinearAdapterImpl& a = *find(active_.front());
   if (a.options().use_dora() || a.lora_A->weight.scalar_type() != input.scalar_type()) return forward_general(input);
@@ -195,6 +198,61 @@ at::Tensor LoRALinearImpl::forward_general(const at::Tensor& input) {
     result = result + term.to(out.scalar_type());
   }
   return result;
+}
+
+at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
+  check_mixed_batch_rows(input);
+  const at::Tensor& weight = base_weight();
+  const at::Tensor& bias = base_bias();
+  at::Tensor out = torch::nn::functional::linear(input, weight, bias);
+  const auto held =
+      mixed_batch()->select([this](const std::string& name) { return find(name) != nullptr; }, input.device());
+  if (held.segments.empty()) return out;
+  const at::Tensor& order = held.order;
+
+  // One gather puts each adapter's rows in one contiguous segment; each
+  // adapter then runs its low-rank product on its segment alone.
+  const int64_t in_features = weight.size(1);
+  const int64_t out_features = weight.size(0);
+  const int64_t per_row = input.numel() / std::max<int64_t>(1, input.size(0) * in_features);
+  const at::Tensor x = input.index_select(0, order).reshape({-1, in_features});
+  at::Tensor base_rows;  // DoRA: the base output without its bias, for the gathered rows
+  std::vector<at::Tensor> terms;
+  int64_t begin = 0;
+  for (const auto* segment : held.segments) {
+    LoRALinearAdapterImpl& a = *find(segment->adapter);
+    const int64_t count = (segment->end - segment->begin) * per_row;
+    at::Tensor h = x.narrow(0, begin, count);
+    const double p = a.options().dropout();
+    const bool dropping = p > 0.0 && is_training();
+    if (dropping) {
+      h = lora::cpu_dropout_applies(h) ? lora::CpuDropout::apply(h, p, 1.0 / (1.0 - p)) : a.dropout->forward(h);
+    }
+    const at::Tensor low_rank = a.lora_B->forward(a.lora_A->forward(h.to(a.lora_A->weight.scalar_type())));
+    at::Tensor term;
+    if (a.options().use_dora()) {
+      at::Tensor base_segment;
+      if (dropping) {
+        base_segment = torch::nn::functional::linear(h, weight);
+      } else {
+        if (!base_rows.defined()) {
+          base_rows = (bias.defined() ? out - bias : out).index_select(0, order).reshape({-1, out_features});
+        }
+        base_segment = base_rows.narrow(0, begin, count);
+      }
+      const at::Tensor m_scale = dora_scale(a);
+      term = (m_scale - 1) * base_segment + m_scale * low_rank * a.scale();
+    } else {
+      term = low_rank * a.scale();
+    }
+    terms.push_back(term.to(out.scalar_type()));
+    begin += count;
+  }
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.front() = order.size(0);
+  shape.back() = out_features;
+  out.index_add_(0, order, (terms.size() == 1 ? terms.front() : at::cat(terms)).view(shape));
+  return out;
 }
 
 at::Tensor LoRALinearImpl::delta_weight(const std::string& name) const {

@@ -49,6 +49,7 @@ class LoRAEmbeddingImpl : public LoRALayer<LoRAEmbeddingAdapterImpl> {
   void unmerge_adapter(const std::string& name) override;
   at::Tensor delta_weight(const std::string& name) const override;
   torch::nn::AnyModule unwrap() override;
+  bool supports_mixed_batch() const override { return true; }
   void pretty_print(std::ostream& stream) const override;
 
   std::shared_ptr<d9d::nn::EmbeddingImpl> base;
@@ -62,6 +63,9 @@ class LoRAEmbeddingImpl : public LoRALayer<LoRAEmbeddingAdapterImpl> {
   void relayout() override;
   void reset_adapter(LoRAEmbeddingAdapterImpl& adapter) override;
   void reset_adapter_magnitude(LoRAEmbeddingAdapterImpl& adapter) override;
+
+ private:
+  at::Tensor forward_mixed(const at::Tensor& indices, at::Tensor out);
 };
 
 TORCH_MODULE(LoRAEmbedding);

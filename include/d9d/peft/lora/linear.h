@@ -67,6 +67,7 @@ class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl>, public WrappedLi
   /// `scale * B @ A` (not for DoRA).
   at::Tensor delta_weight(const std::string& name) const override;
   torch::nn::AnyModule unwrap() override;
+  bool supports_mixed_batch() const override { return true; }
 
   void pretty_print(std::ostream& stream) const override;
 
@@ -85,6 +86,7 @@ class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl>, public WrappedLi
  private:
   at::Tensor dora_scale(const LoRALinearAdapterImpl& adapter) const;
   at::Tensor forward_general(const at::Tensor& input);
+  at::Tensor forward_mixed(const at::Tensor& input);
 };
 
 TORCH_MODULE(LoRALinear);

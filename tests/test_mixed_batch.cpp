@@ -1,0 +1,249 @@
+// Mixed batches (MixedBatchScope): each row through its own adapter. Checked
+// against real PEFT's `adapter_names=` logits (fixtures/hf_peft/toy/mixed_batch)
+// and, for many adapters of different ranks, scales, DoRA and embeddings,
+// against one single-adapter forward per row.
+#include "test_util.h"
+#include "toy_model.h"
+
+#include <d9d/peft.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <random>
+
+namespace ms = d9d::model_state;
+namespace peft = d9d::peft;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+using ::testing::ThrowsMessage;
+using namespace d9d_test;
+
+namespace {
+
+const std::string kMixed = kToy + "/mixed_batch";
+
+toy::Toy base_model() {
+  toy::Toy model;
+  ms::load_model_state(kToy + "/model.safetensors", *ms::identity_mapper_from_module(*model), *model, quiet());
+  model->eval();
+  return model;
+}
+
+at::Tensor mixed_ids() { return ms::SafetensorsFile::open(kMixed + "/inputs.safetensors")->get("input_ids"); }
+
+double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+/// The toy model with `count` random adapters `a0`, `a1`, ... of different
+/// ranks and scales; every third is DoRA, every fourth rsLoRA, the odd ones
+/// also adapt the embedding.
+toy::Toy many_adapters(int count, uint64_t seed) {
+  toy::Toy model = base_model();
+  torch::manual_seed(seed);
+  std::mt19937 rng(seed);
+  for (int i = 0; i < count; ++i) {
+    peft::hf::LoraConfig config;
+    config.r = 1 + static_cast<int64_t>(rng() % 8);
+    config.lora_alpha = 1.0 + static_cast<double>(rng() % 16);
+    config.use_dora = i % 3 == 2;
+    config.use_rslora = i % 4 == 3;
+    config.init = peft::LoRAInit::Random;  // B != 0: every adapter changes the output
+    config.target_modules.names = {"q_proj", "v_proj", "down_proj"};
+    if (i % 2 == 1) config.target_modules.names.push_back("embed_tokens");
+    if (i % 5 == 4) config.target_modules.names = {"o_proj"};  // touches layers the others do not
+    peft::hf::add_adapter(*model, "a" + std::to_string(i), config);
+  }
+  model->eval();
+  return model;
+}
+
+/// Row `row` of `ids` through adapter `name` alone ("__base__": no adapter).
+at::Tensor single_row(toy::Toy& model, const at::Tensor& ids, int64_t row, const std::string& name) {
+  torch::NoGradGuard no_grad;
+  const at::Tensor one = ids.narrow(0, row, 1);
+  if (name == peft::kBaseAdapterName) {
+    peft::DisableAdapters off(*model);
+    return model->forward(one);
+  }
+  peft::set_adapter(*model, name);
+  return model->forward(one);
+}
+
+bool any_layer_in_a_batch(const torch::nn::Module& model) {
+  for (const auto& entry : peft::adapter_layers(model)) {
+    if (entry.layer->mixed_batch() != nullptr) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST(MixedBatch, ReproducesPeftsAdapterNamesLogits) {
+  toy::Toy model = base_model();
+  peft::hf::load_adapter(*model, kMixed + "/a", "a");
+  peft::hf::load_adapter(*model, kMixed + "/b", "b");
+  // adapter_names.json, as PEFT was called: one row each.
+  const std::vector<std::string> rows = {"__base__", "a", "b"};
+  at::Tensor logits;
+  {
+    torch::NoGradGuard no_grad;
+    peft::MixedBatchScope scope(*model, rows);
+    logits = model->forward(mixed_ids());
+  }
+  const at::Tensor expected = ms::SafetensorsFile::open(kMixed + "/expected.safetensors")->get("logits");
+  EXPECT_LE(max_diff(logits, expected), 1e-5);
+  // The rows really differ: the base row is not adapter a's, a's is not b's.
+  EXPECT_GT(max_diff(logits[0], logits[1]), 1e-3);
+  EXPECT_GT(max_diff(logits[1], logits[2]), 1e-3);
+  EXPECT_FALSE(any_layer_in_a_batch(*model)) << "the scope ends with its block";
+}
+
+TEST(MixedBatch, SixteenAdaptersEqualOneSingleAdapterForwardPerRow) {
+  toy::Toy model = many_adapters(16, 11);
+  // 40 rows: every adapter, several rows each, out of order, and base rows.
+  const int64_t rows = 40;
+  std::vector<std::string> names;
+  std::mt19937 rng(3);
+  for (int64_t i = 0; i < rows; ++i) {
+    const auto pick = rng() % 18;
+    names.push_back(pick >= 16 ? peft::kBaseAdapterName : "a" + std::to_string(pick));
+  }
+  for (int i = 0; i < 16; ++i) names[static_cast<size_t>(i)] = "a" + std::to_string(15 - i);  // all 16 used
+  const at::Tensor ids = torch::randint(0, 37, {rows, 9});
+
+  at::Tensor mixed;
+  {
+    torch::NoGradGuard no_grad;
+    peft::MixedBatchScope scope(*model, names);
+    EXPECT_EQ(scope.batch().segments().size(), 16u);
+    mixed = model->forward(ids);
+  }
+  double worst = 0.0;
+  for (int64_t row = 0; row < rows; ++row) {
+    worst = std::max(worst, max_diff(mixed[row], single_row(model, ids, row, names[static_cast<size_t>(row)])[0]));
+  }
+  EXPECT_LE(worst, 1e-5);
+  // The rows of one adapter, computed apart, are not what another computes.
+  EXPECT_GT(max_diff(single_row(model, ids, 0, "a0"), single_row(model, ids, 0, "a1")), 1e-3);
+}
+
+TEST(MixedBatch, DisabledAdaptersGiveTheBaseForEveryRow) {
+  toy::Toy model = many_adapters(3, 5);
+  const at::Tensor ids = torch::randint(0, 37, {3, 5});
+  torch::NoGradGuard no_grad;
+  at::Tensor base;
+  {
+    peft::DisableAdapters off(*model);
+    base = model->forward(ids);
+  }
+  peft::MixedBatchScope scope(*model, {"a0", "a1", "a2"});
+  peft::DisableAdapters off(*model);
+  EXPECT_TRUE(torch::equal(model->forward(ids), base));
+}
+
+TEST(MixedBatch, GradientsReachEachAdapterFromItsOwnRows) {
+  toy::Toy model = many_adapters(3, 21);
+  model->train();  // no dropout configured: train mode only changes nothing but the mode
+  peft::set_adapter(*model, std::vector<std::string>{"a0", "a1", "a2"});  // all three train
+  const std::vector<std::string> rows = {"a1", "a0", "__base__", "a1", "a2", "a0"};
+  const at::Tensor ids = torch::randint(0, 37, {6, 4});
+
+  // The mixed batch's gradients.
+  std::map<std::string, at::Tensor> mixed_grads;
+  {
+    peft::MixedBatchScope scope(*model, rows);
+    model->forward(ids).pow(2).sum().backward();
+  }
+  for (const auto& p : model->named_parameters()) {
+    if (p.value().requires_grad() && p.value().grad().defined()) {
+      mixed_grads[p.key()] = p.value().grad().clone();
+      p.value().mutable_grad().zero_();
+    }
+  }
+  ASSERT_FALSE(mixed_grads.empty());
+
+  // The reference: each adapter alone on its own rows, gradients summed.
+  for (const std::string name : {"a0", "a1", "a2"}) {
+    std::vector<int64_t> mine;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (rows[i] == name) mine.push_back(static_cast<int64_t>(i));
+    }
+    peft::set_adapter(*model, name);
+    model->forward(ids.index_select(0, torch::tensor(mine))).pow(2).sum().backward();
+  }
+  size_t compared = 0;
+  for (const auto& p : model->named_parameters()) {
+    const auto it = mixed_grads.find(p.key());
+    if (it == mixed_grads.end()) continue;
+    ASSERT_TRUE(p.value().grad().defined()) << p.key();
+    EXPECT_LE(max_diff(it->second, p.value().grad()), 1e-4 * std::max(1.0, it->second.abs().max().item<double>()))
+        << p.key();
+    ++compared;
+  }
+  EXPECT_EQ(compared, mixed_grads.size());
+  for (const auto& p : model->named_parameters()) {
+    if (p.key().find("base.") != std::string::npos) {
+      EXPECT_FALSE(p.value().grad().defined()) << p.key() << ": the base is frozen";
+    }
+  }
+}
+
+TEST(MixedBatch, BadUseIsRefusedNamingWhatIsWrongAndChangesNothing) {
+  toy::Toy model = many_adapters(2, 8);
+  const at::Tensor ids = torch::randint(0, 37, {2, 5});
+
+  EXPECT_THAT([&] { peft::MixedBatchScope scope(*model, {}); },
+              ThrowsMessage<peft::PeftError>(HasSubstr("one per row of the batch")));
+  EXPECT_THAT([&] { peft::MixedBatchScope scope(*model, {"a0", "nope"}); },
+              ThrowsMessage<peft::PeftError>(
+                  AllOf(HasSubstr("row 1 names adapter \"nope\""), HasSubstr("it holds: a0, a1"))));
+  EXPECT_FALSE(any_layer_in_a_batch(*model)) << "a refused scope sets nothing";
+
+  {
+    peft::MixedBatchScope scope(*model, {"a0", "a1", "a0"});
+    torch::NoGradGuard no_grad;
+    EXPECT_THAT([&] { model->forward(ids); },
+                ThrowsMessage<peft::PeftError>(AllOf(HasSubstr("embed_tokens"), HasSubstr("for 3 rows"),
+                                                     HasSubstr("has 2"))));
+    EXPECT_THAT([&] { peft::MixedBatchScope nested(*model, {"a0", "a1"}); },
+                ThrowsMessage<peft::PeftError>(HasSubstr("already inside a MixedBatchScope")));
+  }
+  EXPECT_FALSE(any_layer_in_a_batch(*model));
+
+  // A merged adapter, as in PEFT: unmerge first.
+  auto* q = model->named_modules()["layers.0.attention.q_proj"]->as<peft::LoRALinearImpl>();
+  ASSERT_NE(q, nullptr);
+  q->merge_adapter("a0");
+  EXPECT_THAT([&] { peft::MixedBatchScope scope(*model, {"a0", "a1"}); },
+              ThrowsMessage<peft::PeftError>(AllOf(HasSubstr("layers.0.attention.q_proj"), HasSubstr("merged"),
+                                                   HasSubstr("unmerge"))));
+  EXPECT_FALSE(any_layer_in_a_batch(*model));
+  q->unmerge_adapter("a0");
+
+  // A method that cannot mix a batch is named.
+  toy::Toy with_ia3 = base_model();
+  peft::hf::IA3Config ia3;
+  ia3.target_modules.names = {"k_proj"};
+  peft::IA3 method(ia3, "ia3");
+  peft::inject_peft_and_freeze(method, with_ia3);
+  peft::hf::LoraConfig lora;
+  lora.target_modules.names = {"q_proj"};
+  peft::hf::add_adapter(*with_ia3, "lora", lora);
+  EXPECT_THAT([&] { peft::MixedBatchScope scope(*with_ia3, {"lora"}); },
+              ThrowsMessage<peft::PeftError>(AllOf(HasSubstr("layers.0.attention.k_proj"), HasSubstr("IA3"),
+                                                   HasSubstr("cannot compute a mixed batch"))));
+  EXPECT_FALSE(any_layer_in_a_batch(*with_ia3));
+}
+
+TEST(MixedBatch, AfterTheScopeTheModelComputesItsActiveAdapterAgain) {
+  toy::Toy model = many_adapters(2, 4);
+  peft::set_adapter(*model, "a1");
+  const at::Tensor ids = torch::randint(0, 37, {2, 6});
+  torch::NoGradGuard no_grad;
+  const at::Tensor before = model->forward(ids);
+  {
+    peft::MixedBatchScope scope(*model, {"a0", "__base__"});
+    EXPECT_FALSE(torch::allclose(model->forward(ids), before));
+  }
+  EXPECT_TRUE(torch::equal(model->forward(ids), before));
+}
