@@ -35,9 +35,9 @@ at::Tensor mixed_ids() { return ms::SafetensorsFile::open(kMixed + "/inputs.safe
 double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
 /// The toy model with `count` random adapters `a0`, `a1`, ... of different
-/// ranks and scales; every third is DoRA, every fourth rsLoRA, the odd ones
-/// also adapt the embedding.
-toy::Toy many_adapters(int count, uint64_t seed) {
+/// ranks and scales; every third is DoRA (unless `dora` is false), every
+/// fourth rsLoRA, the odd ones also adapt the embedding.
+toy::Toy many_adapters(int count, uint64_t seed, bool dora = true) {
   toy::Toy model = base_model();
   torch::manual_seed(seed);
   std::mt19937 rng(seed);
@@ -45,7 +45,7 @@ toy::Toy many_adapters(int count, uint64_t seed) {
     peft::hf::LoraConfig config;
     config.r = 1 + static_cast<int64_t>(rng() % 8);
     config.lora_alpha = 1.0 + static_cast<double>(rng() % 16);
-    config.use_dora = i % 3 == 2;
+    config.use_dora = dora && i % 3 == 2;
     config.use_rslora = i % 4 == 3;
     config.init = peft::LoRAInit::Random;  // B != 0: every adapter changes the output
     config.target_modules.names = {"q_proj", "v_proj", "down_proj"};
@@ -67,6 +67,22 @@ at::Tensor single_row(toy::Toy& model, const at::Tensor& ids, int64_t row, const
   }
   peft::set_adapter(*model, name);
   return model->forward(one);
+}
+
+/// The largest difference between each row of the mixed batch and that row
+/// computed alone with its adapter.
+double worst_row(toy::Toy& model, const std::vector<std::string>& names, const at::Tensor& ids) {
+  at::Tensor mixed;
+  {
+    torch::NoGradGuard no_grad;
+    peft::MixedBatchScope scope(*model, names);
+    mixed = model->forward(ids);
+  }
+  double worst = 0.0;
+  for (int64_t row = 0; row < ids.size(0); ++row) {
+    worst = std::max(worst, max_diff(mixed[row], single_row(model, ids, row, names[static_cast<size_t>(row)])[0]));
+  }
+  return worst;
 }
 
 bool any_layer_in_a_batch(const torch::nn::Module& model) {
@@ -110,21 +126,23 @@ TEST(MixedBatch, SixteenAdaptersEqualOneSingleAdapterForwardPerRow) {
   }
   for (int i = 0; i < 16; ++i) names[static_cast<size_t>(i)] = "a" + std::to_string(15 - i);  // all 16 used
   const at::Tensor ids = torch::randint(0, 37, {rows, 9});
-
-  at::Tensor mixed;
-  {
-    torch::NoGradGuard no_grad;
-    peft::MixedBatchScope scope(*model, names);
-    EXPECT_EQ(scope.batch().segments().size(), 16u);
-    mixed = model->forward(ids);
-  }
-  double worst = 0.0;
-  for (int64_t row = 0; row < rows; ++row) {
-    worst = std::max(worst, max_diff(mixed[row], single_row(model, ids, row, names[static_cast<size_t>(row)])[0]));
-  }
-  EXPECT_LE(worst, 1e-5);
+  EXPECT_EQ(peft::MixedBatch(names).segments().size(), 16u);
+  EXPECT_LE(worst_row(model, names, ids), 1e-5);
   // The rows of one adapter, computed apart, are not what another computes.
   EXPECT_GT(max_diff(single_row(model, ids, 0, "a0"), single_row(model, ids, 0, "a1")), 1e-3);
+}
+
+TEST(MixedBatch, EvenSegmentsOfPlainAdaptersMatchTooThroughTheBatchedProducts) {
+  // Segments of equal size, no DoRA: the layers run all adapters as two
+  // batched products (ranks padded with zeros to the largest, rows to the
+  // largest segment). Ranks and scales differ per adapter, rsLoRA included.
+  toy::Toy model = many_adapters(8, 17, /*dora=*/false);
+  std::vector<std::string> names;
+  for (int i = 0; i < 32; ++i) names.push_back("a" + std::to_string((i * 5) % 8));
+  EXPECT_LE(worst_row(model, names, torch::randint(0, 37, {32, 6})), 1e-5);
+  // Uneven but within twice the rows, with base rows between.
+  names = {"a0", "a0", "a1", "__base__", "a2", "a2", "a2", "a1", "__base__", "a3"};
+  EXPECT_LE(worst_row(model, names, torch::randint(0, 37, {10, 6})), 1e-5);
 }
 
 TEST(MixedBatch, DisabledAdaptersGiveTheBaseForEveryRow) {
@@ -141,14 +159,17 @@ TEST(MixedBatch, DisabledAdaptersGiveTheBaseForEveryRow) {
   EXPECT_TRUE(torch::equal(model->forward(ids), base));
 }
 
-TEST(MixedBatch, GradientsReachEachAdapterFromItsOwnRows) {
-  toy::Toy model = many_adapters(3, 21);
-  model->train();  // no dropout configured: train mode only changes nothing but the mode
-  peft::set_adapter(*model, std::vector<std::string>{"a0", "a1", "a2"});  // all three train
-  const std::vector<std::string> rows = {"a1", "a0", "__base__", "a1", "a2", "a0"};
-  const at::Tensor ids = torch::randint(0, 37, {6, 4});
+namespace {
 
-  // The mixed batch's gradients.
+/// Gradients of a mixed batch's loss against each adapter's own rows computed
+/// alone, for `count` adapters on `rows`.
+void expect_gradients_from_own_rows(toy::Toy& model, int count, const std::vector<std::string>& rows) {
+  model->train();  // no dropout configured: the mode changes nothing else
+  std::vector<std::string> all;
+  for (int i = 0; i < count; ++i) all.push_back("a" + std::to_string(i));
+  peft::set_adapter(*model, all);  // every adapter trains
+  const at::Tensor ids = torch::randint(0, 37, {static_cast<int64_t>(rows.size()), 4});
+
   std::map<std::string, at::Tensor> mixed_grads;
   {
     peft::MixedBatchScope scope(*model, rows);
@@ -163,7 +184,7 @@ TEST(MixedBatch, GradientsReachEachAdapterFromItsOwnRows) {
   ASSERT_FALSE(mixed_grads.empty());
 
   // The reference: each adapter alone on its own rows, gradients summed.
-  for (const std::string name : {"a0", "a1", "a2"}) {
+  for (const auto& name : all) {
     std::vector<int64_t> mine;
     for (size_t i = 0; i < rows.size(); ++i) {
       if (rows[i] == name) mine.push_back(static_cast<int64_t>(i));
@@ -185,6 +206,21 @@ TEST(MixedBatch, GradientsReachEachAdapterFromItsOwnRows) {
     if (p.key().find("base.") != std::string::npos) {
       EXPECT_FALSE(p.value().grad().defined()) << p.key() << ": the base is frozen";
     }
+  }
+}
+
+}  // namespace
+
+TEST(MixedBatch, GradientsReachEachAdapterFromItsOwnRows) {
+  {
+    SCOPED_TRACE("segment by segment (a2 is DoRA)");
+    toy::Toy model = many_adapters(3, 21);
+    expect_gradients_from_own_rows(model, 3, {"a1", "a0", "__base__", "a1", "a2", "a0"});
+  }
+  {
+    SCOPED_TRACE("batched products");
+    toy::Toy model = many_adapters(3, 22, /*dora=*/false);
+    expect_gradients_from_own_rows(model, 3, {"a1", "a0", "a2", "a1", "a2", "a0"});
   }
 }
 

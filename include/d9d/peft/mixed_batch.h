@@ -69,6 +69,8 @@ class MixedBatch {
   /// The indices of the rows that use an adapter, grouped by adapter as
   /// `segments()` says, as an int64 tensor on `device` (made once per device).
   const at::Tensor& order(const c10::Device& device) const;
+  /// `order` as host values.
+  const std::vector<int64_t>& order_indices() const noexcept { return order_; }
 
   /// What one layer computes: the segments of the adapters `holds` accepts
   /// (those the layer holds; its other rows get the base alone) and the

@@ -200,6 +200,59 @@ at::Tensor LoRALinearImpl::forward_general(const at::Tensor& input) {
   return result;
 }
 
+namespace {
+
+/// Adapters of one mixed batch that compute alike (plain LoRA in the input's
+/// dtype, no dropout at work) as two batched products: each adapter's rows
+/// padded to the largest segment (`padded_rows`), ranks padded with zeros to
+/// the largest. Padding rows repeat a row of their segment and are added back
+/// times zero.
+at::Tensor mixed_low_rank_batched(const at::Tensor& input, at::Tensor& out, const MixedBatch& batch,
+                                  const std::vector<const MixedBatch::Segment*>& segments,
+                                  const std::vector<LoRALinearAdapterImpl*>& adapters, int64_t padded_rows,
+                                  int64_t max_rank) {
+  const auto groups = static_cast<int64_t>(segments.size());
+  const auto& order = batch.order_indices();
+  std::vector<int64_t> padded;
+  std::vector<float> scales;
+  padded.reserve(static_cast<size_t>(groups * padded_rows));
+  scales.reserve(padded.capacity());
+  for (int64_t g = 0; g < groups; ++g) {
+    const auto& segment = *segments[static_cast<size_t>(g)];
+    const int64_t n = segment.end - segment.begin;
+    for (int64_t j = 0; j < padded_rows; ++j) {
+      padded.push_back(order[static_cast<size_t>(segment.begin + (j < n ? j : 0))]);
+      scales.push_back(j < n ? static_cast<float>(adapters[static_cast<size_t>(g)]->scale()) : 0.0f);
+    }
+  }
+  const auto device = input.device();
+  const at::Tensor index = at::tensor(padded, at::TensorOptions().dtype(at::kLong)).to(device);
+  const at::Tensor scale = at::tensor(scales, at::TensorOptions().dtype(at::kFloat)).to(device, input.scalar_type());
+
+  std::vector<at::Tensor> a_weights, b_weights;
+  for (const auto* a : adapters) {
+    const at::Tensor& wa = a->lora_A->weight;  // [r, in]
+    const at::Tensor& wb = a->lora_B->weight;  // [out, r]
+    const int64_t pad = max_rank - wa.size(0);
+    a_weights.push_back(pad == 0 ? wa : at::constant_pad_nd(wa, {0, 0, 0, pad}));
+    b_weights.push_back(pad == 0 ? wb : at::constant_pad_nd(wb, {0, pad}));
+  }
+  const int64_t in_features = input.size(-1);
+  const int64_t out_features = out.size(-1);
+  const int64_t per_row = input.numel() / std::max<int64_t>(1, input.size(0) * in_features);
+  // [G, padded_rows * per_row, in] -> [G, ..., r] -> [G, ..., out]
+  const at::Tensor x = input.index_select(0, index).view({groups, padded_rows * per_row, in_features});
+  at::Tensor low = at::bmm(at::bmm(x, at::stack(a_weights).transpose(1, 2)), at::stack(b_weights).transpose(1, 2));
+  low = low.view({groups, padded_rows, per_row, out_features}) * scale.view({groups, padded_rows, 1, 1});
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.front() = groups * padded_rows;
+  shape.back() = out_features;
+  out.index_add_(0, index, low.view(shape));
+  return out;
+}
+
+}  // namespace
+
 at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
   check_mixed_batch_rows(input);
   const at::Tensor& weight = base_weight();
@@ -208,10 +261,29 @@ at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
   const auto held =
       mixed_batch()->select([this](const std::string& name) { return find(name) != nullptr; }, input.device());
   if (held.segments.empty()) return out;
-  const at::Tensor& order = held.order;
 
-  // One gather puts each adapter's rows in one contiguous segment; each
-  // adapter then runs its low-rank product on its segment alone.
+  // Several adapters that compute alike, in segments of similar size: two
+  // batched products for all of them, when padding to the largest segment at
+  // most doubles the rows.
+  std::vector<LoRALinearAdapterImpl*> adapters;
+  bool alike = held.segments.size() > 1;
+  int64_t largest = 0, rows = 0, max_rank = 0;
+  for (const auto* segment : held.segments) {
+    LoRALinearAdapterImpl& a = *find(segment->adapter);
+    adapters.push_back(&a);
+    alike = alike && !a.options().use_dora() && !(a.options().dropout() > 0.0 && is_training()) &&
+            a.lora_A->weight.scalar_type() == input.scalar_type();
+    largest = std::max(largest, segment->end - segment->begin);
+    rows += segment->end - segment->begin;
+    max_rank = std::max(max_rank, a.options().r());
+  }
+  if (alike && static_cast<int64_t>(held.segments.size()) * largest <= 2 * rows) {
+    return mixed_low_rank_batched(input, out, *mixed_batch(), held.segments, adapters, largest, max_rank);
+  }
+
+  // Otherwise one gather puts each adapter's rows in one contiguous segment,
+  // and each adapter runs its low-rank product on its segment alone.
+  const at::Tensor& order = held.order;
   const int64_t in_features = weight.size(1);
   const int64_t out_features = weight.size(0);
   const int64_t per_row = input.numel() / std::max<int64_t>(1, input.size(0) * in_features);
@@ -219,8 +291,9 @@ at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
   at::Tensor base_rows;  // DoRA: the base output without its bias, for the gathered rows
   std::vector<at::Tensor> terms;
   int64_t begin = 0;
-  for (const auto* segment : held.segments) {
-    LoRALinearAdapterImpl& a = *find(segment->adapter);
+  for (size_t i = 0; i < held.segments.size(); ++i) {
+    const auto* segment = held.segments[i];
+    LoRALinearAdapterImpl& a = *adapters[i];
     const int64_t count = (segment->end - segment->begin) * per_row;
     at::Tensor h = x.narrow(0, begin, count);
     const double p = a.options().dropout();
