@@ -6,6 +6,7 @@
 #include <ATen/Functions.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 
