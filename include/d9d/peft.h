@@ -33,6 +33,7 @@
 #include <d9d/peft/hf/config.h>
 #include <d9d/peft/hf/files.h>
 #include <d9d/peft/hf/merge.h>
+#include <d9d/peft/hotswap.h>
 #include <d9d/peft/ia3/method.h>
 #include <d9d/peft/inject.h>
 #include <d9d/peft/lora/layer.h>

@@ -10,7 +10,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include "non_finite.h"
+#include "safe_merge.h"
 
 #include <algorithm>
 
@@ -105,42 +105,6 @@ namespace {
 
 thread_local bool t_allow_non_finite = false;
 
-/// Merges `name` into one layer aside, to see whether the merge makes a
-/// finite value of the layer non-finite (an overflow), then puts the layer
-/// back exactly: every tensor is restored from a copy, so the unmerge's
-/// rounding does not remain. Costs one copy of the layer's tensors.
-void check_merge_stays_finite(const AdapterLayerEntry& entry, const std::string& name) {
-  torch::NoGradGuard no_grad;
-  std::vector<std::pair<at::Tensor, at::Tensor>> saved;  // tensor, copy
-  std::vector<std::pair<std::string, int64_t>> before;
-  for (const auto& p : entry.module->named_parameters()) saved.emplace_back(p.value(), p.value().clone());
-  for (const auto& b : entry.module->named_buffers()) saved.emplace_back(b.value(), b.value().clone());
-  for (const auto& p : entry.module->named_parameters()) {
-    if (p.value().is_floating_point()) before.emplace_back(p.key(), detail::count_non_finite(p.value()));
-  }
-  entry.layer->merge_adapter(name);
-  std::string overflow;
-  for (const auto& p : entry.module->named_parameters()) {
-    if (!p.value().is_floating_point()) continue;
-    const int64_t now = detail::count_non_finite(p.value());
-    for (const auto& [key, count] : before) {
-      if (key == p.key() && now > count && overflow.empty()) {
-        overflow = fmt::format("{} ({}: {} value{} of {} become NaN or Inf)", p.key(),
-                               c10::toString(p.value().scalar_type()), now - count, now - count == 1 ? "" : "s",
-                               p.value().numel());
-      }
-    }
-  }
-  entry.layer->unmerge_adapter(name);
-  for (auto& [tensor, copy] : saved) tensor.copy_(copy);
-  if (!overflow.empty()) {
-    throw PeftError(fmt::format("merge: merging adapter \"{}\" into '{}' overflows {}. Nothing was merged; check "
-                                "the adapter's scale and the base dtype, or merge anyway inside an "
-                                "AllowNonFiniteMerge scope",
-                                name, entry.name, overflow));
-  }
-}
-
 }  // namespace
 
 AllowNonFiniteMerge::AllowNonFiniteMerge() : previous_(t_allow_non_finite) { t_allow_non_finite = true; }
@@ -156,16 +120,10 @@ size_t merge_adapter(torch::nn::Module& model, const std::function<bool(const st
   for (const auto& entry : layers) {
     if (t_allow_non_finite) break;
     if (!selects(entry.name) || !entry.layer->has_adapter(adapter_name)) continue;
-    for (const auto& p : entry.layer->adapter_module(adapter_name)->named_parameters()) {
-      const int64_t bad = detail::count_non_finite(p.value());
-      if (bad == 0) continue;
-      throw PeftError(fmt::format("merge: adapter \"{}\" of '{}' holds {} NaN or Inf value{} in {} (of {}); merging "
-                                  "would write them into the base weight. Nothing was merged; fix or retrain the "
-                                  "adapter, delete it (delete_adapter), or merge anyway inside an "
-                                  "AllowNonFiniteMerge scope",
-                                  adapter_name, entry.name, bad, bad == 1 ? "" : "s", p.key(), p.value().numel()));
+    detail::refuse_non_finite_adapter(entry, adapter_name, "merge");
+    if (!contains(entry.layer->merged_adapters(), adapter_name)) {
+      detail::check_merge_stays_finite(entry, {adapter_name}, "merge");
     }
-    if (!contains(entry.layer->merged_adapters(), adapter_name)) check_merge_stays_finite(entry, adapter_name);
   }
   size_t merged = 0;
   for (const auto& entry : layers) {

@@ -99,6 +99,32 @@ class AllowNonFiniteMerge {
   bool previous_;
 };
 
+/// Folds adapters into the base weights and keeps them, marked merged, so
+/// that `unmerge_adapters` can take them out again: PEFT's
+/// `model.merge_adapter(adapter_names, safe_merge=True)`. `names` empty: the
+/// active adapters. A merged model computes what it did, at the base layer's
+/// cost; `merge_adapter` instead merges and removes an adapter for good.
+///
+/// ```
+/// d9d::peft::merge_adapters_in_place(*model);  // the active adapters
+/// auto fast = model->forward(ids);
+/// d9d::peft::unmerge_adapters(*model);         // the adapters compute apart again
+/// ```
+///
+/// All or nothing, and safe as `merge_adapter`: before any weight changes,
+/// an adapter holding NaN or Inf, or one whose merge overflows a layer (tried
+/// aside, one layer at a time, and undone bit-exactly), is a `PeftError`
+/// naming the layer; so are an unknown name, no active adapter to merge, an
+/// adapter already merged into a layer, and a layer whose adapters are
+/// disabled (`DisableAdapters`). `AllowNonFiniteMerge` skips the value checks.
+void merge_adapters_in_place(torch::nn::Module& model, const std::vector<std::string>& names = {});
+
+/// Takes every merged adapter back out of the base weights (PEFT's
+/// `model.unmerge_adapter()`), in the reverse order of merging; the base
+/// weights are then as before the merge up to floating-point rounding.
+/// Nothing merged: `PeftError`.
+void unmerge_adapters(torch::nn::Module& model);
+
 
 /// Casts adapter `name`'s weights to `dtype` (PEFT's `cast_adapter_dtype`
 /// keeps adapters in float32 under a bf16/fp16 base). A layer computes the

@@ -19,6 +19,8 @@ class LoRAEmbeddingAdapterImpl : public torch::nn::Module {
   const LoRAParameters& options() const noexcept { return options_; }
   double scale() const noexcept { return scale_; }
   void pretty_print(std::ostream& stream) const override;
+  /// As `LoRALinearAdapterImpl::pad_rank`, for `lora_embedding_A`/`lora_embedding_B`.
+  void pad_rank(int64_t r);
 
   at::Tensor lora_embedding_A;
   at::Tensor lora_embedding_B;

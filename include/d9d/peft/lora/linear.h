@@ -23,6 +23,11 @@ class LoRALinearAdapterImpl : public torch::nn::Module {
   const LoRAParameters& options() const noexcept { return options_; }
   double scale() const noexcept { return scale_; }
   void pretty_print(std::ostream& stream) const override;
+  /// Zero-pads `lora_A` and `lora_B` to rank `r` (not below the current
+  /// one) keeping the parameters' identity and the scale; the options then
+  /// say rank `r` and the alpha that gives that scale. `prepare_for_hotswap`
+  /// (defined in src/peft/lora/hotswap.cpp).
+  void pad_rank(int64_t r);
 
   torch::nn::Linear lora_A{nullptr};
   torch::nn::Linear lora_B{nullptr};
