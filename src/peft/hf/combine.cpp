@@ -175,7 +175,8 @@ CombineResult combine_adapter_dirs(const std::vector<std::string>& dirs, const s
       layer.push_back({a, b, params->scale(), weights[i]});
     }
     if (layer.empty()) continue;
-    auto ab = lora::combine_weighted(layer, plan, options, fmt::format("{}: '{}'", what, path));
+    auto ab = lora::combine_weighted(layer, plan, options, fmt::format("{}: '{}'", what, path),
+                                     kind == "embedding" ? lora::LayerKind::Embedding : lora::LayerKind::Linear);
     const int64_t r = ab.first.size(0);
     if (r != plan.rank) {
       config["rank_pattern"][regex_escape(path)] = r;

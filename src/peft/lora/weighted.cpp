@@ -112,7 +112,9 @@ void add_weighted_adapter(torch::nn::Module& model, const std::vector<std::strin
     torch::NoGradGuard no_grad;
     for (size_t l = 0; l < layers.size(); ++l) {
       if (inputs[l].empty()) continue;
-      combined[l] = lora::combine_weighted(inputs[l], plan, options, fmt::format("{}: '{}'", what, layers[l].name));
+      const auto kind = layers[l].module->as<LoRAEmbeddingImpl>() ? lora::LayerKind::Embedding : lora::LayerKind::Linear;
+      combined[l] =
+          lora::combine_weighted(inputs[l], plan, options, fmt::format("{}: '{}'", what, layers[l].name), kind);
     }
   }
 

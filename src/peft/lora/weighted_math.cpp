@@ -152,7 +152,8 @@ void check_same_shapes(const std::vector<WeightedInput>& inputs, const std::stri
 }  // namespace
 
 std::pair<at::Tensor, at::Tensor> combine_weighted(const std::vector<WeightedInput>& inputs, const WeightedPlan& plan,
-                                                   const WeightedAdapterOptions& options, const std::string& layer) {
+                                                   const WeightedAdapterOptions& options, const std::string& layer,
+                                                   LayerKind kind) {
   if (inputs.empty()) throw PeftError(layer + ": none of the adapters to combine is on this layer");
   const std::string& type = plan.combination_type;
   const at::ScalarType dtype = inputs[0].a.scalar_type();
@@ -192,10 +193,13 @@ std::pair<at::Tensor, at::Tensor> combine_weighted(const std::vector<WeightedInp
   for (const auto& in : inputs) {
     const bool half = in.a.scalar_type() == at::kHalf || in.a.scalar_type() == at::kBFloat16;
     const at::ScalarType compute = half ? at::kFloat : in.a.scalar_type();
-    deltas.push_back(at::matmul(in.b.to(compute), in.a.to(compute)) * in.scale);
+    // PEFT's delta of an embedding is (B @ A)^T, [V, d]: masks are drawn and top-k taken in that order.
+    const at::Tensor ba = at::matmul(in.b.to(compute), in.a.to(compute));
+    deltas.push_back((kind == LayerKind::Embedding ? ba.t() : ba) * in.scale);
     weights.push_back(in.weight);
   }
-  const at::Tensor delta = merge_tasks(merge, deltas, weights, options);
+  at::Tensor delta = merge_tasks(merge, deltas, weights, options);
+  if (kind == LayerKind::Embedding) delta = delta.t();
   const int64_t smallest = std::min(delta.size(0), delta.size(1));
   if (plan.rank > smallest) {
     throw PeftError(fmt::format("{}: combination_type \"{}\" cannot give rank {} to a {}x{} weight; pass svd_rank <= {}",

@@ -12,6 +12,8 @@
 // d9d::peft::set_adapter(*model, "both");  // added inactive, as PEFT does
 // ```
 
+#include <d9d/peft/lora/math.h>
+
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <torch/arg.h>
@@ -113,13 +115,14 @@ WeightedPlan plan_weighted(const std::vector<std::string>& adapters, const std::
 /// per-layer arithmetic (`cat`, `_generalized_task_arithmetic_weighted_adapter`,
 /// `_svd_generalized_task_arithmetic_weighted_adapter`). The layout is the
 /// inputs' (`B @ A` is `[out, in]` for a linear layer, `[d, V]` for an
-/// embedding), the dtype the first input's A's; the new adapter's scale is
-/// `alpha / r` = 1. Random masks (`dare*`) are drawn as PEFT draws them, in
-/// this order: for the A factors, then the B factors (`*svd`: the deltas),
-/// one input after the other.
+/// embedding), the dtype the first input's A's; the factors are computed for
+/// a scale of 1 (`alpha = r`). Random masks (`dare*`) are drawn as PEFT draws
+/// them, in this order: for the A factors, then the B factors (`*svd`: the
+/// deltas, an embedding's as `[V, d]`), one input after the other.
 std::pair<at::Tensor, at::Tensor> combine_weighted(const std::vector<WeightedInput>& inputs, const WeightedPlan& plan,
                                                    const WeightedAdapterOptions& options,
-                                                   const std::string& layer = "<layer>");
+                                                   const std::string& layer = "<layer>",
+                                                   LayerKind kind = LayerKind::Linear);
 
 }  // namespace lora
 }  // namespace d9d::peft
