@@ -307,6 +307,8 @@ int main(int argc, char** argv) {
   combine_cmd->add_option("--svd-clamp", svd_clamp, "*svd types: clamp the factors at this quantile, in [0, 1]");
   combine_cmd->add_option("--density", density, "ties, dare, magnitude_prune types: fraction kept, in (0, 1]");
   combine_cmd->add_option("--majority-sign", majority_sign, "ties types: total or frequency")->capture_default_str();
+  bool svd_reduced = false;
+  combine_cmd->add_flag("--svd-reduced", svd_reduced, "*svd types: reduced SVD (full_matrices=False)");
   combine_cmd->add_option("--seed", seed, "dare types: seed of the random masks (default: random)");
   combine_cmd->footer(
       "Writes OUT/adapter_config.json and OUT/adapter_model.safetensors as PEFT's add_weighted_adapter followed by\n"
@@ -333,7 +335,8 @@ int main(int argc, char** argv) {
                          .svd_rank(svd_rank)
                          .svd_clamp(svd_clamp)
                          .density(density)
-                         .majority_sign_method(majority_sign);
+                         .majority_sign_method(majority_sign)
+                         .svd_full_matrices(!svd_reduced);
       combine(combine_adapters, combine_weights, combine_out, options, seed);
     }
   } catch (const c10::Error& e) {
