@@ -3,9 +3,11 @@
 #include <d9d/model_state/io/source.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/hf/adapter.h>
+#include <d9d/peft/hf/combine.h>
 #include <d9d/peft/hf/merge.h>
 
 #include <CLI/CLI.hpp>
+#include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
 
@@ -14,6 +16,7 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -217,6 +220,14 @@ void merge(const std::string& base, const std::string& adapter, const std::strin
              written->describe());
 }
 
+void combine(const std::vector<std::string>& adapters, const std::vector<double>& weights, const std::string& out,
+             d9d::peft::WeightedAdapterOptions options, const std::optional<uint64_t>& seed) {
+  if (seed) options.generator(at::make_generator<at::CPUGeneratorImpl>(*seed));
+  const auto result = hf::combine_adapter_dirs(adapters, weights, out, options);
+  fmt::print("combined {} adapters ({}, r = {}): wrote {} modules to {}\n", adapters.size(), result.combination_type,
+             result.rank, result.modules, out);
+}
+
 int fail(const std::string& message) {
   std::fflush(stdout);
   std::cerr << "d9d-peft: error: " << message << std::endl;
@@ -228,13 +239,15 @@ int fail(const std::string& message) {
 int main(int argc, char** argv) {
   CLI::App app{
       "d9d-peft: Hugging Face PEFT LoRA adapters without Python or model code.\n"
-      "Inspect an adapter or a checkpoint, or merge an adapter (LoRA, rsLoRA, DoRA, embeddings) into a checkpoint."};
+      "Inspect an adapter or a checkpoint, merge an adapter (LoRA, rsLoRA, DoRA, embeddings) into a checkpoint,\n"
+      "or combine LoRA adapters into a new one."};
   app.name("d9d-peft");
   app.require_subcommand(1);
   app.footer(
       "Examples:\n"
       "  d9d-peft inspect adapters/my-lora\n"
       "  d9d-peft merge --base llama-7b --adapter adapters/my-lora --out llama-7b-merged\n"
+      "  d9d-peft combine --adapter a --weight 0.7 --adapter b --weight 0.5 --type svd --out ab\n"
       "Run 'd9d-peft COMMAND --help' for a command's options.");
 
   std::string inspect_path;
@@ -274,6 +287,36 @@ int main(int argc, char** argv) {
       "  d9d-peft merge --base llama-7b --adapter adapters/my-lora --out llama-7b-merged\n"
       "  d9d-peft merge --base model.pt --adapter my-lora --out merged --scale 0.5");
 
+  std::vector<std::string> combine_adapters;
+  std::vector<double> combine_weights;
+  std::string combine_out, combine_type = "svd", majority_sign = "total";
+  std::optional<int64_t> svd_rank;
+  std::optional<double> density, svd_clamp;
+  std::optional<uint64_t> seed;
+  CLI::App* combine_cmd = app.add_subcommand(
+      "combine", "Combine LoRA adapters into a new one (PEFT's add_weighted_adapter)");
+  combine_cmd->add_option("--adapter", combine_adapters, "adapter directory; repeat, one per --weight")->required();
+  combine_cmd->add_option("--weight", combine_weights, "the adapter's weight (may be negative); one per --adapter")
+      ->required();
+  combine_cmd->add_option("--out", combine_out, "output adapter directory")->required();
+  combine_cmd->add_option("--type", combine_type,
+                          "cat, linear, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, "
+                          "magnitude_prune, magnitude_prune_svd")
+      ->capture_default_str();
+  combine_cmd->add_option("--svd-rank", svd_rank, "*svd types: the new rank (default: the largest input rank)");
+  combine_cmd->add_option("--svd-clamp", svd_clamp, "*svd types: clamp the factors at this quantile, in [0, 1]");
+  combine_cmd->add_option("--density", density, "ties, dare, magnitude_prune types: fraction kept, in (0, 1]");
+  combine_cmd->add_option("--majority-sign", majority_sign, "ties types: total or frequency")->capture_default_str();
+  bool svd_reduced = false;
+  combine_cmd->add_flag("--svd-reduced", svd_reduced, "*svd types: reduced SVD (full_matrices=False)");
+  combine_cmd->add_option("--seed", seed, "dare types: seed of the random masks (default: random)");
+  combine_cmd->footer(
+      "Writes OUT/adapter_config.json and OUT/adapter_model.safetensors as PEFT's add_weighted_adapter followed by\n"
+      "save_pretrained would: r = lora_alpha = the new rank, target_modules joined, the rest the first adapter's.\n\n"
+      "Examples:\n"
+      "  d9d-peft combine --adapter a --weight 0.7 --adapter b --weight 0.5 --type svd --svd-rank 8 --out ab\n"
+      "  d9d-peft combine --adapter a --weight 1 --adapter b --weight 1 --type dare_ties --density 0.5 --seed 0 --out ab");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {
@@ -286,6 +329,16 @@ int main(int argc, char** argv) {
   try {
     if (*inspect_cmd) inspect(inspect_path, inspect_all);
     if (*merge_cmd) merge(base, adapter, out, scale, allow_non_finite);
+    if (*combine_cmd) {
+      auto options = d9d::peft::WeightedAdapterOptions()
+                         .combination_type(combine_type)
+                         .svd_rank(svd_rank)
+                         .svd_clamp(svd_clamp)
+                         .density(density)
+                         .majority_sign_method(majority_sign)
+                         .svd_full_matrices(!svd_reduced);
+      combine(combine_adapters, combine_weights, combine_out, options, seed);
+    }
   } catch (const c10::Error& e) {
     return fail(e.what_without_backtrace());
   } catch (const std::exception& e) {  // CheckpointError, ConfigError, PeftError and the rest

@@ -30,6 +30,7 @@
 #include <d9d/peft/errors.h>
 #include <d9d/peft/full_tune/method.h>
 #include <d9d/peft/hf/adapter.h>
+#include <d9d/peft/hf/combine.h>
 #include <d9d/peft/hf/config.h>
 #include <d9d/peft/hf/files.h>
 #include <d9d/peft/hf/merge.h>
@@ -38,6 +39,7 @@
 #include <d9d/peft/inject.h>
 #include <d9d/peft/lora/layer.h>
 #include <d9d/peft/lora/method.h>
+#include <d9d/peft/lora/weighted.h>
 #include <d9d/peft/mixed_batch.h>
 #include <d9d/peft/module_tree.h>
 #include <d9d/peft/pattern.h>
