@@ -142,7 +142,7 @@ int main(int argc, char** argv) {
       model->eval();
       for (int a = 0; a < adapters; ++a) d9d::peft::hf::add_adapter(*model, "a" + std::to_string(a), lora_config("proj"));
       const at::Tensor x = torch::randn({512, 4096});
-      rows.push_back(measure("linear 4096x4096, 512 rows", model, x, adapters, trials));
+      rows.push_back(measure("linear 4096x4096 512 rows", model, x, adapters, trials));
     }
     if (only.empty() || only == "gpt") {
       torch::manual_seed(0);
@@ -152,7 +152,7 @@ int main(int argc, char** argv) {
         d9d::peft::hf::add_adapter(*model, "a" + std::to_string(a), lora_config(R"(.*_proj)"));
       }
       const at::Tensor ids = torch::randint(0, 26, {64, 16});
-      rows.push_back(measure("trainer GPT (default), 64x16 tokens", model, ids, adapters, trials));
+      rows.push_back(measure("trainer GPT (default) 64x16 tokens", model, ids, adapters, trials));
     }
   }
   if (csv) {

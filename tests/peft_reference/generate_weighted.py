@@ -69,8 +69,14 @@ def draw_case(seed, combination_type):
                   "lora_dropout": 0.0, "target_modules": targets,
                   "use_rslora": rng.random() < (0.2 if i == 0 else 0.4), "init_lora_weights": False,
                   "rank_pattern": {}}
-        if combination_type not in ONE_RANK and rng.random() < 0.25:
-            config["rank_pattern"] = {rng.choice(["q_proj", "up_proj", "layers.0.attention.v_proj"]): rng.randint(1, 8)}
+        # A rank_pattern key names a module this adapter targets, and leaves
+        # some targeted layer at r: PEFT takes the new adapter's rank from the
+        # config (max(r, *rank_pattern.values())), the model from the layers,
+        # and under rsLoRA the combined scale depends on it (docs/combining-adapters.md).
+        keys = [k for k in ("q_proj", "up_proj") if k in picked and len(picked) > 1]
+        keys += ["layers.0.attention.v_proj"] if "v_proj" in picked else []
+        if combination_type not in ONE_RANK and keys and rng.random() < 0.25:
+            config["rank_pattern"] = {rng.choice(keys): rng.randint(1, 8)}
         configs.append(config)
     call = {"adapters": [f"a{i}" for i in range(n)],
             "weights": [round(rng.uniform(-1.0, 1.5), 3) for _ in range(n)],

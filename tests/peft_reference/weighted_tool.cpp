@@ -234,10 +234,15 @@ std::vector<std::string> check_case(const fs::path& dir, const std::string& cli,
     peft::set_adapter(*model, "w");
     torch::NoGradGuard no_grad;
     const auto ids = ms::SafetensorsFile::open((dir / "inputs.safetensors").string())->get("input_ids");
-    // Clamped factors carry the SVD's rounding into the logits unreduced.
+    // A truncated SVD carries LAPACK's rounding (OpenBLAS here, MKL under
+    // PEFT) into the logits, which the model amplifies: the deltas above are
+    // held to 1e-5, the logits of the *_svd types to 1e-4 (one CI case moved
+    // 3.8e-5 relative with its deltas within 1e-5).
+    const auto type = call.at("combination_type").get<std::string>();
+    const bool svd = type.size() >= 3 && type.compare(type.size() - 3, 3, "svd") == 0;
     expect("logits with w", model->forward(ids),
            ms::SafetensorsFile::open((dir / "expected.safetensors").string())->get("logits"),
-           call.contains("svd_clamp") ? kFactorTolerance : kTolerance);
+           svd || call.contains("svd_clamp") ? kFactorTolerance : kTolerance);
   }
 
   // d9d-peft combine on the directories.

@@ -140,9 +140,14 @@ at::Tensor LoRALinearImpl::forward(const at::Tensor& input) {
   if (active_.size() > 1 || !merged_.empty()) return forward_general(input);
   LoRALinearAdapterImpl& a = *find(active_.front());
   if (a.options().use_dora() || a.lora_A->weight.scalar_type() != input.scalar_type()) return forward_general(input);
+  return forward_fused(input, a);
+}
 
+at::Tensor LoRALinearImpl::forward_fused(const at::Tensor& input, LoRALinearAdapterImpl& a) {
   // base + scale * B(A(h)) on 2-D views: the low-rank product is accumulated
   // into the base output in place by one addmm_, whose alpha carries the scale.
+  const at::Tensor& weight = base_weight();
+  const at::Tensor& bias = base_bias();
   const double p = a.options().dropout();
   const int64_t in_features = weight.size(1);
   const at::Tensor x2 = input.reshape({-1, in_features});
@@ -202,18 +207,34 @@ at::Tensor LoRALinearImpl::forward_general(const at::Tensor& input) {
 
 namespace {
 
+/// Adds `terms` (one row per entry of `rows`, in that order) to the rows
+/// `rows` of `out`; rows of `out` not in `rows` get nothing. One gather and
+/// one add: `index_add_` over the first dimension runs a loop of small adds
+/// per index on the CPU.
+void add_rows(at::Tensor& out, const at::Tensor& terms, const std::vector<int64_t>& rows) {
+  const int64_t n = out.size(0);
+  // Each row of `out` reads its term, or a zero row appended at the end.
+  std::vector<int64_t> source(static_cast<size_t>(n), static_cast<int64_t>(rows.size()));
+  for (size_t i = 0; i < rows.size(); ++i) source[static_cast<size_t>(rows[i])] = static_cast<int64_t>(i);
+  const bool complete = rows.size() == static_cast<size_t>(n);
+  std::vector<int64_t> zero_shape = terms.sizes().vec();
+  zero_shape.front() = 1;
+  const at::Tensor padded = complete ? terms : at::cat({terms, at::zeros(zero_shape, terms.options())});
+  out.add_(padded.index_select(0, at::tensor(source, at::TensorOptions().dtype(at::kLong)).to(out.device())));
+}
+
 /// Adapters of one mixed batch that compute alike (plain LoRA in the input's
 /// dtype, no dropout at work) as two batched products: each adapter's rows
 /// padded to the largest segment (`padded_rows`), ranks padded with zeros to
-/// the largest. Padding rows repeat a row of their segment and are added back
-/// times zero.
+/// the largest. Padding rows repeat a row of their segment and are scaled by
+/// zero.
 at::Tensor mixed_low_rank_batched(const at::Tensor& input, at::Tensor& out, const MixedBatch& batch,
                                   const std::vector<const MixedBatch::Segment*>& segments,
                                   const std::vector<LoRALinearAdapterImpl*>& adapters, int64_t padded_rows,
                                   int64_t max_rank) {
   const auto groups = static_cast<int64_t>(segments.size());
   const auto& order = batch.order_indices();
-  std::vector<int64_t> padded;
+  std::vector<int64_t> padded, real_rows, real_slots;
   std::vector<float> scales;
   padded.reserve(static_cast<size_t>(groups * padded_rows));
   scales.reserve(padded.capacity());
@@ -221,12 +242,18 @@ at::Tensor mixed_low_rank_batched(const at::Tensor& input, at::Tensor& out, cons
     const auto& segment = *segments[static_cast<size_t>(g)];
     const int64_t n = segment.end - segment.begin;
     for (int64_t j = 0; j < padded_rows; ++j) {
-      padded.push_back(order[static_cast<size_t>(segment.begin + (j < n ? j : 0))]);
+      const int64_t row = order[static_cast<size_t>(segment.begin + (j < n ? j : 0))];
+      if (j < n) {
+        real_rows.push_back(row);
+        real_slots.push_back(static_cast<int64_t>(padded.size()));
+      }
+      padded.push_back(row);
       scales.push_back(j < n ? static_cast<float>(adapters[static_cast<size_t>(g)]->scale()) : 0.0f);
     }
   }
   const auto device = input.device();
-  const at::Tensor index = at::tensor(padded, at::TensorOptions().dtype(at::kLong)).to(device);
+  const auto long_options = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor index = at::tensor(padded, long_options).to(device);
   const at::Tensor scale = at::tensor(scales, at::TensorOptions().dtype(at::kFloat)).to(device, input.scalar_type());
 
   std::vector<at::Tensor> a_weights, b_weights;
@@ -247,7 +274,8 @@ at::Tensor mixed_low_rank_batched(const at::Tensor& input, at::Tensor& out, cons
   std::vector<int64_t> shape = input.sizes().vec();
   shape.front() = groups * padded_rows;
   shape.back() = out_features;
-  out.index_add_(0, index, low.view(shape));
+  // Only the real rows go back: padding rows are left out of the gather.
+  add_rows(out, low.view(shape).index_select(0, at::tensor(real_slots, long_options).to(device)), real_rows);
   return out;
 }
 
@@ -255,18 +283,10 @@ at::Tensor mixed_low_rank_batched(const at::Tensor& input, at::Tensor& out, cons
 
 at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
   check_mixed_batch_rows(input);
-  const at::Tensor& weight = base_weight();
-  const at::Tensor& bias = base_bias();
-  at::Tensor out = torch::nn::functional::linear(input, weight, bias);
   const auto held =
       mixed_batch()->select([this](const std::string& name) { return find(name) != nullptr; }, input.device());
-  if (held.segments.empty()) return out;
-
-  // Several adapters that compute alike, in segments of similar size: two
-  // batched products for all of them, when padding to the largest segment at
-  // most doubles the rows.
   std::vector<LoRALinearAdapterImpl*> adapters;
-  bool alike = held.segments.size() > 1;
+  bool alike = true;
   int64_t largest = 0, rows = 0, max_rank = 0;
   for (const auto* segment : held.segments) {
     LoRALinearAdapterImpl& a = *find(segment->adapter);
@@ -277,6 +297,17 @@ at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
     rows += segment->end - segment->begin;
     max_rank = std::max(max_rank, a.options().r());
   }
+  // Every row on one adapter: the ordinary fused forward.
+  if (adapters.size() == 1 && alike && rows == mixed_batch()->rows()) return forward_fused(input, *adapters.front());
+
+  const at::Tensor& weight = base_weight();
+  const at::Tensor& bias = base_bias();
+  at::Tensor out = torch::nn::functional::linear(input, weight, bias);
+  if (held.segments.empty()) return out;
+
+  // Adapters that compute alike, in segments of similar size: two batched
+  // products for all of them, when padding to the largest segment at most
+  // doubles the rows.
   if (alike && static_cast<int64_t>(held.segments.size()) * largest <= 2 * rows) {
     return mixed_low_rank_batched(input, out, *mixed_batch(), held.segments, adapters, largest, max_rank);
   }
@@ -324,7 +355,12 @@ at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
   std::vector<int64_t> shape = input.sizes().vec();
   shape.front() = order.size(0);
   shape.back() = out_features;
-  out.index_add_(0, order, (terms.size() == 1 ? terms.front() : at::cat(terms)).view(shape));
+  std::vector<int64_t> order_rows;
+  for (const auto* segment : held.segments) {
+    const auto& all = mixed_batch()->order_indices();
+    order_rows.insert(order_rows.end(), all.begin() + segment->begin, all.begin() + segment->end);
+  }
+  add_rows(out, (terms.size() == 1 ? terms.front() : at::cat(terms)).view(shape), order_rows);
   return out;
 }
 

@@ -92,6 +92,8 @@ class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl>, public WrappedLi
   at::Tensor dora_scale(const LoRALinearAdapterImpl& adapter) const;
   at::Tensor forward_general(const at::Tensor& input);
   at::Tensor forward_mixed(const at::Tensor& input);
+  /// One plain adapter in the input's dtype: `addmm_` into the base output.
+  at::Tensor forward_fused(const at::Tensor& input, LoRALinearAdapterImpl& adapter);
 };
 
 TORCH_MODULE(LoRALinear);
