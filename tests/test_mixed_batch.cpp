@@ -7,6 +7,8 @@
 
 #include <d9d/peft.h>
 
+#include <c10/core/InferenceMode.h>
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -282,4 +284,68 @@ TEST(MixedBatch, AfterTheScopeTheModelComputesItsActiveAdapterAgain) {
     EXPECT_FALSE(torch::allclose(model->forward(ids), before));
   }
   EXPECT_TRUE(torch::equal(model->forward(ids), before));
+}
+
+TEST(MixedBatch, AMergeInsideTheScopeAndTheReservedNameAreRefused) {
+  toy::Toy model = many_adapters(2, 9);
+  const at::Tensor ids = torch::randint(0, 37, {2, 5});
+  {
+    peft::MixedBatchScope scope(*model, {"a0", "a1"});
+    peft::merge_adapters_in_place(*model, {"a0"});
+    torch::NoGradGuard no_grad;
+    // Its rows would get a0 twice: once merged, once as the low-rank term.
+    EXPECT_THAT([&] { model->forward(ids); },
+                ThrowsMessage<peft::PeftError>(AllOf(HasSubstr("layers.0.attention.q_proj"),
+                                                     HasSubstr("merged inside a MixedBatchScope"))));
+  }
+  peft::unmerge_adapters(*model);
+  peft::hf::LoraConfig config;
+  config.target_modules.names = {"q_proj"};
+  EXPECT_THAT([&] { peft::hf::add_adapter(*model, "__base__", config); },
+              ThrowsMessage<peft::PeftError>(HasSubstr("\"__base__\" is reserved")));
+  EXPECT_EQ(peft::adapter_names(*model).size(), 2u);
+}
+
+TEST(MixedBatch, AForwardUnderInferenceModeThenOneWithGradInTheSameScope) {
+  toy::Toy model = many_adapters(2, 10, /*dora=*/false);
+  peft::set_adapter(*model, std::vector<std::string>{"a0", "a1"});
+  const at::Tensor ids = torch::randint(0, 37, {4, 5});
+  peft::MixedBatchScope scope(*model, {"a1", "a0", "a0", "__base__"});
+  at::Tensor served;
+  {
+    c10::InferenceMode inference;
+    served = model->forward(ids);
+  }
+  // The plan's cached indices were made under InferenceMode; backward saves them.
+  const at::Tensor trained = model->forward(ids);
+  trained.pow(2).sum().backward();
+  EXPECT_LE(max_diff(served, trained.detach()), 1e-6);
+  const auto* q = model->named_modules()["layers.0.attention.q_proj"]->as<peft::LoRALinearImpl>();
+  ASSERT_NE(q, nullptr);
+  EXPECT_TRUE(q->lora_A->weight.grad().defined());
+}
+
+TEST(MixedBatch, AReusedPlanFollowsWeightsChangedInPlace) {
+  // A layer keeps the stacked weights of the last batch for the next one with
+  // the same rows; a weight changed in place (an optimizer step) must show.
+  toy::Toy model = many_adapters(4, 12, /*dora=*/false);
+  std::vector<std::string> names;
+  for (int i = 0; i < 8; ++i) names.push_back("a" + std::to_string(i % 4));
+  const at::Tensor ids = torch::randint(0, 37, {8, 5});
+  auto mixed = [&] {
+    torch::NoGradGuard no_grad;
+    peft::MixedBatchScope scope(*model, names);
+    return model->forward(ids);
+  };
+  const at::Tensor first = mixed();
+  EXPECT_TRUE(torch::equal(mixed(), first)) << "the same batch again, from the kept plan";
+  {
+    torch::NoGradGuard no_grad;
+    auto* q = model->named_modules()["layers.0.attention.q_proj"]->as<peft::LoRALinearImpl>();
+    ASSERT_NE(q, nullptr);
+    q->adapter("a2").lora_B->weight.mul_(3.0);
+  }
+  const at::Tensor after = mixed();
+  EXPECT_GT(max_diff(after, first), 1e-4);
+  EXPECT_LE(worst_row(model, names, ids), 1e-5);
 }

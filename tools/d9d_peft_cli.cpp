@@ -18,6 +18,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -222,7 +223,12 @@ void merge(const std::string& base, const std::string& adapter, const std::strin
 
 void combine(const std::vector<std::string>& adapters, const std::vector<double>& weights, const std::string& out,
              d9d::peft::WeightedAdapterOptions options, const std::optional<uint64_t>& seed) {
-  if (seed) options.generator(at::make_generator<at::CPUGeneratorImpl>(*seed));
+  if (options.combination_type().rfind("dare", 0) == 0) {
+    // Without --seed the masks are drawn from a fresh seed, printed so that the run can be repeated.
+    const uint64_t used = seed ? *seed : (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
+    options.generator(at::make_generator<at::CPUGeneratorImpl>(used));
+    if (!seed) fmt::print("DARE masks drawn from --seed {}\n", used);
+  }
   const auto result = hf::combine_adapter_dirs(adapters, weights, out, options);
   fmt::print("combined {} adapters ({}, r = {}): wrote {} modules to {}\n", adapters.size(), result.combination_type,
              result.rank, result.modules, out);
@@ -309,7 +315,7 @@ int main(int argc, char** argv) {
   combine_cmd->add_option("--majority-sign", majority_sign, "ties types: total or frequency")->capture_default_str();
   bool svd_reduced = false;
   combine_cmd->add_flag("--svd-reduced", svd_reduced, "*svd types: reduced SVD (full_matrices=False)");
-  combine_cmd->add_option("--seed", seed, "dare types: seed of the random masks (default: random)");
+  combine_cmd->add_option("--seed", seed, "dare types: seed of the random masks (default: a fresh one, printed)");
   combine_cmd->footer(
       "Writes OUT/adapter_config.json and OUT/adapter_model.safetensors as PEFT's add_weighted_adapter followed by\n"
       "save_pretrained would: r = lora_alpha = the new rank, target_modules joined, the rest the first adapter's.\n\n"

@@ -12,6 +12,10 @@ void validate_adapter_name(const std::string& name) {
   const bool ok = !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
     return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';
   });
+  if (name == "__base__") {
+    throw PeftError("adapter name \"__base__\" is reserved: in a mixed batch (MixedBatchScope) it means a row "
+                    "without an adapter; choose another name");
+  }
   if (!ok) {
     throw PeftError(fmt::format("adapter name \"{}\" is not usable: it becomes part of state-dict keys, so use "
                                 "letters, digits, '_' and '-' only (e.g. \"default\", \"task_b\")",

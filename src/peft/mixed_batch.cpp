@@ -4,6 +4,7 @@
 #include <d9d/peft/mixed_batch.h>
 
 #include <ATen/Functions.h>
+#include <c10/core/InferenceMode.h>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -33,6 +34,9 @@ const at::Tensor& MixedBatch::order(const c10::Device& device) const {
   const std::string key = device.str();
   auto it = order_on_.find(key);
   if (it == order_on_.end()) {
+    // A normal tensor even when the first forward runs under InferenceMode:
+    // a later forward with grad saves it for backward.
+    c10::InferenceMode normal(false);
     at::Tensor cpu = at::tensor(order_, at::TensorOptions().dtype(at::kLong));
     it = order_on_.emplace(key, device.is_cpu() ? cpu : cpu.to(device)).first;
   }
@@ -59,6 +63,7 @@ MixedBatch::Selection MixedBatch::select(const std::function<bool(const std::str
 void AdapterLayer::set_mixed_batch(std::shared_ptr<const MixedBatch> batch, std::string layer_name) {
   mixed_batch_ = std::move(batch);
   mixed_batch_layer_ = std::move(layer_name);
+  mixed_batch_changed();
 }
 
 void AdapterLayer::check_mixed_batch_rows(const at::Tensor& input) const {
@@ -69,6 +74,17 @@ void AdapterLayer::check_mixed_batch_rows(const at::Tensor& input) const {
         "shape [{}]); give MixedBatchScope one adapter name per row of the batch",
         mixed_batch_layer_.empty() ? std::string("adapter layer") : mixed_batch_layer_, rows,
         input.dim() == 0 ? int64_t{0} : input.size(0), fmt::join(input.sizes(), ", ")));
+  }
+}
+
+void AdapterLayer::check_mixed_batch_unmerged() const {
+  const auto merged = merged_adapters();
+  if (!merged.empty()) {
+    throw PeftError(fmt::format("{}: adapters {} were merged inside a MixedBatchScope; a mixed batch computes each "
+                                "row's adapter apart from the base, so unmerge them (unmerge_adapters) or end the "
+                                "scope before merging",
+                                mixed_batch_layer_.empty() ? std::string("adapter layer") : mixed_batch_layer_,
+                                fmt::join(merged, ", ")));
   }
 }
 

@@ -90,7 +90,8 @@ def draw_case(seed, combination_type):
             # The clamp's quantile runs over every entry of the factors, so it is defined only where they
             # are: a rank above a layer's delta's rank takes arbitrary null-space vectors (LAPACK's choice).
             # Within the smallest input rank every layer's delta has full rank.
-            call["svd_rank"] = rng.randint(1, min(c["r"] for c in configs))
+            # rank_pattern counts: a layer at a lower rank than its config's r (CI seed 910648678).
+            call["svd_rank"] = rng.randint(1, min(min([c["r"], *c["rank_pattern"].values()]) for c in configs))
             call["svd_clamp"] = round(rng.uniform(0.9, 0.999), 3)
         elif rng.random() < 0.5:
             call["svd_rank"] = rng.randint(1, 8)

@@ -106,6 +106,12 @@ class AdapterLayer : public model_state::FreshState {
   /// Inside a mixed batch: `PeftError` naming the layer unless `input`'s
   /// first dimension has one row per adapter name.
   void check_mixed_batch_rows(const at::Tensor& input) const;
+  /// Inside a mixed batch: `PeftError` naming the layer if an adapter was
+  /// merged after the scope began (its rows would get it twice).
+  void check_mixed_batch_unmerged() const;
+  /// Called when a scope sets or clears this layer's mixed batch (a layer
+  /// drops what it cached for the previous one).
+  virtual void mixed_batch_changed() {}
 
  private:
   std::shared_ptr<const MixedBatch> mixed_batch_;

@@ -17,10 +17,11 @@
 // Inside the scope every adapter layer computes its base once for the whole
 // batch and then each adapter's low-rank term for its own rows only: the rows
 // are grouped by adapter once per batch (`MixedBatch::order`), each layer
-// gathers its input in that order, runs one small product per adapter on a
-// contiguous segment and adds the result back with one `index_add`. The
-// extra work over a single-adapter batch is the gather and the scatter, not a
-// forward per adapter.
+// gathers its input in that order, runs the adapters' low-rank products on
+// their contiguous segments (two batched products when they compute alike)
+// and adds the results back with one `index_add`. The extra work over a
+// single-adapter batch is the gather and the scatter, not a forward per
+// adapter.
 //
 // Rows named `"__base__"` get the base model alone. The active adapters
 // (`set_adapter`) do not matter inside the scope; disabled adapters
@@ -92,11 +93,15 @@ class MixedBatch {
 /// first dimension) with adapter `adapter_names[i]` while the scope lives.
 ///
 /// Refused with a `PeftError`, before any layer is changed: an empty list; a
-/// name no layer holds (the message lists the adapters there are); a layer
-/// holding one of the named adapters whose method cannot mix a batch (it is
-/// named); any merged adapter (as PEFT: call `unmerge_adapters` first); a
+/// name no layer holds (the message lists the adapters there are); any
+/// adapter layer whose method cannot mix a batch (it is named: it would apply
+/// its active adapters to every row); any merged adapter (as PEFT: call `unmerge_adapters` first); a
 /// model already inside a scope. A forward whose input does not have
-/// `adapter_names.size()` rows is a `PeftError` naming the layer.
+/// `adapter_names.size()` rows is a `PeftError` naming the layer, and so is
+/// one after an adapter was merged inside the scope. The rows must be the
+/// first dimension of every adapter layer's input: a layer seeing `[T, B, d]`
+/// is caught only when `T != B`. One scope's forwards must not run on several
+/// threads at once (the plan caches its index tensors per device).
 ///
 /// LoRA layers (linear and embedding, rsLoRA, and, unlike PEFT, DoRA) can mix
 /// a batch. The scope holds the layers, not the model: do not add or remove

@@ -133,6 +133,7 @@ at::Tensor LoRAEmbeddingImpl::forward(const at::Tensor& indices) {
 
 at::Tensor LoRAEmbeddingImpl::forward_mixed(const at::Tensor& indices, at::Tensor out) {
   check_mixed_batch_rows(indices);
+  check_mixed_batch_unmerged();
   const auto held =
       mixed_batch()->select([this](const std::string& name) { return find(name) != nullptr; }, indices.device());
   if (held.segments.empty()) return out;

@@ -276,7 +276,9 @@ void hotswap(torch::nn::Module& model, const AdapterTensors& tensors, const Lora
     if (r > bound) {
       int64_t largest = r;
       for (size_t j = 0; j < plan.size(); ++j) {
-        if (given[j].count(plan[j].view.a_key)) largest = std::max(largest, given[j].at(plan[j].view.a_key).second.size(0));
+        if (given[j].count(plan[j].view.a_key) && given[j].at(plan[j].view.a_key).second.dim() == 2) {
+          largest = std::max(largest, given[j].at(plan[j].view.a_key).second.size(0));
+        }
       }
       throw PeftError(fmt::format("{}: the new adapter has rank {} at '{}', above the rank {} adapter \"{}\"'s tensors "
                                   "hold there; hotswapping keeps the tensors, so their rank is the bound. Call "

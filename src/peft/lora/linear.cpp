@@ -205,84 +205,113 @@ at::Tensor LoRALinearImpl::forward_general(const at::Tensor& input) {
   return result;
 }
 
-namespace {
-
-/// Adds `terms` (one row per entry of `rows`, in that order) to the rows
-/// `rows` of `out`; rows of `out` not in `rows` get nothing. One gather and
-/// one add: `index_add_` over the first dimension runs a loop of small adds
-/// per index on the CPU.
-void add_rows(at::Tensor& out, const at::Tensor& terms, const std::vector<int64_t>& rows) {
-  const int64_t n = out.size(0);
-  // Each row of `out` reads its term, or a zero row appended at the end.
-  std::vector<int64_t> source(static_cast<size_t>(n), static_cast<int64_t>(rows.size()));
-  for (size_t i = 0; i < rows.size(); ++i) source[static_cast<size_t>(rows[i])] = static_cast<int64_t>(i);
-  const bool complete = rows.size() == static_cast<size_t>(n);
-  std::vector<int64_t> zero_shape = terms.sizes().vec();
-  zero_shape.front() = 1;
-  const at::Tensor padded = complete ? terms : at::cat({terms, at::zeros(zero_shape, terms.options())});
-  out.add_(padded.index_select(0, at::tensor(source, at::TensorOptions().dtype(at::kLong)).to(out.device())));
-}
 
 /// Adapters of one mixed batch that compute alike (plain LoRA in the input's
 /// dtype, no dropout at work) as two batched products: each adapter's rows
 /// padded to the largest segment (`padded_rows`), ranks padded with zeros to
 /// the largest. Padding rows repeat a row of their segment and are scaled by
-/// zero.
-at::Tensor mixed_low_rank_batched(const at::Tensor& input, at::Tensor& out, const MixedBatch& batch,
-                                  const std::vector<const MixedBatch::Segment*>& segments,
-                                  const std::vector<LoRALinearAdapterImpl*>& adapters, int64_t padded_rows,
-                                  int64_t max_rank) {
-  const auto groups = static_cast<int64_t>(segments.size());
-  const auto& order = batch.order_indices();
-  std::vector<int64_t> padded, real_rows, real_slots;
-  std::vector<float> scales;
-  padded.reserve(static_cast<size_t>(groups * padded_rows));
-  scales.reserve(padded.capacity());
-  for (int64_t g = 0; g < groups; ++g) {
-    const auto& segment = *segments[static_cast<size_t>(g)];
-    const int64_t n = segment.end - segment.begin;
-    for (int64_t j = 0; j < padded_rows; ++j) {
-      const int64_t row = order[static_cast<size_t>(segment.begin + (j < n ? j : 0))];
-      if (j < n) {
-        real_rows.push_back(row);
-        real_slots.push_back(static_cast<int64_t>(padded.size()));
+/// zero. What depends only on the batch and the weights (the row index, the
+/// scales, the stacked weights) is built once and reused while the weights'
+/// version counters stay the same and no gradient is wanted.
+struct LoRALinearImpl::MixedCache {
+  std::vector<std::string> rows;  // the batch's row adapters (a new scope per batch is the common use)
+  std::vector<const void*> weights;
+  std::vector<int64_t> versions;
+  at::Tensor index, scale, a, b;
+
+  static void describe(const std::vector<LoRALinearAdapterImpl*>& adapters, std::vector<const void*>& weights,
+                       std::vector<int64_t>& versions) {
+    for (const auto* adapter : adapters) {
+      for (const at::Tensor* w : {&adapter->lora_A->weight, &adapter->lora_B->weight}) {
+        weights.push_back(w->unsafeGetTensorImpl());
+        versions.push_back(w->_version());
       }
-      padded.push_back(row);
-      scales.push_back(j < n ? static_cast<float>(adapters[static_cast<size_t>(g)]->scale()) : 0.0f);
     }
   }
-  const auto device = input.device();
-  const auto long_options = at::TensorOptions().dtype(at::kLong);
-  const at::Tensor index = at::tensor(padded, long_options).to(device);
-  const at::Tensor scale = at::tensor(scales, at::TensorOptions().dtype(at::kFloat)).to(device, input.scalar_type());
+};
 
-  std::vector<at::Tensor> a_weights, b_weights;
-  for (const auto* a : adapters) {
-    const at::Tensor& wa = a->lora_A->weight;  // [r, in]
-    const at::Tensor& wb = a->lora_B->weight;  // [out, r]
-    const int64_t pad = max_rank - wa.size(0);
-    a_weights.push_back(pad == 0 ? wa : at::constant_pad_nd(wa, {0, 0, 0, pad}));
-    b_weights.push_back(pad == 0 ? wb : at::constant_pad_nd(wb, {0, pad}));
+namespace {
+
+at::Tensor stacked(const std::vector<at::Tensor>& weights, int64_t max_rank, bool rank_is_rows) {
+  std::vector<at::Tensor> padded;
+  for (const auto& w : weights) {
+    const int64_t pad = max_rank - w.size(rank_is_rows ? 0 : 1);
+    padded.push_back(pad == 0 ? w : at::constant_pad_nd(w, rank_is_rows ? std::vector<int64_t>{0, 0, 0, pad}
+                                                                         : std::vector<int64_t>{0, pad}));
   }
-  const int64_t in_features = input.size(-1);
-  const int64_t out_features = out.size(-1);
-  const int64_t per_row = input.numel() / std::max<int64_t>(1, input.size(0) * in_features);
-  // [G, padded_rows * per_row, in] -> [G, ..., r] -> [G, ..., out]
-  const at::Tensor x = input.index_select(0, index).view({groups, padded_rows * per_row, in_features});
-  at::Tensor low = at::bmm(at::bmm(x, at::stack(a_weights).transpose(1, 2)), at::stack(b_weights).transpose(1, 2));
-  low = low.view({groups, padded_rows, per_row, out_features}) * scale.view({groups, padded_rows, 1, 1});
-  std::vector<int64_t> shape = input.sizes().vec();
-  shape.front() = groups * padded_rows;
-  shape.back() = out_features;
-  // Only the real rows go back: padding rows are left out of the gather.
-  add_rows(out, low.view(shape).index_select(0, at::tensor(real_slots, long_options).to(device)), real_rows);
-  return out;
+  return at::stack(padded);
 }
 
 }  // namespace
 
+at::Tensor LoRALinearImpl::forward_mixed_batched(const at::Tensor& input, at::Tensor& out,
+                                                const std::vector<const MixedBatch::Segment*>& segments,
+                                                const std::vector<LoRALinearAdapterImpl*>& adapters,
+                                                int64_t padded_rows, int64_t max_rank) {
+  const MixedBatch& batch = *mixed_batch();
+  const auto groups = static_cast<int64_t>(segments.size());
+  bool grad = false;
+  if (torch::GradMode::is_enabled()) {
+    for (const auto* a : adapters) grad = grad || a->lora_A->weight.requires_grad() || a->lora_B->weight.requires_grad();
+  }
+  std::vector<const void*> weights;
+  std::vector<int64_t> versions;
+  MixedCache::describe(adapters, weights, versions);
+  const bool reuse = !grad && mixed_cache_ && mixed_cache_->weights == weights &&
+                     mixed_cache_->versions == versions && mixed_cache_->index.device() == input.device() &&
+                     mixed_cache_->a.scalar_type() == input.scalar_type() &&
+                     mixed_cache_->rows == batch.row_adapters();
+  std::shared_ptr<MixedCache> plan = reuse ? mixed_cache_ : std::make_shared<MixedCache>();
+  if (!reuse) {
+    const auto& order = batch.order_indices();
+    std::vector<int64_t> padded;
+    std::vector<float> scales;
+    padded.reserve(static_cast<size_t>(groups * padded_rows));
+    scales.reserve(padded.capacity());
+    for (int64_t g = 0; g < groups; ++g) {
+      const auto& segment = *segments[static_cast<size_t>(g)];
+      const int64_t n = segment.end - segment.begin;
+      for (int64_t j = 0; j < padded_rows; ++j) {
+        padded.push_back(order[static_cast<size_t>(segment.begin + (j < n ? j : 0))]);
+        scales.push_back(j < n ? static_cast<float>(adapters[static_cast<size_t>(g)]->scale()) : 0.0f);
+      }
+    }
+    // In float, as the single-adapter paths apply it: a bf16 scale would round 16/12 or alpha/sqrt(r).
+    plan->index = at::tensor(padded, at::TensorOptions().dtype(at::kLong)).to(input.device());
+    plan->scale = at::tensor(scales, at::TensorOptions().dtype(at::kFloat)).to(input.device());
+    std::vector<at::Tensor> a_weights, b_weights;
+    for (const auto* a : adapters) {
+      a_weights.push_back(a->lora_A->weight);  // [r, in]
+      b_weights.push_back(a->lora_B->weight);  // [out, r]
+    }
+    plan->a = stacked(a_weights, max_rank, true).transpose(1, 2);   // [G, in, R]
+    plan->b = stacked(b_weights, max_rank, false).transpose(1, 2);  // [G, R, out]
+    if (!grad) {
+      plan->rows = batch.row_adapters();
+      plan->weights = std::move(weights);
+      plan->versions = std::move(versions);
+      mixed_cache_ = plan;
+    }
+  }
+  const int64_t in_features = input.size(-1);
+  const int64_t out_features = out.size(-1);
+  const int64_t per_row = input.numel() / std::max<int64_t>(1, input.size(0) * in_features);
+  // [G, padded_rows * per_row, in] -> [G, ..., R] -> [G, ..., out]
+  const at::Tensor x = input.index_select(0, plan->index).view({groups, padded_rows * per_row, in_features});
+  at::Tensor low = at::bmm(at::bmm(x, plan->a), plan->b);
+  low = (low.view({groups, padded_rows, per_row, out_features}) * plan->scale.view({groups, padded_rows, 1, 1}))
+            .to(input.scalar_type());
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.front() = groups * padded_rows;
+  shape.back() = out_features;
+  // Padding rows were scaled by zero: adding them back changes nothing.
+  out.index_add_(0, plan->index, low.view(shape));
+  return out;
+}
+
 at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
   check_mixed_batch_rows(input);
+  check_mixed_batch_unmerged();
   const auto held =
       mixed_batch()->select([this](const std::string& name) { return find(name) != nullptr; }, input.device());
   std::vector<LoRALinearAdapterImpl*> adapters;
@@ -295,7 +324,7 @@ at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
             a.lora_A->weight.scalar_type() == input.scalar_type();
     largest = std::max(largest, segment->end - segment->begin);
     rows += segment->end - segment->begin;
-    max_rank = std::max(max_rank, a.options().r());
+    max_rank = std::max(max_rank, a.lora_A->weight.size(0));
   }
   // Every row on one adapter: the ordinary fused forward.
   if (adapters.size() == 1 && alike && rows == mixed_batch()->rows()) return forward_fused(input, *adapters.front());
@@ -309,7 +338,7 @@ at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
   // products for all of them, when padding to the largest segment at most
   // doubles the rows.
   if (alike && static_cast<int64_t>(held.segments.size()) * largest <= 2 * rows) {
-    return mixed_low_rank_batched(input, out, *mixed_batch(), held.segments, adapters, largest, max_rank);
+    return forward_mixed_batched(input, out, held.segments, adapters, largest, max_rank);
   }
 
   // Otherwise one gather puts each adapter's rows in one contiguous segment,
@@ -355,12 +384,7 @@ at::Tensor LoRALinearImpl::forward_mixed(const at::Tensor& input) {
   std::vector<int64_t> shape = input.sizes().vec();
   shape.front() = order.size(0);
   shape.back() = out_features;
-  std::vector<int64_t> order_rows;
-  for (const auto* segment : held.segments) {
-    const auto& all = mixed_batch()->order_indices();
-    order_rows.insert(order_rows.end(), all.begin() + segment->begin, all.begin() + segment->end);
-  }
-  add_rows(out, (terms.size() == 1 ? terms.front() : at::cat(terms)).view(shape), order_rows);
+  out.index_add_(0, order, (terms.size() == 1 ? terms.front() : at::cat(terms)).view(shape));
   return out;
 }
 

@@ -206,7 +206,15 @@ std::pair<at::Tensor, at::Tensor> combine_weighted(const std::vector<WeightedInp
                                 layer, type, plan.rank, delta.size(0), delta.size(1), smallest));
   }
   c10::optional<c10::string_view> driver;
-  if (options.svd_driver()) driver = c10::string_view(*options.svd_driver());
+  if (options.svd_driver()) {
+    if (!delta.is_cuda()) {
+      throw ConfigError("WeightedAdapterOptions.svd_driver",
+                        fmt::format("\"{}\" chooses a cuSOLVER routine, but the weights of {} are on {}; leave "
+                                    "svd_driver unset on the CPU",
+                                    *options.svd_driver(), layer, delta.device().str()));
+    }
+    driver = c10::string_view(*options.svd_driver());
+  }
   auto usv = at::linalg_svd(delta, options.svd_full_matrices(), driver);
   at::Tensor u = std::get<0>(usv).slice(1, 0, plan.rank);
   const at::Tensor s = std::get<1>(usv).slice(0, 0, plan.rank);

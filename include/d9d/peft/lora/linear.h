@@ -2,6 +2,7 @@
 
 #include <d9d/nn/linear.h>
 #include <d9d/peft/lora/lora_layer.h>
+#include <d9d/peft/mixed_batch.h>
 #include <d9d/peft/wrapped_linear.h>
 
 #include <torch/nn/modules/dropout.h>
@@ -88,10 +89,22 @@ class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl>, public WrappedLi
   void reset_adapter(LoRALinearAdapterImpl& adapter) override;
   void reset_adapter_magnitude(LoRALinearAdapterImpl& adapter) override;
 
+  /// Keeps what the last mixed batch built: the next scope often repeats its rows.
+  void mixed_batch_changed() override {}
+
  private:
+  /// What a mixed batch's batched products reuse from one forward to the
+  /// next while the weights do not change (defined in linear.cpp).
+  struct MixedCache;
+  std::shared_ptr<MixedCache> mixed_cache_;
+
   at::Tensor dora_scale(const LoRALinearAdapterImpl& adapter) const;
   at::Tensor forward_general(const at::Tensor& input);
   at::Tensor forward_mixed(const at::Tensor& input);
+  at::Tensor forward_mixed_batched(const at::Tensor& input, at::Tensor& out,
+                                   const std::vector<const MixedBatch::Segment*>& segments,
+                                   const std::vector<LoRALinearAdapterImpl*>& adapters, int64_t padded_rows,
+                                   int64_t max_rank);
   /// One plain adapter in the input's dtype: `addmm_` into the base output.
   at::Tensor forward_fused(const at::Tensor& input, LoRALinearAdapterImpl& adapter);
 };
