@@ -8,6 +8,7 @@ packages=(
   libtorch-dev libopenblas0-pthread  # LibTorch; OpenBLAS or matmuls fall back to reference BLAS (~40x slower)
   nlohmann-json3-dev libfmt-dev libcli11-dev  # CLI11: the d9d-peft tool
   libre2-dev pkgconf  # RE2: module-name patterns in linear time
+  libgloo-dev  # Gloo headers: c10d's CPU process group (d9d/distributed)
   googletest libgtest-dev libbenchmark-dev
   clang libclang-rt-14-dev  # libFuzzer and the sanitizers for scripts/fuzz.sh
   ccache  # rebuilds of the two LibTorch builds
