@@ -3,6 +3,7 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -132,6 +133,13 @@ ProcessGroup init_process_group(const LaunchEnv& env, const ProcessGroupOptions&
     if (!state->device.is_cuda()) {
       throw DistributedError("ProcessGroupOptions: backend \"nccl\" reduces CUDA tensors; set device(cuda) or use "
                              "\"gloo\" on the CPU");
+    }
+    if (!nccl_available()) {
+      throw DistributedError("ProcessGroupOptions: backend \"nccl\": this build of d9d-peft has no NCCL (it needs "
+                             "LibTorch 2.x with CUDA); use \"gloo\" on the CPU");
+    }
+    if (!at::hasCUDA()) {
+      throw DistributedError("ProcessGroupOptions: backend \"nccl\" needs a CUDA device, and none is visible");
     }
     if (!state->device.has_index()) state->device = c10::Device(c10::kCUDA, static_cast<int8_t>(env.local_rank));
   } else if (state->backend == "gloo") {

@@ -411,6 +411,17 @@ TEST(LaunchEnvironment, OptionsAreCheckedBeforeAnythingConnects) {
   EXPECT_NE(error(dist::ProcessGroupOptions().backend("nccl")).find("reduces CUDA tensors"), std::string::npos);
   EXPECT_NE(error(dist::ProcessGroupOptions().timeout(std::chrono::milliseconds(0))).find("timeout must be positive"),
             std::string::npos);
+#if D9D_EXPECT_NCCL
+  EXPECT_TRUE(dist::nccl_available());
+  if (!at::hasCUDA()) {  // CI's build machine: NCCL compiled in, no GPU
+    const std::string nccl = error(dist::ProcessGroupOptions().device(c10::Device(c10::kCUDA)));
+    EXPECT_NE(nccl.find("needs a CUDA device, and none is visible"), std::string::npos) << nccl;
+  }
+#else
+  const std::string nccl = error(dist::ProcessGroupOptions().device(c10::Device(c10::kCUDA)));
+  EXPECT_FALSE(dist::nccl_available());
+  EXPECT_NE(nccl.find("this build of d9d-peft has no NCCL"), std::string::npos) << nccl;
+#endif
 }
 
 }  // namespace
