@@ -6,6 +6,9 @@
 //   -> save the adapter (Hugging Face PEFT format) and what full_tune trained
 //      (full_tune/model.safetensors, under the base's keys); load them back
 //   -> merge, check merged == unmerged, export the merged checkpoint.
+// Fine-tuning can stop (Ctrl-C, --stop-after-step) and go on later from its
+// training checkpoint (--resume) with exactly the result of an unbroken run.
+#include "checkpoint.h"
 #include "gpt.h"
 #include "run_config.h"
 #include "training.h"
@@ -40,19 +43,27 @@ using trainer::Task;
 
 namespace {
 
-constexpr const char* kUsage = R"(usage: d9d-peft-train [--config FILE] [--out DIR] [--device cpu|cuda] [--steps N] [--print-config]
+constexpr const char* kUsage = R"(usage: d9d-peft-train [--config FILE] [--out DIR] [--device cpu|cuda] [--steps N]
+                      [--stop-after-step N] [--resume] [--print-config]
 
 Pretrains a small GPT on synthetic task A (copy) unless a base checkpoint exists, fine-tunes
 a PEFT adapter on task B (reverse), and reports scores, parameters, time and memory.
 
-  --config FILE    JSON run config; missing fields keep the built-in default
-  --out DIR        where everything is written (default: ./runs/<name>)
-  --device DEV     cpu, cuda or cuda:N (overrides the config's "device")
-  --steps N        fine-tuning steps (overrides finetune.steps)
-  --print-config   print the effective config as JSON and exit
-  -h, --help       this text
+  --config FILE          JSON run config; missing fields keep the built-in default
+  --out DIR              where everything is written (default: ./runs/<name>)
+  --device DEV           cpu, cuda or cuda:N (overrides the config's "device")
+  --steps N              fine-tuning steps (overrides finetune.steps)
+  --stop-after-step N    stop fine-tuning after step N, save the adapter and the training
+                         checkpoint (<out>/checkpoint), and exit with 0
+  --resume               continue fine-tuning from <out>/checkpoint: no pretraining (the base
+                         must exist), same config except finetune.steps; the result is that
+                         of a run that never stopped
+  --print-config         print the effective config as JSON and exit
+  -h, --help             this text
 
-Ctrl-C stops after the current step and saves the adapter (and full_tune weights) trained so far.
+Ctrl-C stops after the current step and saves the adapter (and full_tune weights) trained so far
+and the training checkpoint (exit status 130); --resume continues from there. finetune.save_every
+also writes the checkpoint every N steps.
 )";
 
 struct UsageError : std::runtime_error {
@@ -61,10 +72,24 @@ struct UsageError : std::runtime_error {
 
 struct Args {
   std::optional<std::string> config, out, device;
-  std::optional<int64_t> steps;
+  std::optional<int64_t> steps, stop_after_step;
+  bool resume = false;
   bool print_config = false;
   bool help = false;
 };
+
+int64_t parse_count(const std::string& option, const std::string& v, int64_t min) {
+  size_t used = 0;
+  long long n = -1;
+  try {
+    n = std::stoll(v, &used);
+  } catch (const std::exception&) {
+  }
+  if (used != v.size() || n < min) {
+    throw UsageError(option + " expects an integer >= " + std::to_string(min) + ", got \"" + v + "\"");
+  }
+  return n;
+}
 
 Args parse_args(int argc, char** argv) {
   Args a;
@@ -83,21 +108,41 @@ Args parse_args(int argc, char** argv) {
     if (arg == "--config") a.config = value();
     else if (arg == "--out") a.out = value();
     else if (arg == "--device") a.device = value();
-    else if (arg == "--steps") {
-      const std::string v = value();
-      size_t used = 0;
-      long long n = -1;
-      try {
-        n = std::stoll(v, &used);
-      } catch (const std::exception&) {
-      }
-      if (used != v.size() || n < 0) throw UsageError("--steps expects an integer >= 0, got \"" + v + "\"");
-      a.steps = n;
-    } else if (arg == "--print-config" && !inline_value) a.print_config = true;
+    else if (arg == "--steps") a.steps = parse_count(arg, value(), 0);
+    else if (arg == "--stop-after-step") a.stop_after_step = parse_count(arg, value(), 1);
+    else if (arg == "--resume" && !inline_value) a.resume = true;
+    else if (arg == "--print-config" && !inline_value) a.print_config = true;
     else if ((arg == "--help" || arg == "-h") && !inline_value) a.help = true;
     else throw UsageError("unknown argument \"" + std::string(argv[i]) + "\"");
   }
   return a;
+}
+
+/// The command line that continues this run: the same arguments, without
+/// --stop-after-step, with --resume.
+std::string continue_command(int argc, char** argv) {
+  auto quoted = [](const std::string& a) {
+    if (!a.empty() && a.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./:=@%+,-") ==
+                          std::string::npos) {
+      return a;
+    }
+    std::string q = "'";
+    for (const char c : a) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return q + "'";
+  };
+  std::string command = quoted(argv[0]);
+  bool resume = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--stop-after-step") {
+      ++i;  // and its value
+      continue;
+    }
+    if (arg.rfind("--stop-after-step=", 0) == 0) continue;
+    resume = resume || arg == "--resume";
+    command += " " + quoted(arg);
+  }
+  return resume ? command : command + " --resume";
 }
 
 std::atomic<bool> g_stop{false};
@@ -257,6 +302,36 @@ int run(int argc, char** argv) {
   }
   const fs::path out = args.out ? fs::path(*args.out) : fs::path("runs") / config.name;
   const fs::path base_path = config.base_checkpoint.empty() ? out / "base" : fs::path(config.base_checkpoint);
+  const nlohmann::ordered_json config_json = trainer::to_json(config);
+
+  // A run killed while it replaced its training checkpoint left the old or the
+  // new one complete, and a directory beside it: keep the complete one.
+  const std::optional<std::string> recovered = trainer::recover_checkpoint(out);
+  // Resuming: the checkpoint must be there and fit this run, checked before a
+  // file is touched.
+  std::optional<trainer::Checkpoint> resumed;
+  if (args.resume) {
+    resumed = trainer::read_checkpoint(out);
+    // Only fields that change no computed number may differ from the saved
+    // config: how far to train, when to save, how often to print.
+    nlohmann::ordered_json saved = resumed->config;
+    saved["finetune"]["steps"] = config_json["finetune"]["steps"];
+    saved["finetune"]["save_every"] = config_json["finetune"]["save_every"];
+    saved["log_every"] = config_json["log_every"];
+    if (const auto d = trainer::first_difference(saved, config_json)) {
+      throw std::runtime_error(
+          "--resume: " + d->path + " is " + d->now + " in this run's config but " + d->saved +
+          " in the one the checkpoint was saved with (" + (trainer::checkpoint_dir(out) / "trainer_state.json").string() +
+          ", under \"config\"). A resumed run must use that config; only finetune.steps (--steps), "
+          "finetune.save_every and log_every may change. Pass the same --config (and --device) as the stopped run, "
+          "or run without --resume to start fine-tuning over.");
+    }
+    if (!checkpoint_exists(base_path)) {
+      throw std::runtime_error("--resume: the base checkpoint " + base_path.string() +
+                               " is missing; a resumed run continues on the base it was fine-tuning and never "
+                               "pretrains. Put that base back, or run without --resume to start over.");
+    }
+  }
   fs::create_directories(out);
   std::signal(SIGINT, on_sigint);
   if (config.threads > 0) at::set_num_threads(static_cast<int>(config.threads));
@@ -266,15 +341,19 @@ int run(int argc, char** argv) {
   options.seed = config.seed;
   options.log_every = config.log_every;
   options.stop = &g_stop;
+  options.primary = true;  // one process; a data-parallel run would set it on one rank only
 
   std::printf("d9d-peft-train: run \"%s\" on %s, writing to %s\n", config.name.c_str(), device.str().c_str(),
               out.string().c_str());
+  if (recovered) std::printf("%s\n", recovered->c_str());
   std::fflush(stdout);
 
   // 1. The base model: pretrained on task A once, then reused.
   torch::manual_seed(config.seed);
   std::optional<trainer::TrainResult> pretrained;
-  if (checkpoint_exists(base_path)) {
+  if (resumed) {
+    std::printf("base: reusing %s (resuming fine-tuning)\n", base_path.string().c_str());
+  } else if (checkpoint_exists(base_path)) {
     std::printf("base: reusing %s (delete it to pretrain again)\n", base_path.string().c_str());
   } else {
     std::printf("base: pretraining on task %s, %lld steps\n", trainer::task_label(Task::Copy),
@@ -303,23 +382,42 @@ int run(int argc, char** argv) {
   auto mapper = peft::inject_peft_and_freeze(*method, model);
   load_base(base_path, *mapper, model, device);
   const std::map<std::string, std::string> tuned_keys = full_tune_keys(*model, *mapper);
-  // Only now that the run is known to fit its base does it replace the previous
-  // run's outputs (the base checkpoint is what carries over): a run that fails
-  // its checks leaves them, and run_config.json, as they were.
+  // The scores before fine-tuning are those of the fresh adapter, resumed or not.
+  const double b_before = trainer::accuracy(model, Task::Reverse, config.task, device);
+  const double a_before = trainer::accuracy(model, Task::Copy, config.task, device);
+  if (resumed) trainer::load_trainable(resumed->trainable_file, *model);
+  // Only now that the run is known to fit its base (and its checkpoint) does it
+  // replace the previous run's outputs (the base checkpoint is what carries
+  // over, and the training checkpoint when resuming): a run that fails its
+  // checks leaves them, and run_config.json, as they were.
   for (const char* stale : {"adapter", "full_tune", "merged", "summary.json"}) fs::remove_all(out / stale);
-  ms::write_file_atomically((out / "run_config.json").string(), trainer::to_json(config).dump(2) + "\n");
+  if (!resumed) trainer::remove_checkpoint(out);
+  ms::write_file_atomically((out / "run_config.json").string(), config_json.dump(2) + "\n");
   const auto trainable = peft::trainable_parameters(*model);
   const int64_t n_trainable = count(trainable), n_total = count(model->parameters());
   std::printf("peft: %s, training %s of %s parameters\n", peft::dump_peft_config(config.peft).c_str(),
               thousands(n_trainable).c_str(), thousands(n_total).c_str());
-  const double b_before = trainer::accuracy(model, Task::Reverse, config.task, device);
-  const double a_before = trainer::accuracy(model, Task::Copy, config.task, device);
 
   // 3. Fine-tune on task B.
-  std::printf("finetune: task %s, %lld steps\n", trainer::task_label(Task::Reverse),
-              static_cast<long long>(config.finetune.steps));
+  // A training checkpoint every save_every steps, when stopped early, and after
+  // the last step of a run that uses them, so that it is never behind the adapter.
+  const fs::path checkpoint = trainer::checkpoint_dir(out);
+  std::printf("finetune: task %s, %lld steps%s\n", trainer::task_label(Task::Reverse),
+              static_cast<long long>(config.finetune.steps),
+              resumed ? strf(", resuming after step %lld from %s", static_cast<long long>(resumed->state.step),
+                             checkpoint.string().c_str())
+                            .c_str()
+                      : "");
   std::fflush(stdout);
   options.phase = "finetune";
+  options.save_every = config.finetune.save_every;
+  options.save_at_end = config.finetune.save_every > 0 || resumed.has_value();
+  options.stop_after = args.stop_after_step.value_or(0);
+  options.resume = resumed ? &resumed->state : nullptr;
+  options.save_checkpoint = [&](const trainer::TrainingState& state) {
+    trainer::save_checkpoint(out, *model, state, config_json);
+    return checkpoint.string();
+  };
   const trainer::TrainResult tuned = trainer::train(model, trainable, Task::Reverse, config.task, config.finetune, options);
 
   // 4. The adapter, in Hugging Face PEFT format (LoRA layers only), and the
@@ -334,13 +432,16 @@ int run(int argc, char** argv) {
     peft::hf::save_adapter(*model, adapter_dir.string(), save);
   }
   if (has_full_tune) save_full_tune(*model, tuned_keys, full_tune_file);
-  if (tuned.interrupted) {
+  if (tuned.interrupted || tuned.stopped) {
     std::string saved;
     if (has_lora) saved = "adapter saved to " + adapter_dir.string();
     if (has_full_tune) saved += (saved.empty() ? "" : ", ") + ("full_tune weights saved to " + full_tune_file.string());
-    std::printf("interrupted after fine-tuning step %lld of %lld: %s; merge and export skipped\n",
+    if (fs::exists(checkpoint)) saved += (saved.empty() ? "" : ", ") + ("training checkpoint in " + checkpoint.string());
+    std::printf("%s fine-tuning step %lld of %lld: %s; merge and export skipped\n",
+                tuned.interrupted ? "interrupted after" : tuned.steps > tuned.first_step ? "stopped after" : "stopped at",
                 static_cast<long long>(tuned.steps), static_cast<long long>(config.finetune.steps), saved.c_str());
-    return 130;
+    std::printf("continue with --resume: %s\n", continue_command(argc, argv).c_str());
+    return tuned.interrupted ? 130 : 0;
   }
   const double b_after = trainer::accuracy(model, Task::Reverse, config.task, device);
   const double a_after = trainer::accuracy(model, Task::Copy, config.task, device);
@@ -401,9 +502,13 @@ int run(int argc, char** argv) {
   row("pretraining", pretrained ? strf("%lld steps, %.1f s", static_cast<long long>(pretrained->steps),
                                       pretrained->seconds)
                                 : std::string("skipped (base reused)"));
-  row("fine-tuning", strf("%lld steps, %.1f s, %.1fk tokens/s, final loss %.4f", static_cast<long long>(tuned.steps),
-                         tuned.seconds, tuned.seconds > 0 ? tuned.tokens / tuned.seconds / 1000.0 : 0.0,
-                         tuned.final_loss));
+  const std::string resumed_note =
+      resumed ? strf(" (%lld in this run, resumed after step %lld)", static_cast<long long>(tuned.steps - tuned.first_step),
+                     static_cast<long long>(tuned.first_step))
+              : std::string();
+  row("fine-tuning", strf("%lld steps%s, %.1f s, %.1fk tokens/s, final loss %.4f", static_cast<long long>(tuned.steps),
+                         resumed_note.c_str(), tuned.seconds,
+                         tuned.seconds > 0 ? tuned.tokens / tuned.seconds / 1000.0 : 0.0, tuned.final_loss));
   row("wall time", strf("%.1f s", wall));
   row("peak memory", cuda_peak ? strf("%s on %s (max allocated), %s host (VmHWM)", mib(*cuda_peak).c_str(),
                                      device.str().c_str(), mib(rss).c_str())
@@ -416,12 +521,18 @@ int run(int argc, char** argv) {
         full_tune_file.string() + " (" + std::to_string(tuned_keys.size()) + " tensors, the base's keys)");
   }
   row("merged checkpoint", merged_dir.string());
+  if (fs::exists(checkpoint)) row("training checkpoint", strf("%s (step %lld)", checkpoint.string().c_str(),
+                                                               static_cast<long long>(tuned.steps)));
 
   nlohmann::ordered_json summary = {
       {"task_b_accuracy_before", b_before}, {"task_b_accuracy_after", b_after},
       {"task_a_accuracy_before", a_before}, {"task_a_accuracy_after", a_after},
       {"trainable_parameters", n_trainable}, {"total_parameters", n_total},
-      {"pretrain_seconds", pretrained ? pretrained->seconds : 0.0}, {"finetune_seconds", tuned.seconds},
+      {"pretrain_seconds", pretrained ? pretrained->seconds : 0.0},
+      {"finetune_steps", tuned.steps},
+      {"finetune_resumed_after_step",
+       resumed ? nlohmann::ordered_json(tuned.first_step) : nlohmann::ordered_json(nullptr)},
+      {"finetune_final_loss", tuned.final_loss}, {"finetune_seconds", tuned.seconds},
       {"finetune_tokens_per_second", tuned.seconds > 0 ? tuned.tokens / tuned.seconds : 0.0},
       {"wall_seconds", wall}, {"peak_rss_bytes", rss},
       {"peak_cuda_bytes", cuda_peak ? nlohmann::ordered_json(*cuda_peak) : nlohmann::ordered_json(nullptr)},

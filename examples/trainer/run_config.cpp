@@ -76,16 +76,22 @@ class Section {
   std::string path_;
 };
 
-void parse_optim(const Section& parent, const char* field, OptimConfig& out) {
+/// `finetune` (with `save_every`) when `finetune` is given, else `pretrain`.
+void parse_optim(const Section& parent, const char* field, OptimConfig& out, FinetuneConfig* finetune = nullptr) {
   const json* v = parent.find(field);
   if (!v) return;
-  Section s(*v, parent.path(field), {"steps", "batch_size", "lr", "weight_decay", "warmup_steps", "max_grad_norm"});
+  const std::initializer_list<const char*> fields = {"steps", "batch_size", "lr", "weight_decay", "warmup_steps",
+                                                     "max_grad_norm"};
+  const std::initializer_list<const char*> finetune_fields = {"steps",        "batch_size",    "lr",        "weight_decay",
+                                                              "warmup_steps", "max_grad_norm", "save_every"};
+  Section s(*v, parent.path(field), finetune ? finetune_fields : fields);
   s.integer("steps", out.steps, 0);
   s.integer("batch_size", out.batch_size, 1, 1 << 16);
   s.positive_number("lr", out.lr, false);
   s.positive_number("weight_decay", out.weight_decay, true);
   s.integer("warmup_steps", out.warmup_steps, 0);
   s.positive_number("max_grad_norm", out.max_grad_norm, true);
+  if (finetune) s.integer("save_every", finetune->save_every, 0);
 }
 
 nlohmann::ordered_json optim_json(const OptimConfig& c) {
@@ -95,6 +101,12 @@ nlohmann::ordered_json optim_json(const OptimConfig& c) {
           {"weight_decay", c.weight_decay},
           {"warmup_steps", c.warmup_steps},
           {"max_grad_norm", c.max_grad_norm}};
+}
+
+nlohmann::ordered_json finetune_json(const FinetuneConfig& c) {
+  nlohmann::ordered_json j = optim_json(c);
+  j["save_every"] = c.save_every;
+  return j;
 }
 
 }  // namespace
@@ -139,7 +151,7 @@ RunConfig parse_run_config(const json& j, RunConfig c) {
     s.integer("d_ff", c.model.d_ff, 1);
   }
   parse_optim(root, "pretrain", c.pretrain);
-  parse_optim(root, "finetune", c.finetune);
+  parse_optim(root, "finetune", c.finetune, &c.finetune);
   if (const json* v = root.find("peft")) {
     try {
       c.peft = v->get<d9d::peft::AnyPeftConfig>();
@@ -212,7 +224,7 @@ nlohmann::ordered_json to_json(const RunConfig& c) {
             {"n_heads", c.model.n_heads},
             {"d_ff", c.model.d_ff}}},
           {"pretrain", optim_json(c.pretrain)},
-          {"finetune", optim_json(c.finetune)},
+          {"finetune", finetune_json(c.finetune)},
           {"peft", peft}};
 }
 

@@ -39,6 +39,14 @@ struct OptimConfig {
   double max_grad_norm = 1.0;
 };
 
+/// Fine-tuning: an OptimConfig that also says when to write a training
+/// checkpoint (`<out>/checkpoint/`, which `--resume` continues from).
+struct FinetuneConfig : OptimConfig {
+  /// A checkpoint every N steps (and after the last one); 0: none on a schedule
+  /// (an interrupt or `--stop-after-step` still writes one).
+  int64_t save_every = 0;
+};
+
 struct RunConfig {
   std::string name = "default";
   uint64_t seed = 0;
@@ -52,7 +60,7 @@ struct RunConfig {
   TaskConfig task;
   ModelConfig model;
   OptimConfig pretrain;
-  OptimConfig finetune;
+  FinetuneConfig finetune;
   d9d::peft::AnyPeftConfig peft;
 };
 

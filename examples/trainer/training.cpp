@@ -1,12 +1,19 @@
 #include "training.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/util/Exception.h>
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/adamw.h>
+#include <torch/serialize.h>
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <type_traits>
 #include <unistd.h>
 
 namespace trainer {
@@ -34,30 +41,139 @@ std::string format_duration(double s) {
 /// on a terminal, one line every `log_every` steps otherwise.
 class ProgressLine {
  public:
-  ProgressLine(std::string phase, int64_t total, int64_t log_every)
-      : phase_(std::move(phase)), total_(total), log_every_(log_every), tty_(::isatty(STDERR_FILENO) == 1) {}
+  /// `first`: the steps done before this run (a resumed one), which the rate
+  /// and the ETA leave out.
+  ProgressLine(std::string phase, int64_t first, int64_t total, int64_t log_every)
+      : phase_(std::move(phase)),
+        first_(first),
+        total_(total),
+        log_every_(log_every),
+        tty_(::isatty(STDERR_FILENO) == 1) {}
 
   void update(int64_t step, double loss, double tokens_per_s, double elapsed, bool last) {
-    const bool due = tty_ ? (last || seconds_since(last_draw_) >= 0.1) : (last || step == 1 || step % log_every_ == 0);
+    const bool due =
+        tty_ ? (last || seconds_since(last_draw_) >= 0.1) : (last || step == first_ + 1 || step % log_every_ == 0);
     if (!due) return;
     last_draw_ = Clock::now();
-    const double eta = step > 0 ? elapsed / static_cast<double>(step) * static_cast<double>(total_ - step) : 0.0;
-    const int width = static_cast<int>(std::to_string(total_).size());
-    std::fprintf(stderr, "%s%-8s step %*lld/%lld  loss %.4f  %6.1fk tok/s  elapsed %s  ETA %s%s", tty_ ? "\r" : "",
-                 phase_.c_str(), width, static_cast<long long>(step), static_cast<long long>(total_), loss,
-                 tokens_per_s / 1000.0, format_duration(elapsed).c_str(), format_duration(eta).c_str(),
+    const int64_t done = step - first_;
+    const double eta = done > 0 ? elapsed / static_cast<double>(done) * static_cast<double>(total_ - step) : 0.0;
+    std::fprintf(stderr, "%s%s  loss %.4f  %6.1fk tok/s  elapsed %s  ETA %s%s", tty_ ? "\r" : "", label(step).c_str(),
+                 loss, tokens_per_s / 1000.0, format_duration(elapsed).c_str(), format_duration(eta).c_str(),
                  tty_ ? "\033[K" : "\n");
     if (tty_ && last) std::fputc('\n', stderr);
     std::fflush(stderr);
   }
 
+  /// A line of its own after step `step` (on a terminal it replaces the live
+  /// line, which is drawn again at the next step).
+  void note(int64_t step, const std::string& text) {
+    std::fprintf(stderr, "%s%s  %s\n", tty_ ? "\r\033[K" : "", label(step).c_str(), text.c_str());
+    std::fflush(stderr);
+    last_draw_ = {};
+  }
+
  private:
+  std::string label(int64_t step) const {
+    const int width = static_cast<int>(std::to_string(total_).size());
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "%-8s step %*lld/%lld", phase_.c_str(), width, static_cast<long long>(step),
+                  static_cast<long long>(total_));
+    return buf;
+  }
+
   std::string phase_;
+  int64_t first_;
   int64_t total_;
   int64_t log_every_;
   bool tty_;
   Clock::time_point last_draw_{};
 };
+
+at::Tensor generator_state(c10::Device device) {
+  at::Generator generator = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return generator.get_state();
+}
+
+void set_generator_state(c10::Device device, const at::Tensor& state) {
+  at::Generator generator = at::globalContext().defaultGenerator(device);
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  generator.set_state(state);
+}
+
+/// The optimizer's key for `p` in `state()`: the TensorImpl's address as text
+/// in LibTorch 1.x, the address itself in 2.x.
+template <typename Key>
+Key state_key(const at::Tensor& p) {
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream s;
+    s << p.unsafeGetTensorImpl();
+    return s.str();
+  } else {
+    return static_cast<Key>(p.unsafeGetTensorImpl());
+  }
+}
+
+std::string shape(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+/// Puts `state` into the optimizer and the random streams; throws naming
+/// `state.origin` when it does not fit the parameters or this LibTorch.
+void restore(const TrainingState& state, torch::optim::AdamW& optimizer, std::mt19937_64& rng,
+             const std::vector<at::Tensor>& parameters, c10::Device device) {
+  const std::string where = state.origin.empty() ? std::string("the checkpoint") : state.origin;
+  std::istringstream data_rng(state.data_rng);
+  data_rng >> rng;
+  if (data_rng.fail()) throw std::runtime_error(where + ": data_rng is not a std::mt19937_64 state");
+  try {
+    std::istringstream in(state.optimizer);
+    torch::load(optimizer, in, device);
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(where + ": the optimizer state does not load: " + e.what_without_backtrace());
+  }
+  // torch::load pairs the saved moments with the parameters by position and
+  // checks only their number: check each moment fits its parameter.
+  using Key = typename std::decay_t<decltype(optimizer.state())>::key_type;
+  for (size_t i = 0; i < parameters.size(); ++i) {
+    const auto it = optimizer.state().find(state_key<Key>(parameters[i]));
+    if (it == optimizer.state().end()) continue;  // never stepped (no gradient yet): fresh moments, as saved
+    const auto& moments = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+    if (!moments.exp_avg().sizes().equals(parameters[i].sizes()) ||
+        !moments.exp_avg_sq().sizes().equals(parameters[i].sizes())) {
+      throw std::runtime_error(where + ": the optimizer state of trainable parameter #" + std::to_string(i) +
+                               " has shape " + shape(moments.exp_avg()) + ", the parameter " +
+                               shape(parameters[i]));
+    }
+  }
+  try {
+    set_generator_state(c10::kCPU, state.cpu_rng);
+    if (!device.is_cpu()) {
+      if (!state.device_rng.defined()) throw std::runtime_error(where + ": no generator state for " + device.str());
+      set_generator_state(device, state.device_rng);
+    }
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(where + ": the random generator state does not load: " + e.what_without_backtrace());
+  }
+}
+
+TrainingState capture(const TrainResult& result, const torch::optim::AdamW& optimizer, const std::mt19937_64& rng,
+                      c10::Device device) {
+  TrainingState state;
+  state.step = result.steps;
+  state.loss = result.final_loss;
+  std::ostringstream data_rng;
+  data_rng << rng;
+  state.data_rng = data_rng.str();
+  state.cpu_rng = generator_state(c10::kCPU);
+  if (!device.is_cpu()) state.device_rng = generator_state(device).cpu();
+  std::ostringstream out;
+  torch::save(optimizer, out);
+  state.optimizer = out.str();
+  return state;
+}
 
 double learning_rate(const OptimConfig& c, int64_t step) {
   if (step < c.warmup_steps) return c.lr * static_cast<double>(step + 1) / static_cast<double>(c.warmup_steps);
@@ -119,15 +235,23 @@ double accuracy(Gpt& model, Task task, const TaskConfig& c, c10::Device device) 
 TrainResult train(Gpt& model, const std::vector<at::Tensor>& parameters, Task task, const TaskConfig& task_config,
                   const OptimConfig& optim, const TrainOptions& options) {
   TrainResult result;
-  if (optim.steps == 0) return result;
+  const int64_t first = options.resume ? options.resume->step : 0;
+  result.first_step = result.steps = first;
+  if (options.resume) result.final_loss = options.resume->loss;
+  if (first >= optim.steps) return result;  // nothing (left) to train
+  if (options.stop_after > 0 && first >= options.stop_after) {
+    result.stopped = true;  // already there: the state is the resumed one
+    return result;
+  }
   torch::optim::AdamW optimizer(parameters,
                                 torch::optim::AdamWOptions(optim.lr).weight_decay(optim.weight_decay));
   std::mt19937_64 rng(options.seed * 1000003ull + (task == Task::Copy ? 11 : 17));
-  ProgressLine progress(options.phase, optim.steps, options.log_every);
+  if (options.resume) restore(*options.resume, optimizer, rng, parameters, options.device);
+  ProgressLine progress(options.phase, first, optim.steps, options.log_every);
   model->train();
   const auto start = Clock::now();
   const int64_t vocab = vocab_size(task_config);
-  for (int64_t step = 0; step < optim.steps; ++step) {
+  for (int64_t step = first; step < optim.steps; ++step) {
     for (auto& group : optimizer.param_groups()) {
       static_cast<torch::optim::AdamWOptions&>(group.options()).lr(learning_rate(optim, step));
     }
@@ -145,10 +269,23 @@ TrainResult train(Gpt& model, const std::vector<at::Tensor>& parameters, Task ta
     result.tokens += inputs.numel();
     result.seconds = seconds_since(start);
     result.interrupted = options.stop && options.stop->load();
-    const bool last = result.steps == optim.steps || result.interrupted;
-    progress.update(result.steps, result.final_loss, static_cast<double>(result.tokens) / result.seconds,
-                    result.seconds, last);
-    if (result.interrupted) break;
+    result.stopped = !result.interrupted && options.stop_after > 0 && result.steps == options.stop_after &&
+                     result.steps < optim.steps;
+    const bool last = result.steps == optim.steps || result.interrupted || result.stopped;
+    if (options.primary) {
+      progress.update(result.steps, result.final_loss, static_cast<double>(result.tokens) / result.seconds,
+                      result.seconds, last);
+    }
+    const bool save = (options.save_every > 0 && result.steps % options.save_every == 0) || result.interrupted ||
+                      result.stopped || (result.steps == optim.steps && options.save_at_end);
+    if (save && options.primary && options.save_checkpoint) {
+      const auto save_start = Clock::now();
+      const std::string where = options.save_checkpoint(capture(result, optimizer, rng, options.device));
+      char took[32];
+      std::snprintf(took, sizeof took, "%.2f s", seconds_since(save_start));
+      progress.note(result.steps, "checkpoint saved to " + where + " (" + took + ")");
+    }
+    if (result.interrupted || result.stopped) break;
   }
   model->eval();
   return result;
