@@ -13,6 +13,9 @@
 #include "run_config.h"
 #include "training.h"
 
+#include <d9d/distributed/data_parallel.h>
+#include <d9d/distributed/launch.h>
+#include <d9d/distributed/process_group.h>
 #include <d9d/peft.h>
 
 #include <ATen/Parallel.h>
@@ -39,12 +42,13 @@
 namespace fs = std::filesystem;
 namespace ms = d9d::model_state;
 namespace peft = d9d::peft;
+namespace dist = d9d::distributed;
 using trainer::Task;
 
 namespace {
 
 constexpr const char* kUsage = R"(usage: d9d-peft-train [--config FILE] [--out DIR] [--device cpu|cuda] [--steps N]
-                      [--stop-after-step N] [--resume] [--print-config]
+                      [--stop-after-step N] [--resume] [--nproc N] [--print-config]
 
 Pretrains a small GPT on synthetic task A (copy) unless a base checkpoint exists, fine-tunes
 a PEFT adapter on task B (reverse), and reports scores, parameters, time and memory.
@@ -58,6 +62,10 @@ a PEFT adapter on task B (reverse), and reports scores, parameters, time and mem
   --resume               continue fine-tuning from <out>/checkpoint: no pretraining (the base
                          must exist), same config except finetune.steps; the result is that
                          of a run that never stopped
+  --nproc N              train data-parallel on N processes of this machine, started by this one
+                         (Gloo on the CPU, NCCL on CUDA: rank r on cuda:r); the batch sizes are
+                         global and must divide by N. Under torchrun (or another launcher setting
+                         RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) each process is one rank already
   --print-config         print the effective config as JSON and exit
   -h, --help             this text
 
@@ -72,7 +80,7 @@ struct UsageError : std::runtime_error {
 
 struct Args {
   std::optional<std::string> config, out, device;
-  std::optional<int64_t> steps, stop_after_step;
+  std::optional<int64_t> steps, stop_after_step, nproc;
   bool resume = false;
   bool print_config = false;
   bool help = false;
@@ -111,6 +119,7 @@ Args parse_args(int argc, char** argv) {
     else if (arg == "--steps") a.steps = parse_count(arg, value(), 0);
     else if (arg == "--stop-after-step") a.stop_after_step = parse_count(arg, value(), 1);
     else if (arg == "--resume" && !inline_value) a.resume = true;
+    else if (arg == "--nproc") a.nproc = parse_count(arg, value(), 1);
     else if (arg == "--print-config" && !inline_value) a.print_config = true;
     else if ((arg == "--help" || arg == "-h") && !inline_value) a.help = true;
     else throw UsageError("unknown argument \"" + std::string(argv[i]) + "\"");
@@ -146,6 +155,7 @@ std::string continue_command(int argc, char** argv) {
 }
 
 std::atomic<bool> g_stop{false};
+int64_t g_rank = -1;  // data-parallel: this process's rank, which its error messages name
 
 extern "C" void on_sigint(int) {
   g_stop.store(true);
@@ -247,6 +257,9 @@ std::string strf(const char* format, ...) {
   return buf;
 }
 
+std::string kib(int64_t bytes) { return strf("%.1f KiB", static_cast<double>(bytes) / 1024.0); }
+
+
 std::string mib(uint64_t bytes) { return strf("%.1f MiB", static_cast<double>(bytes) / (1024.0 * 1024.0)); }
 
 trainer::GptConfig gpt_config(const trainer::RunConfig& c) {
@@ -279,6 +292,43 @@ void load_base(const fs::path& base, const ms::ModelStateMapper& mapper, trainer
   }
 }
 
+/// --nproc N without a launcher: start this program again as ranks 0 .. N-1
+/// (each with the same arguments and torchrun's environment) and wait for them.
+int launch_ranks(int argc, char** argv, int64_t nproc) {
+  std::vector<std::string> args{"/proc/self/exe"};
+  for (int i = 1; i < argc; ++i) args.emplace_back(argv[i]);
+  std::printf("d9d-peft-train: starting %lld ranks on this machine; rank 0 reports\n", static_cast<long long>(nproc));
+  std::fflush(stdout);
+  const dist::LaunchResult result = dist::launch_local(args, nproc);
+  bool all_interrupted = true;  // Ctrl-C: every rank stopped after the same step, rank 0 saved
+  for (const auto& r : result.ranks) all_interrupted = all_interrupted && r.signal == 0 && r.exit_code == 130;
+  if (result.exit_code() != 0 && !all_interrupted) {
+    std::fprintf(stderr, "d9d-peft-train: the data-parallel run failed:\n%s", result.describe_failures().c_str());
+  }
+  return result.exit_code();
+}
+
+/// The configs' global batches must split evenly over the ranks.
+void check_divisible(const trainer::RunConfig& config, int64_t ranks) {
+  for (const auto& [name, optim] : {std::pair<const char*, const trainer::OptimConfig*>{"pretrain", &config.pretrain},
+                                    {"finetune", &config.finetune}}) {
+    if (optim->steps > 0 && optim->batch_size % ranks != 0) {
+      throw std::runtime_error(strf("%s.batch_size is %lld, which %lld ranks cannot share evenly: it is the global "
+                                    "batch, split across the ranks; make it a multiple of %lld",
+                                    name, static_cast<long long>(optim->batch_size), static_cast<long long>(ranks),
+                                    static_cast<long long>(ranks)));
+    }
+  }
+}
+
+/// Data-parallel: `loss` averaged over the ranks, and whether any rank was
+/// asked to stop (Ctrl-C reaches the ranks at slightly different moments).
+std::pair<double, bool> agree(dist::ProcessGroup& group, double loss, bool stop) {
+  at::Tensor t = at::tensor({loss / static_cast<double>(group.size()), stop ? 1.0 : 0.0}, at::kDouble);
+  group.all_reduce_sum(t).wait();
+  return {t[0].item<double>(), t[1].item<double>() > 0};
+}
+
 int run(int argc, char** argv) {
   const auto wall_start = Clock::now();
   const Args args = parse_args(argc, argv);
@@ -295,10 +345,32 @@ int run(int argc, char** argv) {
     return 0;
   }
 
-  const c10::Device device(config.device);
+  c10::Device device(config.device);
   if (device.is_cuda() && !torch::cuda::is_available()) {
     throw std::runtime_error("--device " + config.device +
                              ": CUDA is not available (this LibTorch has no CUDA, or no GPU is visible); use cpu");
+  }
+
+  // Data-parallel: launch the ranks, or be one of them.
+  const auto launched = dist::LaunchEnv::from_environment();
+  if (args.nproc && launched && launched->world_size != *args.nproc) {
+    throw UsageError(strf("--nproc %lld, but this process was launched as rank %lld of WORLD_SIZE=%lld; leave out "
+                          "--nproc under torchrun or another launcher",
+                          static_cast<long long>(*args.nproc), static_cast<long long>(launched->rank),
+                          static_cast<long long>(launched->world_size)));
+  }
+  if (args.nproc || launched) check_divisible(config, launched ? launched->world_size : *args.nproc);
+  if (args.nproc && !launched) return launch_ranks(argc, argv, *args.nproc);
+  std::optional<dist::ProcessGroup> group;
+  if (launched) {
+    group = dist::init_process_group(*launched, dist::ProcessGroupOptions().device(device));
+    device = group->device();  // cuda -> cuda:LOCAL_RANK
+    g_rank = group->rank();
+  }
+  const bool primary = !group || group->rank() == 0;
+  // Only rank 0 reports and writes; the others keep stderr for their errors.
+  if (!primary && std::freopen("/dev/null", "w", stdout) == nullptr) {
+    throw std::runtime_error("cannot silence stdout on a rank other than 0");
   }
   const fs::path out = args.out ? fs::path(*args.out) : fs::path("runs") / config.name;
   const fs::path base_path = config.base_checkpoint.empty() ? out / "base" : fs::path(config.base_checkpoint);
@@ -306,7 +378,9 @@ int run(int argc, char** argv) {
 
   // A run killed while it replaced its training checkpoint left the old or the
   // new one complete, and a directory beside it: keep the complete one.
-  const std::optional<std::string> recovered = trainer::recover_checkpoint(out);
+  std::optional<std::string> recovered;
+  if (primary) recovered = trainer::recover_checkpoint(out);
+  if (group) group->barrier();  // the others read the checkpoint once rank 0 has recovered it
   // Resuming: the checkpoint must be there and fit this run, checked before a
   // file is touched.
   std::optional<trainer::Checkpoint> resumed;
@@ -332,7 +406,7 @@ int run(int argc, char** argv) {
                                "pretrains. Put that base back, or run without --resume to start over.");
     }
   }
-  fs::create_directories(out);
+  if (primary) fs::create_directories(out);
   std::signal(SIGINT, on_sigint);
   if (config.threads > 0) at::set_num_threads(static_cast<int>(config.threads));
   const trainer::GptConfig model_config = gpt_config(config);
@@ -341,9 +415,18 @@ int run(int argc, char** argv) {
   options.seed = config.seed;
   options.log_every = config.log_every;
   options.stop = &g_stop;
-  options.primary = true;  // one process; a data-parallel run would set it on one rank only
+  options.primary = primary;
+  if (group) {
+    options.shard_index = group->rank();
+    options.shard_count = group->size();
+    options.agree = [&](double loss, bool stop) { return agree(*group, loss, stop); };
+  }
 
-  std::printf("d9d-peft-train: run \"%s\" on %s, writing to %s\n", config.name.c_str(), device.str().c_str(),
+  std::printf("d9d-peft-train: run \"%s\" on %s, writing to %s\n", config.name.c_str(),
+              group ? strf("%lld ranks (%s; rank 0 on %s)", static_cast<long long>(group->size()),
+                           group->backend().c_str(), device.str().c_str())
+                          .c_str()
+                    : device.str().c_str(),
               out.string().c_str());
   if (recovered) std::printf("%s\n", recovered->c_str());
   std::fflush(stdout);
@@ -351,9 +434,15 @@ int run(int argc, char** argv) {
   // 1. The base model: pretrained on task A once, then reused.
   torch::manual_seed(config.seed);
   std::optional<trainer::TrainResult> pretrained;
+  bool base_exists = checkpoint_exists(base_path);
+  if (group) {  // rank 0's view decides, so that all ranks pretrain or none does
+    at::Tensor flag = at::tensor({base_exists ? 1.0 : 0.0}, at::kDouble);
+    group->broadcast(flag, 0).wait();
+    base_exists = flag.item<double>() > 0;
+  }
   if (resumed) {
     std::printf("base: reusing %s (resuming fine-tuning)\n", base_path.string().c_str());
-  } else if (checkpoint_exists(base_path)) {
+  } else if (base_exists) {
     std::printf("base: reusing %s (delete it to pretrain again)\n", base_path.string().c_str());
   } else {
     std::printf("base: pretraining on task %s, %lld steps\n", trainer::task_label(Task::Copy),
@@ -362,17 +451,22 @@ int run(int argc, char** argv) {
     trainer::Gpt base(model_config);
     base->to(device);
     options.phase = "pretrain";
+    std::unique_ptr<dist::DistributedDataParallel> ddp;
+    if (group) ddp = std::make_unique<dist::DistributedDataParallel>(*base, *group);
     pretrained = trainer::train(base, base->parameters(), Task::Copy, config.task, config.pretrain, options);
     if (pretrained->interrupted) {
       std::printf("interrupted during pretraining (step %lld of %lld): no base checkpoint was saved\n",
                   static_cast<long long>(pretrained->steps), static_cast<long long>(config.pretrain.steps));
       return 130;
     }
-    ms::SaveOptions save;
-    save.progress = ms::no_progress();
-    ms::save_model_state(base_path.string(), *ms::identity_mapper_from_module(*base), *base, save);
-    std::printf("base: task A accuracy %.1f%%, saved to %s\n",
-                100 * trainer::accuracy(base, Task::Copy, config.task, device), base_path.string().c_str());
+    if (primary) {
+      ms::SaveOptions save;
+      save.progress = ms::no_progress();
+      ms::save_model_state(base_path.string(), *ms::identity_mapper_from_module(*base), *base, save);
+      std::printf("base: task A accuracy %.1f%%, saved to %s\n",
+                  100 * trainer::accuracy(base, Task::Copy, config.task, device), base_path.string().c_str());
+    }
+    if (group) group->barrier();  // the others load the base rank 0 has just written
   }
 
   // 2. A fresh model; inject PEFT before loading, then load the base through the mapper.
@@ -390,9 +484,11 @@ int run(int argc, char** argv) {
   // replace the previous run's outputs (the base checkpoint is what carries
   // over, and the training checkpoint when resuming): a run that fails its
   // checks leaves them, and run_config.json, as they were.
-  for (const char* stale : {"adapter", "full_tune", "merged", "summary.json"}) fs::remove_all(out / stale);
-  if (!resumed) trainer::remove_checkpoint(out);
-  ms::write_file_atomically((out / "run_config.json").string(), config_json.dump(2) + "\n");
+  if (primary) {
+    for (const char* stale : {"adapter", "full_tune", "merged", "summary.json"}) fs::remove_all(out / stale);
+    if (!resumed) trainer::remove_checkpoint(out);
+    ms::write_file_atomically((out / "run_config.json").string(), config_json.dump(2) + "\n");
+  }
   const auto trainable = peft::trainable_parameters(*model);
   const int64_t n_trainable = count(trainable), n_total = count(model->parameters());
   std::printf("peft: %s, training %s of %s parameters\n", peft::dump_peft_config(config.peft).c_str(),
@@ -418,7 +514,11 @@ int run(int argc, char** argv) {
     trainer::save_checkpoint(out, *model, state, config_json);
     return checkpoint.string();
   };
+  std::unique_ptr<dist::DistributedDataParallel> ddp;
+  if (group) ddp = std::make_unique<dist::DistributedDataParallel>(*model, *group);
   const trainer::TrainResult tuned = trainer::train(model, trainable, Task::Reverse, config.task, config.finetune, options);
+  // Rank 0 holds what every rank holds: it alone saves, scores, merges and reports.
+  if (!primary) return tuned.interrupted ? 130 : 0;
 
   // 4. The adapter, in Hugging Face PEFT format (LoRA layers only), and the
   // weights full_tune trained, under the base checkpoint's keys.
@@ -509,6 +609,15 @@ int run(int argc, char** argv) {
   row("fine-tuning", strf("%lld steps%s, %.1f s, %.1fk tokens/s, final loss %.4f", static_cast<long long>(tuned.steps),
                          resumed_note.c_str(), tuned.seconds,
                          tuned.seconds > 0 ? tuned.tokens / tuned.seconds / 1000.0 : 0.0, tuned.final_loss));
+  if (ddp) {
+    const auto& stats = ddp->stats();
+    row("data parallel", strf("%lld ranks (%s), %s all-reduced per step (the trainable parameters) in %lld "
+                              "bucket%s, %.1f%% of fine-tuning time waiting on it",
+                              static_cast<long long>(group->size()), group->backend().c_str(),
+                              kib(ddp->trainable_bytes()).c_str(),
+                              static_cast<long long>(ddp->bucket_count()), ddp->bucket_count() > 1 ? "s" : "",
+                              tuned.seconds > 0 ? 100.0 * stats.total_wait_seconds / tuned.seconds : 0.0));
+  }
   row("wall time", strf("%.1f s", wall));
   row("peak memory", cuda_peak ? strf("%s on %s (max allocated), %s host (VmHWM)", mib(*cuda_peak).c_str(),
                                      device.str().c_str(), mib(rss).c_str())
@@ -534,6 +643,12 @@ int run(int argc, char** argv) {
        resumed ? nlohmann::ordered_json(tuned.first_step) : nlohmann::ordered_json(nullptr)},
       {"finetune_final_loss", tuned.final_loss}, {"finetune_seconds", tuned.seconds},
       {"finetune_tokens_per_second", tuned.seconds > 0 ? tuned.tokens / tuned.seconds : 0.0},
+      {"ranks", group ? group->size() : 1},
+      {"bytes_all_reduced_per_step", ddp ? nlohmann::ordered_json(ddp->stats().last_bytes_all_reduced)
+                                         : nlohmann::ordered_json(nullptr)},
+      {"communication_wait_fraction",
+       ddp && tuned.seconds > 0 ? nlohmann::ordered_json(ddp->stats().total_wait_seconds / tuned.seconds)
+                                : nlohmann::ordered_json(nullptr)},
       {"wall_seconds", wall}, {"peak_rss_bytes", rss},
       {"peak_cuda_bytes", cuda_peak ? nlohmann::ordered_json(*cuda_peak) : nlohmann::ordered_json(nullptr)},
       {"merge_max_abs_diff", merge_diff},
@@ -555,16 +670,18 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // In a data-parallel run every rank may fail: say which one speaks.
+  auto who = [] { return g_rank >= 0 ? "d9d-peft-train: rank " + std::to_string(g_rank) : std::string("d9d-peft-train"); };
   try {
     return run(argc, argv);
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "d9d-peft-train: %s\n\n%s", e.what(), kUsage);
+    std::fprintf(stderr, "%s: %s\n\n%s", who().c_str(), e.what(), kUsage);
     return 2;
   } catch (const c10::Error& e) {
-    std::fprintf(stderr, "d9d-peft-train: error: %s\n", e.what_without_backtrace());
+    std::fprintf(stderr, "%s: error: %s\n", who().c_str(), e.what_without_backtrace());
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "d9d-peft-train: error: %s\n", e.what());
+    std::fprintf(stderr, "%s: error: %s\n", who().c_str(), e.what());
     return 1;
   }
 }

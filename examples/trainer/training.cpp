@@ -6,8 +6,10 @@
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/adamw.h>
 #include <torch/serialize.h>
+#include <torch/utils.h>
 
 #include <chrono>
+#include <tuple>
 #include <cmath>
 #include <cstdio>
 #include <mutex>
@@ -175,6 +177,15 @@ TrainingState capture(const TrainResult& result, const torch::optim::AdamW& opti
   return state;
 }
 
+/// The dropout seed of one process's part of one step (splitmix64 of the three).
+uint64_t dropout_seed(uint64_t seed, int64_t step, int64_t part) {
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(step) * 0xBF58476D1CE4E5B9ull +
+               static_cast<uint64_t>(part) * 0x94D049BB133111EBull + 1;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
 double learning_rate(const OptimConfig& c, int64_t step) {
   if (step < c.warmup_steps) return c.lr * static_cast<double>(step + 1) / static_cast<double>(c.warmup_steps);
   const double span = static_cast<double>(std::max<int64_t>(1, c.steps - c.warmup_steps));
@@ -256,7 +267,15 @@ TrainResult train(Gpt& model, const std::vector<at::Tensor>& parameters, Task ta
       static_cast<torch::optim::AdamWOptions&>(group.options()).lr(learning_rate(optim, step));
     }
     const Batch batch = make_batch(task, task_config, optim.batch_size, rng);
-    const at::Tensor inputs = batch.inputs.to(options.device), answers = batch.answers.to(options.device);
+    at::Tensor inputs = batch.inputs, answers = batch.answers;
+    if (options.shard_count > 1) {
+      const int64_t rows = optim.batch_size / options.shard_count;
+      inputs = inputs.slice(0, options.shard_index * rows, (options.shard_index + 1) * rows);
+      answers = answers.slice(0, options.shard_index * rows, (options.shard_index + 1) * rows);
+      torch::manual_seed(dropout_seed(options.seed, step, options.shard_index));
+    }
+    inputs = inputs.to(options.device);
+    answers = answers.to(options.device);
     optimizer.zero_grad();
     const at::Tensor logits = model->forward(inputs).slice(1, task_config.length, 2 * task_config.length);
     const at::Tensor loss = at::cross_entropy_loss(logits.reshape({-1, vocab}), answers.reshape({-1}));
@@ -265,10 +284,13 @@ TrainResult train(Gpt& model, const std::vector<at::Tensor>& parameters, Task ta
     optimizer.step();
 
     result.steps = step + 1;
-    result.final_loss = loss.item<double>();
-    result.tokens += inputs.numel();
+    double loss_value = loss.item<double>();
+    bool stop_now = options.stop && options.stop->load();
+    if (options.agree) std::tie(loss_value, stop_now) = options.agree(loss_value, stop_now);
+    result.final_loss = loss_value;
+    result.tokens += batch.inputs.numel();
     result.seconds = seconds_since(start);
-    result.interrupted = options.stop && options.stop->load();
+    result.interrupted = stop_now;
     result.stopped = !result.interrupted && options.stop_after > 0 && result.steps == options.stop_after &&
                      result.steps < optim.steps;
     const bool last = result.steps == optim.steps || result.interrupted || result.stopped;

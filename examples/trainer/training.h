@@ -98,6 +98,18 @@ struct TrainOptions {
   /// state and random states, so one process's checkpoint restores them all;
   /// only that one should write it.
   bool primary = true;
+  /// Data-parallel: this process trains on part `shard_index` of
+  /// `shard_count` equal parts of every batch (`batch_size` is the global
+  /// batch, the same whatever the number of processes). Each process then
+  /// draws its dropout masks from a stream of its own, seeded from the run's
+  /// seed, the step and the part, so a resumed run draws them again.
+  int64_t shard_index = 0;
+  int64_t shard_count = 1;
+  /// Data-parallel: called by every process after every step with its loss
+  /// and whether it was asked to stop; returns the mean loss over the
+  /// processes and whether any was asked to stop, so that all stop after the
+  /// same step. Unset: one process.
+  std::function<std::pair<double, bool>(double loss, bool stop)> agree;
 };
 
 struct TrainResult {
@@ -105,7 +117,7 @@ struct TrainResult {
   int64_t steps = 0;
   /// Where this run started: the resumed state's step, else 0.
   int64_t first_step = 0;
-  /// Seconds and tokens of this run's steps.
+  /// Seconds and tokens (of the global batches) of this run's steps.
   double seconds = 0;
   double final_loss = 0;
   int64_t tokens = 0;

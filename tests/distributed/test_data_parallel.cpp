@@ -17,6 +17,8 @@
 #include <torch/optim/adamw.h>
 #include <torch/utils.h>
 
+#include <nlohmann/json.hpp>
+
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -423,6 +425,103 @@ TEST(LaunchEnvironment, OptionsAreCheckedBeforeAnythingConnects) {
   EXPECT_NE(nccl.find("this build of d9d-peft has no NCCL"), std::string::npos) << nccl;
 #endif
 }
+
+// ------------------------------------------------------------ d9d-peft-train --nproc
+// Compiled only with the trainer (D9D_PEFT_BUILD_EXAMPLES, on in CI): never skipped at run time.
+#ifdef D9D_TRAINER
+
+struct TrainerJob {
+  int exit_code = -1;
+  std::string log;  // stdout and stderr
+  fs::path out;
+};
+
+/// One run of the trainer on a tiny model, in `<test>/<name>`; the runs of one
+/// test share their base (the first pretrains it).
+TrainerJob run_trainer(const std::string& test, const std::string& name, const std::string& extra_args,
+                       double dropout = 0.0, int64_t steps = 20) {
+  const fs::path dir = fs::current_path() / "data_parallel_runs" / test;
+  fs::create_directories(dir);
+  const fs::path config = dir / (name + ".json");
+  std::ofstream(config) << R"({"name": "ddp", "seed": 5,
+    "task": {"symbols": 8, "length": 4, "eval_sequences": 64},
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64},
+    "pretrain": {"steps": 60, "batch_size": 16, "lr": 5e-3, "warmup_steps": 5},
+    "finetune": {"steps": )" << steps
+                        << R"(, "batch_size": 16, "lr": 5e-3, "warmup_steps": 2},
+    "base_checkpoint": ")" << (dir / "base").string()
+                        << R"(", "log_every": 10,
+    "peft": {"kind": "lora", "module_name_pattern": ".*_proj", "params": {"r": 4, "alpha": 8, "dropout": )"
+                        << dropout << "}}}\n";
+  TrainerJob job;
+  job.out = dir / name;
+  const fs::path log = dir / (name + ".log");
+  const std::string command = std::string("'") + D9D_TRAINER + "' --config '" + config.string() + "' --out '" +
+                              job.out.string() + "' " + extra_args + " > '" + log.string() + "' 2>&1";
+  const int status = std::system(command.c_str());
+  job.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  job.log = read_text(log);
+  return job;
+}
+
+std::shared_ptr<ms::SafetensorsFile> adapter_of(const TrainerJob& job) {
+  return ms::SafetensorsFile::open((job.out / "adapter" / "adapter_model.safetensors").string());
+}
+
+size_t count_of(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+TEST(TrainerDataParallel, TwoAndFourRanksTrainTheAdapterOneProcessTrains) {
+  fs::remove_all(fs::current_path() / "data_parallel_runs" / "trainer_ranks");
+  const TrainerJob one = run_trainer("trainer_ranks", "one", "");  // pretrains the shared base
+  ASSERT_EQ(one.exit_code, 0) << one.log;
+  const auto reference = adapter_of(one);
+  for (const int64_t n : {2, 4}) {
+    const TrainerJob job = run_trainer("trainer_ranks", "nproc" + std::to_string(n), "--nproc " + std::to_string(n));
+    ASSERT_EQ(job.exit_code, 0) << job.log;
+    EXPECT_EQ(count_of(job.log, "result: OK"), 1u) << "only rank 0 reports\n" << job.log;
+    EXPECT_NE(job.log.find(std::to_string(n) + " ranks (gloo"), std::string::npos) << job.log;
+    // The same global batches, split over the ranks: the same adapter, up to
+    // the order in which the ranks' means are added.
+    const auto adapter = adapter_of(job);
+    ASSERT_EQ(adapter->keys(), reference->keys());
+    for (const auto& key : reference->keys()) {
+      EXPECT_LE((adapter->get(key) - reference->get(key)).abs().max().item<double>(), 1e-5) << key;
+    }
+    const auto summary = nlohmann::json::parse(read_text(job.out / "summary.json"));
+    EXPECT_EQ(summary.at("ranks"), n);
+    EXPECT_EQ(summary.at("bytes_all_reduced_per_step").get<int64_t>(),
+              summary.at("trainable_parameters").get<int64_t>() * 4)  // fp32: the adapters, nothing else
+        << summary.dump();
+  }
+}
+
+TEST(TrainerDataParallel, AResumedRunEqualsAnUninterruptedOneBitForBit) {
+  fs::remove_all(fs::current_path() / "data_parallel_runs" / "trainer_resume");
+  const TrainerJob whole = run_trainer("trainer_resume", "whole", "--nproc 2", /*dropout=*/0.1);
+  ASSERT_EQ(whole.exit_code, 0) << whole.log;
+  const TrainerJob stopped = run_trainer("trainer_resume", "parts", "--nproc 2 --stop-after-step 7", 0.1);
+  ASSERT_EQ(stopped.exit_code, 0) << stopped.log;
+  EXPECT_NE(stopped.log.find("stopped after fine-tuning step 7 of 20"), std::string::npos) << stopped.log;
+  const TrainerJob resumed = run_trainer("trainer_resume", "parts", "--nproc 2 --resume", 0.1);
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.log;
+  EXPECT_EQ(read_text(resumed.out / "adapter" / "adapter_model.safetensors"),
+            read_text(whole.out / "adapter" / "adapter_model.safetensors"));
+}
+
+TEST(TrainerDataParallel, ABatchTheRanksCannotShareIsRefusedBeforeAnyStarts) {
+  fs::remove_all(fs::current_path() / "data_parallel_runs" / "trainer_batch");
+  const TrainerJob job = run_trainer("trainer_batch", "three", "--nproc 3");
+  EXPECT_EQ(job.exit_code, 1) << job.log;
+  EXPECT_NE(job.log.find("batch_size is 16, which 3 ranks cannot share evenly"), std::string::npos) << job.log;
+  EXPECT_EQ(job.log.find("starting"), std::string::npos) << job.log;
+  EXPECT_FALSE(fs::exists(job.out));
+}
+
+#endif  // D9D_TRAINER
 
 }  // namespace
 
