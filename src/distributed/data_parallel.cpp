@@ -43,6 +43,8 @@ struct DataParallelState {
   std::mutex mutex;
   bool no_sync = false;
   bool in_backward = false;  // a synchronising backward is under way
+  int64_t launched_early = 0;  // buckets of this backward sent before its end
+  bool in_backward_callback = false;
   std::vector<char> ready;
   size_t next_bucket = 0;
 
@@ -62,6 +64,7 @@ void DataParallelState::begin_backward() {
     bucket.pending = PendingCollective();
   }
   next_bucket = 0;
+  launched_early = 0;
   // Runs when this backward has computed everything, on the thread that ran it.
   torch::autograd::Engine::get_default_engine().queue_callback([this] { finish_backward(); });
 }
@@ -69,8 +72,16 @@ void DataParallelState::begin_backward() {
 void DataParallelState::on_gradient_ready(size_t index) {
   std::lock_guard<std::mutex> lock(mutex);
   if (no_sync) return;
+  if (in_backward && ready[index]) {
+    // A gradient reported twice: the backward that reported it first ended in
+    // an exception before its end-of-backward callback ran. Let what it sent
+    // finish (every rank sends the same buckets in the same order), then start over.
+    for (auto& bucket : buckets) {
+      if (bucket.launched) bucket.pending.wait();
+    }
+    in_backward = false;
+  }
   if (!in_backward) begin_backward();
-  if (ready[index]) return;
   ready[index] = 1;
   --buckets[bucket_of[index]].waiting;
   launch_ready_buckets();
@@ -99,6 +110,7 @@ void DataParallelState::launch(Bucket& bucket) {
   }
   bucket.pending = group.all_reduce_sum(bucket.flat);
   bucket.launched = true;
+  launched_early += in_backward_callback ? 0 : 1;
 }
 
 void DataParallelState::finish_backward() {
@@ -109,7 +121,9 @@ void DataParallelState::finish_backward() {
   } reset{in_backward};
   // Buckets some of whose parameters got no gradient in this backward.
   for (auto& bucket : buckets) bucket.waiting = 0;
+  in_backward_callback = true;
   launch_ready_buckets();
+  in_backward_callback = false;
   const auto start = std::chrono::steady_clock::now();
   int64_t bytes = 0;
   for (auto& bucket : buckets) {
@@ -132,6 +146,7 @@ void DataParallelState::finish_backward() {
   stats.synchronized_steps += 1;
   stats.last_bytes_all_reduced = bytes;
   stats.last_collectives = static_cast<int64_t>(buckets.size());
+  stats.last_collectives_during_backward = launched_early;
   stats.last_wait_seconds = waited;
   stats.total_bytes_all_reduced += bytes;
   stats.total_wait_seconds += waited;

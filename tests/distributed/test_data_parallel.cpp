@@ -129,6 +129,7 @@ int run_worker(const WorkerArgs& a) {
     }
     torch::optim::AdamW optimizer(trainable, torch::optim::AdamWOptions(1e-2));
     std::vector<std::string> bytes_per_step;
+    int64_t early = 0, collectives = 0;
     const int64_t shard = a.global_batch / world;
     for (int64_t step = 0; step < a.steps; ++step) {
       if (step == a.kill_step && rank == a.kill_rank) std::raise(SIGKILL);
@@ -145,7 +146,11 @@ int run_worker(const WorkerArgs& a) {
         }
       }
       optimizer.step();
-      if (ddp) bytes_per_step.push_back(std::to_string(ddp->stats().last_bytes_all_reduced));
+      if (ddp) {
+        bytes_per_step.push_back(std::to_string(ddp->stats().last_bytes_all_reduced));
+        early += ddp->stats().last_collectives_during_backward;
+        collectives += ddp->stats().last_collectives;
+      }
     }
 
     bool frozen_unchanged = true;
@@ -163,6 +168,8 @@ int run_worker(const WorkerArgs& a) {
       meta["bytes_per_step"] = joined;
       meta["trainable_bytes"] = std::to_string(ddp->trainable_bytes());
       meta["buckets"] = std::to_string(ddp->bucket_count());
+      meta["collectives"] = std::to_string(collectives);
+      meta["collectives_during_backward"] = std::to_string(early);
       meta["synchronized_steps"] = std::to_string(ddp->stats().synchronized_steps);
       int64_t counted = 0;
       for (const auto& t : trainable) counted += t.numel() * static_cast<int64_t>(t.element_size());
@@ -257,6 +264,11 @@ TEST_P(DataParallel, RanksEndBitwiseIdenticalAndSendOnlyTrainableBytes) {
   const std::string b = meta0.at("trainable_bytes");
   EXPECT_EQ(meta0.at("bytes_per_step"), b + "," + b + "," + b + "," + b);
   EXPECT_EQ(meta0.at("synchronized_steps"), "4");
+  // One collective per bucket per step, and all but at most the last bucket
+  // of each step sent while backward was still computing the others.
+  const int64_t buckets = std::stoll(meta0.at("buckets"));
+  EXPECT_EQ(std::stoll(meta0.at("collectives")), 4 * buckets);
+  EXPECT_GE(std::stoll(meta0.at("collectives_during_backward")), 4 * (buckets - 1));
   size_t params = 0;
   for (int64_t r = 0; r < nproc; ++r) {
     const auto f = rank_file(run, r);

@@ -19,6 +19,9 @@
 // collective per bucket) while backward goes on; when backward ends, every
 // trainable parameter's `.grad` holds the mean over the ranks. Buckets are
 // filled in reverse registration order, the order backward produces them.
+// A trainable parameter that gets no gradient in a backward (on this rank)
+// contributes zeros, and ends with the mean of the others' gradients (zeros
+// when no rank had one), never with none, so that every rank steps alike.
 
 #include <d9d/distributed/process_group.h>
 
@@ -60,6 +63,9 @@ struct CommunicationStats {
   /// trainable parameters' bytes.
   int64_t last_bytes_all_reduced = 0;
   int64_t last_collectives = 0;
+  /// Of those, how many were sent while backward was still computing (the
+  /// rest went out when it ended): the overlap of communication and compute.
+  int64_t last_collectives_during_backward = 0;
   /// Seconds the last synchronised backward spent blocked on communication
   /// after its own computation had ended (what overlap did not hide).
   double last_wait_seconds = 0;
