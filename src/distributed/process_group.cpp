@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <thread>
 #include <unistd.h>
 
 namespace d9d::distributed {
@@ -309,13 +310,18 @@ void ProcessGroup::barrier() {
 DistributedError ProcessGroup::explain_failure(const std::string& what, const std::exception& failure) const {
   const std::string here = detail::host_name();
   std::vector<std::string> gone;
-  std::vector<int64_t> gone_ranks;
-  for (int64_t r = 0; r < static_cast<int64_t>(state_->ranks.size()); ++r) {
-    const auto& record = state_->ranks[r];
-    if (r != state_->rank && record.host == here && process_ended(record.pid)) {
-      gone.push_back(fmt::format("rank {} (pid {})", r, record.pid));
-      gone_ranks.push_back(r);
+  // A killed process closes its sockets a moment before it is seen to have
+  // ended (before it becomes a zombie): look again for up to two seconds.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (true) {
+    for (int64_t r = 0; r < static_cast<int64_t>(state_->ranks.size()); ++r) {
+      const auto& record = state_->ranks[r];
+      if (r != state_->rank && record.host == here && process_ended(record.pid)) {
+        gone.push_back(fmt::format("rank {} (pid {})", r, record.pid));
+      }
     }
+    if (!gone.empty() || std::chrono::steady_clock::now() >= deadline) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   std::string text = fmt::format("rank {} of {}: {} failed: {}\n", state_->rank, state_->size, what, reason(failure));
   if (!gone.empty()) {
