@@ -163,8 +163,8 @@ struct Layer {
     };
   }
 
-  /// Every tensor is `[num_experts, ., .]`, all of one shape and dtype, and the
-  /// last (`even_dim`, when set) of even size.
+  /// Every tensor is `[num_experts, ., .]`, all of one shape and dtype, and its
+  /// dimension `even_dim` (when set: gate and up side by side) of even size.
   Check grouped(std::vector<std::string> keys, int64_t even_dim = -1) const {
     return [keys = std::move(keys), even_dim, who = who, e = spec.num_experts()](const StateDict& group) {
       const at::Tensor& first = group.at(keys[0]);
