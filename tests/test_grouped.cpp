@@ -142,6 +142,38 @@ TEST(GroupedLinear, GradientsEqualThePerExpertLoops) {
   EXPECT_EQ(layer->weight.grad()[1].abs().sum().item<double>(), 0.0) << "an empty expert gets no gradient";
 }
 
+TEST(GroupedLinear, GroupedMmPathMatchesTheLoop) {
+  // LibTorch 2.9+ runs at::_grouped_mm on CUDA; its CPU kernel checks the call here.
+  if (!d9d::nn::detail::use_grouped_mm_on_cpu(true)) GTEST_SKIP() << "this LibTorch has no at::_grouped_mm";
+  struct Off {
+    ~Off() { d9d::nn::detail::use_grouped_mm_on_cpu(false); }
+  } off;
+  torch::manual_seed(11);
+  d9d::nn::GroupedLinear layer(3, 16, 8);
+  layer->to(torch::kBFloat16);
+  const auto w = layer->weight.detach().to(torch::kFloat);
+  for (const std::vector<int64_t>& sizes : {std::vector<int64_t>{8, 0, 16}, std::vector<int64_t>{3, 0, 5}}) {
+    int64_t tokens = 0;
+    for (const int64_t n : sizes) tokens += n;
+    const auto x = torch::randn({tokens, 16}).to(torch::kBFloat16).requires_grad_(true);
+    const auto expected = per_expert(x.detach().to(torch::kFloat), w, sizes);
+    {
+      torch::NoGradGuard g;
+      EXPECT_LE(max_diff(layer(x, sizes_tensor(sizes)).to(torch::kFloat), expected), 0.05);
+    }
+    layer->weight.mutable_grad() = at::Tensor();
+    const auto y = layer(x, sizes_tensor(sizes));
+    const bool grouped = sizes[0] % 8 == 0;  // the weight's gradient needs 16-byte aligned groups
+    EXPECT_EQ(y.grad_fn()->name().find("ContiguousGrad") != std::string::npos, grouped) << y.grad_fn()->name();
+    y.sum().backward();  // an expanded gradient, which _grouped_mm's backward alone refuses
+    const auto x_ref = x.detach().to(torch::kFloat).requires_grad_(true);
+    const auto w_ref = w.clone().requires_grad_(true);
+    per_expert(x_ref, w_ref, sizes).sum().backward();
+    EXPECT_LE(max_diff(x.grad().to(torch::kFloat), x_ref.grad()), 0.1);
+    EXPECT_LE(max_diff(layer->weight.grad().to(torch::kFloat), w_ref.grad()), 0.1);
+  }
+}
+
 TEST(GroupedLinear, BadInputsNameTheLayerAndTheShapes) {
   d9d::nn::GroupedLinear layer(3, 4, 2);
   const auto x = torch::randn({5, 4});

@@ -4,6 +4,7 @@
 #include <d9d/peft/errors.h>
 
 #include <ATen/Functions.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/init.h>
 #include <torch/version.h>
@@ -28,11 +29,24 @@ namespace {
 std::string shape(at::IntArrayRef sizes) { return fmt::format("[{}]", fmt::join(sizes, ", ")); }
 
 #ifdef D9D_HAS_GROUPED_MM
+bool grouped_mm_on_cpu = false;  // detail::use_grouped_mm_on_cpu: tests without a GPU
+
+/// Identity whose backward makes the gradient contiguous: _grouped_mm's
+/// backward refuses an expanded one (stride 0, as `y.sum()` gives).
+struct ContiguousGrad : public torch::autograd::Function<ContiguousGrad> {
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& x) { return x; }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    return {grads[0].contiguous()};
+  }
+};
+
 /// Whether `at::_grouped_mm`'s fast kernel takes this call: bfloat16 on CUDA,
 /// rows 16-byte aligned. The weight's gradient is a grouped product along the
 /// tokens, whose groups must then start at 16-byte boundaries too.
 bool grouped_mm_applies(const at::Tensor& input, const at::Tensor& weight, c10::ArrayRef<int64_t> sizes) {
-  if (!input.is_cuda() || input.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16) return false;
+  const bool device = input.is_cuda() || (grouped_mm_on_cpu && input.is_cpu());
+  if (!device || input.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16) return false;
   if (input.size(0) == 0 || !input.is_contiguous() || !weight.is_contiguous()) return false;
   constexpr int64_t kAlign = 8;  // elements of 2 bytes in 16 bytes
   if (weight.size(1) % kAlign != 0 || weight.size(2) % kAlign != 0) return false;
@@ -56,11 +70,24 @@ at::Tensor grouped_mm(const at::Tensor& input, const at::Tensor& weight, c10::Ar
     ends.push_back(static_cast<int32_t>(end));
   }
   const at::Tensor offs = at::tensor(ends, at::TensorOptions().dtype(at::kInt)).to(input.device(), /*non_blocking=*/true);
-  return at::_grouped_mm(input, weight, offs);
+  const at::Tensor out = at::_grouped_mm(input, weight, offs);
+  return out.requires_grad() ? ContiguousGrad::apply(out) : out;
 }
 #endif
 
 }  // namespace
+
+namespace detail {
+bool use_grouped_mm_on_cpu(bool on) {
+#ifdef D9D_HAS_GROUPED_MM
+  grouped_mm_on_cpu = on;
+  return true;
+#else
+  (void)on;
+  return false;
+#endif
+}
+}  // namespace detail
 
 at::Tensor grouped_linear(const at::Tensor& input, const at::Tensor& weight, c10::ArrayRef<int64_t> sizes) {
 #ifdef D9D_HAS_GROUPED_MM

@@ -106,4 +106,11 @@ TORCH_MODULE(GroupedLinear);
 /// caller: `GroupedLinearImpl::check_input`). Records autograd as usual.
 at::Tensor grouped_linear(const at::Tensor& input, const at::Tensor& weight, c10::ArrayRef<int64_t> group_sizes);
 
+namespace detail {
+/// For tests on machines without a GPU: lets CPU bfloat16 calls take the
+/// `at::_grouped_mm` path (LibTorch 2.9+ has a CPU kernel) so that its use
+/// is checked. Returns false where this LibTorch has no `_grouped_mm`.
+bool use_grouped_mm_on_cpu(bool on);
+}  // namespace detail
+
 }  // namespace d9d::nn
