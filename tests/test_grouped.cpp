@@ -372,6 +372,22 @@ TEST(GroupedLoRA, TwoAdaptersSwitchAndDelete) {
   EXPECT_GT(max_diff(run(model, x), with_b), 1e-3);
 }
 
+TEST(GroupedLoRA, AdaptersInAnotherDtypeComputeInTheirOwn) {
+  torch::manual_seed(12);
+  toy::ToyMoE model;
+  model->eval();
+  peft::LoRA lora({kExperts, peft::LoRAParameters().r(2).alpha(4)});
+  peft::inject_peft_and_freeze(lora, model);
+  randomise_all(*model);
+  const auto x = torch::randn({7, 16});
+  const auto before = run(model, x);
+  peft::cast_adapter_dtype(*model, "default", torch::kDouble);
+  EXPECT_EQ(lora_at(*model, "layers.0.moe.experts.up_proj").lora_A->weight.scalar_type(), torch::kDouble);
+  const auto after = run(model, x);
+  EXPECT_EQ(after.scalar_type(), torch::kFloat);
+  EXPECT_LE(max_diff(after, before), 1e-5);
+}
+
 TEST(GroupedLoRA, MixedBatchEqualsPerAdapterRuns) {
   torch::manual_seed(9);
   ExpertHolder model(4, 8, 5);
