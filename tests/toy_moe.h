@@ -51,7 +51,8 @@ struct MoEImpl : torch::nn::Module {
     const auto order = std::get<1>(flat.sort(c10::optional<bool>(true), /*dim=*/0));  // stable
     const auto token = order.div(top_k, "floor");       // the token of each sorted slot
     const auto counts = at::bincount(flat, {}, experts_count);
-    const auto y = experts(x.index_select(0, token), counts) * weights.reshape({-1}).index_select(0, order).unsqueeze(1);
+    const auto slot_weights = weights.reshape({-1}).index_select(0, order).unsqueeze(1);
+    const auto y = experts(x.index_select(0, token), counts) * slot_weights;
     return torch::zeros_like(x).index_add(0, token, y);
   }
 

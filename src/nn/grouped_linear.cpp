@@ -50,8 +50,8 @@ bool grouped_mm_applies(const at::Tensor& input, const at::Tensor& weight, c10::
   if (input.size(0) == 0 || !input.is_contiguous() || !weight.is_contiguous()) return false;
   constexpr int64_t kAlign = 8;  // elements of 2 bytes in 16 bytes
   if (weight.size(1) % kAlign != 0 || weight.size(2) % kAlign != 0) return false;
-  if (reinterpret_cast<uintptr_t>(input.data_ptr()) % 16 != 0 || reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 != 0) {
-    return false;
+  for (const at::Tensor* t : {&input, &weight}) {
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
   }
   if (torch::GradMode::is_enabled() && weight.requires_grad()) {
     for (const int64_t n : sizes) {
@@ -69,7 +69,8 @@ at::Tensor grouped_mm(const at::Tensor& input, const at::Tensor& weight, c10::Ar
     end += n;
     ends.push_back(static_cast<int32_t>(end));
   }
-  const at::Tensor offs = at::tensor(ends, at::TensorOptions().dtype(at::kInt)).to(input.device(), /*non_blocking=*/true);
+  const at::Tensor offs =
+      at::tensor(ends, at::TensorOptions().dtype(at::kInt)).to(input.device(), /*non_blocking=*/true);
   const at::Tensor out = at::_grouped_mm(input, weight, offs);
   return out.requires_grad() ? ContiguousGrad::apply(out) : out;
 }
