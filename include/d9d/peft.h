@@ -20,6 +20,7 @@
 #include <d9d/model_state/mapper/leaf/identity.h>
 #include <d9d/model_state/mapper/leaf/rename.h>
 #include <d9d/nn/embedding.h>
+#include <d9d/nn/grouped_linear.h>
 #include <d9d/nn/linear.h>
 #include <d9d/peft/all/config.h>
 #include <d9d/peft/all/method.h>

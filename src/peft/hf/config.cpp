@@ -5,6 +5,7 @@
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/config.h>
 #include <d9d/peft/hf/module_selector.h>
+#include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/layer.h>
 #include <d9d/peft/pattern.h>
 
@@ -260,6 +261,12 @@ LoraConfig lora_config_of(const torch::nn::Module& module, const std::string& ad
     const LoRAParameters* o = nullptr;
     if (const auto* a = dynamic_cast<const LoRALinearAdapterImpl*>(adapter)) o = &a->options();
     if (const auto* a = dynamic_cast<const LoRAEmbeddingAdapterImpl*>(adapter)) o = &a->options();
+    if (dynamic_cast<const LoRAGroupedLinearAdapterImpl*>(adapter)) {
+      throw PeftError(fmt::format("save_adapter: '{}' is a LoRA layer on grouped experts (d9d::nn::GroupedLinear), "
+                                  "whose adapters have no Hugging Face PEFT form here yet; nothing was written. Save "
+                                  "the model's state instead (save_model_state), or merge the adapter (merge_peft)",
+                                  entry.name));
+    }
     if (!o) {
       throw PeftError(fmt::format("save_adapter: '{}' holds adapter \"{}\" of another method ({}); a LoRA config "
                                   "cannot describe it",

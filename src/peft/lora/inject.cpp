@@ -1,9 +1,22 @@
 // LoRA's part of injection: which layers it wraps, and how.
 #include <d9d/peft/inject.h>
+#include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/layer.h>
 #include <d9d/peft/lora/method.h>
 
+#include <torch/nn/module.h>
+
+#include <optional>
+
 namespace d9d::peft {
+
+namespace {
+
+bool is_grouped(const torch::nn::Module& m) {
+  return m.as<d9d::nn::GroupedLinearImpl>() != nullptr || m.as<LoRAGroupedLinearImpl>() != nullptr;
+}
+
+}  // namespace
 
 PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& targeting) {
   AdapterTargeting t;
@@ -12,14 +25,25 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
   t.adapter_name = targeting.adapter_name;
   t.what = targeting.what;
   t.hint = targeting.hint;
-  t.adaptable = "d9d::nn::Linear, d9d::nn::Embedding, and torch::nn::Linear inside Sequential, ModuleList or ModuleDict";
+  t.adaptable =
+      "d9d::nn::Linear, d9d::nn::Embedding, d9d::nn::GroupedLinear, and torch::nn::Linear inside Sequential, "
+      "ModuleList or ModuleDict";
   t.adapts = [](const torch::nn::Module& m) {
-    return m.as<d9d::nn::LinearImpl>() || m.as<d9d::nn::EmbeddingImpl>() || m.as<torch::nn::LinearImpl>();
+    return m.as<d9d::nn::LinearImpl>() || m.as<d9d::nn::EmbeddingImpl>() || m.as<d9d::nn::GroupedLinearImpl>() ||
+           m.as<torch::nn::LinearImpl>();
   };
-  t.select = [&targeting](const std::string& name) -> std::shared_ptr<const AdapterOptions> {
+  // DoRA has no grouped form: refused while selecting, before anything
+  // changes, naming the layer (the module tree is read only then).
+  auto modules = std::make_shared<std::optional<torch::OrderedDict<std::string, std::shared_ptr<torch::nn::Module>>>>();
+  t.select = [&targeting, &module, modules](const std::string& name) -> std::shared_ptr<const AdapterOptions> {
     auto options = targeting.select(name);
     if (!options) return nullptr;
     options->validate();
+    if (options->use_dora()) {
+      if (!*modules) *modules = module.named_modules();
+      const auto* found = (*modules)->find(name);
+      if (found && is_grouped(**found)) refuse_grouped_dora(name);
+    }
     return std::make_shared<const LoRAParameters>(*options);
   };
   t.wrap = [](const std::shared_ptr<torch::nn::Module>& m, const AdapterOptions& o,
@@ -30,6 +54,9 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
     }
     if (auto embedding = std::dynamic_pointer_cast<d9d::nn::EmbeddingImpl>(m)) {
       return torch::nn::AnyModule(std::make_shared<LoRAEmbeddingImpl>(embedding, options, name));
+    }
+    if (auto grouped = std::dynamic_pointer_cast<d9d::nn::GroupedLinearImpl>(m)) {
+      return torch::nn::AnyModule(std::make_shared<LoRAGroupedLinearImpl>(grouped, options, name));
     }
     if (auto plain = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
       return torch::nn::AnyModule(std::make_shared<LoRALinearImpl>(plain, options, name));

@@ -2,6 +2,7 @@
 #include <d9d/peft/detail/adapter_set_impl.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/lora/embedding.h>
+#include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/linear.h>
 
 namespace d9d::peft {
@@ -45,7 +46,9 @@ void LoRALayer<Adapter>::describe(std::ostream& stream, const Adapter& adapter) 
 
 template class AdapterSetLayer<LoRALinearAdapterImpl>;
 template class AdapterSetLayer<LoRAEmbeddingAdapterImpl>;
+template class AdapterSetLayer<LoRAGroupedLinearAdapterImpl>;
 template class LoRALayer<LoRALinearAdapterImpl>;
 template class LoRALayer<LoRAEmbeddingAdapterImpl>;
+template class LoRALayer<LoRAGroupedLinearAdapterImpl>;
 
 }  // namespace d9d::peft

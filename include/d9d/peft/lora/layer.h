@@ -1,6 +1,7 @@
 #pragma once
 
-// The LoRA layers: the wrappers around linear layers and embeddings.
+// The LoRA layers: the wrappers around linear layers, embeddings and grouped expert layers.
 #include <d9d/peft/lora/embedding.h>
+#include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/linear.h>
 #include <d9d/peft/lora/options.h>

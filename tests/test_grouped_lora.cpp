@@ -1,0 +1,290 @@
+// LoRA on d9d::nn::GroupedLinear (the experts of a mixture-of-experts block).
+#include <d9d/peft.h>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "grouped_test_util.h"
+#include "test_util.h"
+#include "toy_moe.h"
+
+#include <filesystem>
+
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+using namespace grouped_test;
+namespace peft = d9d::peft;
+namespace ms = d9d::model_state;
+
+namespace {
+
+/// One grouped layer held by a typed member, for mixed batches (rows = routed tokens).
+struct ExpertHolderImpl : torch::nn::Module {
+  ExpertHolderImpl(int64_t groups, int64_t in, int64_t out)
+      : experts(register_module("experts", d9d::nn::GroupedLinear(groups, in, out))) {}
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& sizes) { return experts(x, sizes); }
+  d9d::nn::GroupedLinear experts;
+};
+TORCH_MODULE(ExpertHolder);
+
+const std::string kExperts = ".*experts\\.(gate|up|down)_proj";
+
+peft::LoRAGroupedLinearImpl& lora_at(torch::nn::Module& model, const std::string& name) {
+  auto* layer = model.named_modules()[name]->as<peft::LoRAGroupedLinearImpl>();
+  if (!layer) throw std::runtime_error(name + " is no LoRAGroupedLinear");
+  return *layer;
+}
+
+void randomise(peft::LoRAGroupedLinearAdapterImpl& a) {
+  torch::NoGradGuard g;
+  a.lora_A->weight.normal_(0, 0.3);
+  a.lora_B->weight.normal_(0, 0.3);
+}
+
+/// Every grouped LoRA layer's adapter `name` gets random weights.
+void randomise_all(torch::nn::Module& model, const std::string& name = peft::kDefaultAdapterName) {
+  for (const auto& entry : peft::adapter_layers(model)) {
+    if (auto* layer = entry.module->as<peft::LoRAGroupedLinearImpl>()) randomise(layer->adapter(name));
+  }
+}
+
+}  // namespace
+
+// ------------------------------------------------------- LoRA on GroupedLinear
+
+TEST(GroupedLoRA, InjectedByPatternWithD9dsKeysAndAStandardCheckpointLoads) {
+  torch::manual_seed(4);
+  toy::MoEConfig c;
+  toy::ToyMoE original(c);
+  original->eval();
+  const auto checkpoint = ms::module_state_dict(*original);
+
+  torch::manual_seed(99);  // other weights: the checkpoint must replace them
+  toy::ToyMoE model(c);
+  model->eval();
+  peft::LoRA lora({kExperts, peft::LoRAParameters().r(4).alpha(8)});
+  auto mapper = peft::inject_peft_and_freeze(lora, model);
+
+  const auto params = model->named_parameters();
+  const std::string p = "layers.0.moe.experts.";
+  EXPECT_EQ(params[p + "gate_proj.base.weight"].sizes(), (std::vector<int64_t>{4, 16, 24}));
+  EXPECT_EQ(params[p + "gate_proj.lora_A.weight"].sizes(), (std::vector<int64_t>{4, 16, 4}));
+  EXPECT_EQ(params[p + "gate_proj.lora_B.weight"].sizes(), (std::vector<int64_t>{4, 4, 24}));
+  EXPECT_EQ(params[p + "down_proj.lora_A.weight"].sizes(), (std::vector<int64_t>{4, 24, 4}));
+  EXPECT_EQ(params[p + "down_proj.lora_B.weight"].sizes(), (std::vector<int64_t>{4, 4, 16}));
+  EXPECT_FALSE(params.contains(p + "gate_proj.weight"));
+  EXPECT_TRUE(params.contains("layers.1.moe.router.weight")) << "the router is no expert";
+  EXPECT_EQ(peft::adapter_layers(*model).size(), 6u);
+  EXPECT_EQ(lora_at(*model, p + "up_proj").scale(), 2.0);
+
+  ms::load_state_dict(*model, checkpoint, *mapper, d9d_test::quiet());
+  const auto x = torch::randn({11, c.d});
+  EXPECT_LE(max_diff(run(model, x), run(original, x)), 1e-6) << "B starts at zero: the original's output";
+}
+
+TEST(GroupedLoRA, ForwardAddsEachExpertsLowRankTerm) {
+  torch::manual_seed(5);
+  auto base = std::make_shared<d9d::nn::GroupedLinearImpl>(3, 8, 6);
+  peft::LoRAGroupedLinear lora(base, peft::LoRAParameters().r(2).alpha(6).use_rslora(true));
+  randomise(lora->adapter(peft::kDefaultAdapterName));
+  EXPECT_DOUBLE_EQ(lora->scale(), 6.0 / std::sqrt(2.0));
+  const std::vector<int64_t> sizes = {4, 0, 3};
+  const auto x = torch::randn({7, 8});
+  const auto expected =
+      per_expert(x, base->weight, sizes) +
+      lora->scale() * per_expert(per_expert(x, lora->lora_A->weight, sizes), lora->lora_B->weight, sizes);
+  EXPECT_LE(max_diff(lora(x, sizes_tensor(sizes)), expected), 1e-5);
+  base->set_override(lora.ptr());  // what injection does
+  EXPECT_LE(max_diff(base->forward(x, sizes_tensor(sizes)), expected), 1e-5) << "calls to the base reach the wrapper";
+  EXPECT_LE(max_diff(base->forward_base(x, sizes_tensor(sizes)), per_expert(x, base->weight, sizes)), 1e-6);
+  EXPECT_THAT([&] { static_cast<d9d::nn::LayerOverride&>(*lora).forward(x); },
+              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("a grouped expert layer needs its group sizes")));
+  EXPECT_THAT([&] { lora(x, sizes_tensor({4, 3})); },
+              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("group_sizes has shape [2], expected [3]")));
+}
+
+TEST(GroupedLoRA, MergedEqualsUnmergedAndUnmergeRestoresTheWeights) {
+  torch::manual_seed(6);
+  toy::ToyMoE model;
+  model->eval();
+  peft::LoRA lora({kExperts, peft::LoRAParameters().r(3).alpha(5)});
+  peft::inject_peft_and_freeze(lora, model);
+  randomise_all(*model);
+  const auto x = torch::randn({10, 16});
+  const auto unmerged = run(model, x);
+  const auto w = lora_at(*model, "layers.1.moe.experts.down_proj").base->weight.detach().clone();
+
+  peft::merge_adapters_in_place(*model);
+  auto& down = lora_at(*model, "layers.1.moe.experts.down_proj");
+  EXPECT_EQ(down.merged_adapters(), std::vector<std::string>{"default"});
+  const auto delta = down.delta_weight("default");
+  EXPECT_LE(max_diff(down.base->weight, w + delta), 1e-6);
+  EXPECT_LE(max_diff(delta, down.scale() * at::bmm(down.lora_A->weight, down.lora_B->weight)), 1e-6);
+  EXPECT_LE(max_diff(run(model, x), unmerged), 1e-5);
+  peft::unmerge_adapters(*model);
+  EXPECT_LE(max_diff(down.base->weight, w), 1e-6);
+  EXPECT_LE(max_diff(run(model, x), unmerged), 1e-5);
+
+  peft::merge_peft(lora, model);
+  EXPECT_TRUE(peft::adapter_layers(*model).empty());
+  auto* plain = model->named_modules()["layers.1.moe.experts.down_proj"]->as<d9d::nn::GroupedLinearImpl>();
+  ASSERT_NE(plain, nullptr);
+  EXPECT_FALSE(plain->has_override());
+  EXPECT_TRUE(model->named_parameters().contains("layers.1.moe.experts.down_proj.weight"));
+  EXPECT_LE(max_diff(run(model, x), unmerged), 1e-5);
+}
+
+TEST(GroupedLoRA, GradientsReachOnlyTheAdapters) {
+  torch::manual_seed(7);
+  toy::ToyMoE model;
+  peft::LoRA lora({kExperts, peft::LoRAParameters().r(2).alpha(4)});
+  peft::inject_peft_and_freeze(lora, model);
+  EXPECT_EQ(peft::trainable_parameters(*model).size(), 12u);  // 2 layers x 3 experts x (A, B)
+  model->forward(torch::randn({8, 16})).pow(2).sum().backward();
+  for (const auto& p : model->named_parameters()) {
+    const bool adapter = p.key().find(".lora_") != std::string::npos;
+    EXPECT_EQ(p.value().grad().defined(), adapter) << p.key();
+  }
+  const auto& up = lora_at(*model, "layers.0.moe.experts.up_proj");
+  EXPECT_GT(up.lora_B->weight.grad().abs().sum().item<double>(), 0.0);
+}
+
+TEST(GroupedLoRA, TwoAdaptersSwitchAndDelete) {
+  torch::manual_seed(8);
+  toy::ToyMoE model;
+  model->eval();
+  peft::LoRA lora({kExperts, peft::LoRAParameters().r(2).alpha(4)});
+  peft::inject_peft_and_freeze(lora, model);
+  randomise_all(*model);
+  const auto x = torch::randn({6, 16});
+  const auto with_default = run(model, x);
+
+  peft::LoRATargeting second;
+  second.adapter_name = "b";
+  second.what = "experts";
+  second.select = [](const std::string& name) -> std::optional<peft::LoRAParameters> {
+    if (name.find("experts.") == std::string::npos) return std::nullopt;
+    return peft::LoRAParameters().r(3).alpha(3);
+  };
+  peft::inject_lora(*model, second);
+  randomise_all(*model, "b");
+  EXPECT_TRUE(model->named_parameters().contains("layers.0.moe.experts.gate_proj.adapters.b.lora_A.weight"));
+  EXPECT_EQ(model->named_parameters()["layers.0.moe.experts.gate_proj.adapters.b.lora_B.weight"].sizes(),
+            (std::vector<int64_t>{4, 3, 24}));
+  EXPECT_LE(max_diff(run(model, x), with_default), 1e-6) << "the second adapter starts inactive";
+
+  peft::set_adapter(*model, "b");
+  const auto with_b = run(model, x);
+  EXPECT_GT(max_diff(with_b, with_default), 1e-3);
+  // The reference for b: b's weights as the only adapter.
+  peft::delete_adapter(*model, "default");
+  EXPECT_TRUE(model->named_parameters().contains("layers.0.moe.experts.gate_proj.lora_A.weight"))
+      << "b moved to the top";
+  EXPECT_LE(max_diff(run(model, x), with_b), 1e-6);
+  peft::DisableAdapters off(*model);
+  EXPECT_GT(max_diff(run(model, x), with_b), 1e-3);
+}
+
+TEST(GroupedLoRA, AdaptersInAnotherDtypeComputeInTheirOwn) {
+  torch::manual_seed(12);
+  toy::ToyMoE model;
+  model->eval();
+  peft::LoRA lora({kExperts, peft::LoRAParameters().r(2).alpha(4)});
+  peft::inject_peft_and_freeze(lora, model);
+  randomise_all(*model);
+  const auto x = torch::randn({7, 16});
+  const auto before = run(model, x);
+  peft::cast_adapter_dtype(*model, "default", torch::kDouble);
+  EXPECT_EQ(lora_at(*model, "layers.0.moe.experts.up_proj").lora_A->weight.scalar_type(), torch::kDouble);
+  const auto after = run(model, x);
+  EXPECT_EQ(after.scalar_type(), torch::kFloat);
+  EXPECT_LE(max_diff(after, before), 1e-5);
+}
+
+TEST(GroupedLoRA, MixedBatchEqualsPerAdapterRuns) {
+  torch::manual_seed(9);
+  ExpertHolder model(4, 8, 5);
+  model->eval();
+  peft::LoRA lora({"experts", peft::LoRAParameters().r(2).alpha(4)});
+  peft::inject_peft_and_freeze(lora, model);
+  peft::LoRATargeting second;
+  second.adapter_name = "b";
+  second.what = "experts";
+  second.select = [](const std::string& name) -> std::optional<peft::LoRAParameters> {
+    if (name != "experts") return std::nullopt;
+    return peft::LoRAParameters().r(3).alpha(2).use_rslora(true);
+  };
+  peft::inject_lora(*model, second);
+  randomise_all(*model);
+  randomise_all(*model, "b");
+
+  const std::vector<int64_t> sizes = {3, 0, 4, 2};
+  const auto x = torch::randn({9, 8});
+  const std::vector<std::string> rows = {"b", "default", "__base__", "b", "b", "default", "__base__", "default", "b"};
+  auto all_rows = [&](const std::string& adapter) {
+    torch::NoGradGuard g;
+    if (adapter == "__base__") {
+      peft::DisableAdapters off(*model);
+      return model->forward(x, sizes_tensor(sizes));
+    }
+    peft::set_adapter(*model, adapter);
+    return model->forward(x, sizes_tensor(sizes));
+  };
+  const auto a_out = all_rows("default"), b_out = all_rows("b"), base_out = all_rows("__base__");
+  at::Tensor mixed;
+  {
+    peft::MixedBatchScope scope(*model, rows);
+    torch::NoGradGuard g;
+    mixed = model->forward(x, sizes_tensor(sizes));
+  }
+  for (size_t r = 0; r < rows.size(); ++r) {
+    const auto& expected = rows[r] == "b" ? b_out : rows[r] == "default" ? a_out : base_out;
+    EXPECT_LE(max_diff(mixed[static_cast<int64_t>(r)], expected[static_cast<int64_t>(r)]), 1e-5) << "row " << r;
+  }
+  peft::MixedBatchScope scope(*model, {"b", "default"});
+  EXPECT_THAT([&] { model->forward(x, sizes_tensor(sizes)); },
+              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("names an adapter for 2 rows")));
+}
+
+TEST(GroupedLoRA, DropoutActsInTrainingOnly) {
+  torch::manual_seed(10);
+  auto base = std::make_shared<d9d::nn::GroupedLinearImpl>(2, 32, 8);
+  peft::LoRAGroupedLinear lora(base, peft::LoRAParameters().r(4).alpha(4).dropout(0.5));
+  randomise(lora->adapter(peft::kDefaultAdapterName));
+  const std::vector<int64_t> sizes = {10, 6};
+  const auto x = torch::randn({16, 32});
+  const auto plain = per_expert(x, base->weight, sizes) +
+                     per_expert(per_expert(x, lora->lora_A->weight, sizes), lora->lora_B->weight, sizes);
+  torch::NoGradGuard g;
+  lora->train();
+  const auto first = lora(x, sizes_tensor(sizes)), second = lora(x, sizes_tensor(sizes));
+  EXPECT_GT(max_diff(first, plain), 1e-3);
+  EXPECT_GT(max_diff(first, second), 1e-3);
+  lora->eval();
+  EXPECT_LE(max_diff(lora(x, sizes_tensor(sizes)), plain), 1e-5);
+}
+
+TEST(GroupedLoRA, DoRAIsRefusedNamingTheLayer) {
+  toy::ToyMoE model;
+  const auto keys = model->named_parameters().keys();
+  peft::LoRA lora({kExperts, peft::LoRAParameters().use_dora(true)});
+  EXPECT_THAT([&] { peft::inject_peft_and_freeze(lora, model); },
+              ::testing::ThrowsMessage<peft::PeftError>(
+                  AllOf(HasSubstr("DoRA (use_dora) is not supported on grouped expert layers"),
+                        HasSubstr("'layers.0.moe.experts.gate_proj' is a d9d::nn::GroupedLinear"))));
+  EXPECT_EQ(model->named_parameters().keys(), keys) << "nothing was injected";
+  auto base = std::make_shared<d9d::nn::GroupedLinearImpl>(2, 4, 4);
+  EXPECT_THAT([&] { (void)peft::LoRAGroupedLinear(base, peft::LoRAParameters().use_dora(true)); },
+              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("not supported on grouped expert layers")));
+}
+
+TEST(GroupedLoRA, SavingInHuggingFaceFormatIsAClearError) {
+  toy::ToyMoE model;
+  peft::LoRA lora({kExperts, peft::LoRAParameters().r(2)});
+  peft::inject_peft_and_freeze(lora, model);
+  d9d_test::TempDir dir;
+  EXPECT_THAT([&] { peft::hf::save_adapter(*model, dir / "adapter"); },
+              ::testing::ThrowsMessage<peft::PeftError>(
+                  HasSubstr("'layers.0.moe.experts.gate_proj' is a LoRA layer on grouped experts")));
+  EXPECT_FALSE(std::filesystem::exists(dir / "adapter")) << "nothing was written";
+}
