@@ -245,58 +245,53 @@ std::string describe(const char* op, const at::Tensor& t) {
 
 }  // namespace
 
-PendingCollective ProcessGroup::all_reduce_sum(at::Tensor& tensor) {
-  std::vector<at::Tensor> tensors{tensor};
-  c10d::AllreduceOptions options;
-  options.reduceOp = c10d::ReduceOp::SUM;
-  auto pending = std::make_shared<detail::PendingState>();
-  pending->group = state_;
-  pending->what = describe("all_reduce", tensor);
-  try {
-    pending->work = state_->group->allreduce(tensors, options);
-  } catch (const std::exception& e) {
-    throw explain_failure(pending->what, e);
-  }
-  return PendingCollective(pending);
-}
-
 namespace {
 
-void all_reduce_sync(ProcessGroup& group, detail::GroupState& state, at::Tensor& tensor, c10d::ReduceOp op,
-                     const char* name) {
-  std::vector<at::Tensor> tensors{tensor};
-  c10d::AllreduceOptions options;
-  options.reduceOp = op;
+/// Starts a collective through `start`; its failure, now or when waited for,
+/// is explained by `group`.
+template <class Start>
+PendingCollective start_collective(const ProcessGroup& group, std::string what, Start&& start) {
+  auto pending = std::make_shared<detail::PendingState>();
+  pending->group = group.state();
+  pending->what = std::move(what);
   try {
-    state.group->allreduce(tensors, options)->wait();
+    pending->work = start(*group.state()->group);
   } catch (const std::exception& e) {
-    throw group.explain_failure(describe(name, tensor), e);
+    throw group.explain_failure(pending->what, e);
   }
+  return PendingCollective(std::move(pending));
+}
+
+PendingCollective all_reduce(const ProcessGroup& group, at::Tensor& tensor, c10d::ReduceOp op, const char* name) {
+  return start_collective(group, describe(name, tensor), [&](detail::C10dGroup& c10d_group) {
+    std::vector<at::Tensor> tensors{tensor};
+    c10d::AllreduceOptions options;
+    options.reduceOp = op;
+    return c10d_group.allreduce(tensors, options);
+  });
 }
 
 }  // namespace
 
+PendingCollective ProcessGroup::all_reduce_sum(at::Tensor& tensor) {
+  return all_reduce(*this, tensor, c10d::ReduceOp::SUM, "all_reduce");
+}
+
 void ProcessGroup::all_reduce_min(at::Tensor& tensor) {
-  all_reduce_sync(*this, *state_, tensor, c10d::ReduceOp::MIN, "all_reduce(min)");
+  all_reduce(*this, tensor, c10d::ReduceOp::MIN, "all_reduce(min)").wait();
 }
 
 void ProcessGroup::all_reduce_max(at::Tensor& tensor) {
-  all_reduce_sync(*this, *state_, tensor, c10d::ReduceOp::MAX, "all_reduce(max)");
+  all_reduce(*this, tensor, c10d::ReduceOp::MAX, "all_reduce(max)").wait();
 }
 
 PendingCollective ProcessGroup::broadcast(at::Tensor& tensor, int64_t root) {
-  std::vector<at::Tensor> tensors{tensor};
-  c10d::BroadcastOptions options;
-  options.rootRank = root;
-  auto pending = std::make_shared<detail::PendingState>();
-  pending->group = state_;
-  pending->what = describe("broadcast", tensor);
-  try {
-    pending->work = state_->group->broadcast(tensors, options);
-  } catch (const std::exception& e) {
-    throw explain_failure(pending->what, e);
-  }
-  return PendingCollective(pending);
+  return start_collective(*this, describe("broadcast", tensor), [&](detail::C10dGroup& c10d_group) {
+    std::vector<at::Tensor> tensors{tensor};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    return c10d_group.broadcast(tensors, options);
+  });
 }
 
 void ProcessGroup::barrier() {

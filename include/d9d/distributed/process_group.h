@@ -94,12 +94,11 @@ struct PendingState;
 class PendingCollective {
  public:
   PendingCollective() = default;
+  explicit PendingCollective(std::shared_ptr<detail::PendingState> state) : state_(std::move(state)) {}
   void wait();
   bool valid() const { return state_ != nullptr; }
 
  private:
-  friend class ProcessGroup;
-  explicit PendingCollective(std::shared_ptr<detail::PendingState> state) : state_(std::move(state)) {}
   std::shared_ptr<detail::PendingState> state_;
 };
 

@@ -3,6 +3,7 @@
 #include <d9d/peft/lora/linear.h>
 #include <d9d/peft/lora/math.h>
 #include <d9d/peft/mixed_batch.h>
+#include "reset.h"
 
 #include <ATen/Functions.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -94,21 +95,7 @@ void LoRALinearImpl::relayout() {
 }
 
 void LoRALinearImpl::reset_adapter(LoRALinearAdapterImpl& a) {
-  torch::NoGradGuard no_grad;
-  switch (a.options().init()) {
-    case LoRAInit::Default:
-      a.lora_A->reset_parameters();
-      a.lora_B->weight.zero_();
-      break;
-    case LoRAInit::Gaussian:
-      a.lora_A->weight.normal_(0.0, 1.0 / static_cast<double>(a.options().r()));
-      a.lora_B->weight.zero_();
-      break;
-    case LoRAInit::Random:
-      a.lora_A->reset_parameters();
-      a.lora_B->reset_parameters();
-      break;
-  }
+  detail::reset_lora_factors(a);
   if (a.options().use_dora()) reset_adapter_magnitude(a);
 }
 
