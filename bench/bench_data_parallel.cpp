@@ -114,6 +114,17 @@ struct WorkerArgs {
 
 constexpr int64_t kDistinctBatches = 4;
 
+/// This thread's seconds on a core and seconds runnable but waiting for one
+/// (/proc/thread-self/schedstat); zeros where the kernel does not say.
+std::pair<double, double> scheduler_seconds() {
+  unsigned long long on_cpu = 0, waiting = 0;
+  if (FILE* f = std::fopen("/proc/thread-self/schedstat", "r")) {
+    if (std::fscanf(f, "%llu %llu", &on_cpu, &waiting) != 2) on_cpu = waiting = 0;
+    std::fclose(f);
+  }
+  return {1e-9 * static_cast<double>(on_cpu), 1e-9 * static_cast<double>(waiting)};
+}
+
 int run_worker(const WorkerArgs& a) {
   at::set_num_threads(static_cast<int>(a.threads));
   const Size size = size_named(a.size);
@@ -178,6 +189,7 @@ int run_worker(const WorkerArgs& a) {
   for (int64_t i = 0; i < a.warmup; ++i) step(i);
   if (group) group->barrier();
   std::vector<double> step_seconds, wait_seconds;
+  const auto sched_start = scheduler_seconds();
   const auto start = Clock::now();
   for (int64_t i = 0; i < a.steps; ++i) {
     const auto t = Clock::now();
@@ -186,6 +198,11 @@ int run_worker(const WorkerArgs& a) {
     wait_seconds.push_back(ddp ? ddp->stats().last_wait_seconds : 0.0);
   }
   const double total = std::chrono::duration<double>(Clock::now() - start).count();
+  // The training thread (backward runs on it too on the CPU): how much of the
+  // timed steps it spent runnable but without a core, i.e. crowded out by
+  // other processes (the other ranks' included).
+  const auto sched_end = scheduler_seconds();
+  const double crowded_fraction = (sched_end.second - sched_start.second) / total;
   double wait_sum = 0, step_sum = 0;
   for (size_t i = 0; i < step_seconds.size(); ++i) {
     wait_sum += wait_seconds[i];
@@ -195,13 +212,14 @@ int run_worker(const WorkerArgs& a) {
 
   // Over the ranks: the slowest rank's time, and the largest wait fraction;
   // per step, the slowest rank's step.
-  double total_max = total, wait_fraction_max = wait_fraction;
+  double total_max = total, wait_fraction_max = wait_fraction, crowded_max = crowded_fraction;
   std::vector<double> step_max = step_seconds;
   if (group) {
-    at::Tensor scalars = at::tensor(std::vector<double>{total, wait_fraction}, at::kDouble);
+    at::Tensor scalars = at::tensor(std::vector<double>{total, wait_fraction, crowded_fraction}, at::kDouble);
     group->all_reduce_max(scalars);
     total_max = scalars[0].item<double>();
     wait_fraction_max = scalars[1].item<double>();
+    crowded_max = scalars[2].item<double>();
     at::Tensor per_step = at::tensor(step_seconds, at::kDouble);
     group->all_reduce_max(per_step);
     step_max.assign(per_step.data_ptr<double>(), per_step.data_ptr<double>() + per_step.numel());
@@ -241,6 +259,7 @@ int run_worker(const WorkerArgs& a) {
     r["bytes_all_reduced_per_step"] = ddp ? ddp->stats().last_bytes_all_reduced : 0;
     r["collectives_per_step"] = ddp ? ddp->stats().last_collectives : 0;
     r["all_reduce_alone_seconds"] = all_reduce_alone;
+    r["crowded_fraction_max"] = crowded_max;
     r["trainable_parameters"] = trainable_count;
     r["trainable_bytes"] = trainable_bytes;
     r["total_parameters"] = total_count;
@@ -387,6 +406,10 @@ std::string thousands(double x) {
   return out;
 }
 
+/// A run whose training thread waited for a core longer than this share of
+/// its time shared the machine with other work.
+constexpr double kCrowdedLimit = 0.05;
+
 int run_launcher(const Options& o) {
   const std::string self = fs::canonical("/proc/self/exe").string();
   const fs::path dir = fs::temp_directory_path() / fmt::format("bench_data_parallel.{}", ::getpid());
@@ -450,10 +473,10 @@ int run_launcher(const Options& o) {
       }
       std::ifstream in(out);
       json r = json::parse(in);
-      std::fprintf(stderr, "  %-7s %-5s %lld x %lld  step %.2f ms  (%.1f s with start-up)\n", cfg.size.c_str(),
-                   cfg.mode.c_str(), static_cast<long long>(cfg.nproc), static_cast<long long>(cfg.threads),
-                   1e3 * r["step_seconds"].get<double>(),
-                   std::chrono::duration<double>(Clock::now() - t).count());
+      std::fprintf(stderr, "  %-7s %-5s %lld x %lld  step %.2f ms  waited for a core %.1f %%  (%.1f s with start-up)\n",
+                   cfg.size.c_str(), cfg.mode.c_str(), static_cast<long long>(cfg.nproc),
+                   static_cast<long long>(cfg.threads), 1e3 * r["step_seconds"].get<double>(),
+                   100 * r["crowded_fraction_max"].get<double>(), std::chrono::duration<double>(Clock::now() - t).count());
       runs[c].push_back(std::move(r));
     }
   }
@@ -462,9 +485,12 @@ int run_launcher(const Options& o) {
   // Medians over the repeats; speed-up against the plain process of the same size.
   std::map<std::string, double> plain_step;
   std::vector<json> rows;
+  int64_t crowded_runs = 0;
   for (size_t c = 0; c < configs.size(); ++c) {
-    std::vector<double> step, wait0, waitmax, alone;
+    std::vector<double> step, wait0, waitmax, alone, crowded;
     for (const auto& r : runs[c]) {
+      crowded.push_back(r["crowded_fraction_max"].get<double>());
+      if (r["crowded_fraction_max"].get<double>() > kCrowdedLimit) ++crowded_runs;
       step.push_back(r["step_seconds"].get<double>());
       wait0.push_back(r["wait_fraction_rank0"].get<double>());
       waitmax.push_back(r["wait_fraction_max"].get<double>());
@@ -477,6 +503,8 @@ int run_launcher(const Options& o) {
     row["wait_fraction_rank0"] = median(wait0);
     row["wait_fraction_max"] = median(waitmax);
     row["all_reduce_alone_seconds"] = median(alone);
+    row["crowded_fraction_max"] = median(crowded);
+    row["crowded_fraction_runs"] = crowded;
     row["global_tokens_per_s"] = row["global_tokens_per_step"].get<double>() / median(step);
     if (configs[c].mode == "plain" && configs[c].threads == o.threads) plain_step[configs[c].size] = median(step);
     rows.push_back(std::move(row));
@@ -484,14 +512,14 @@ int run_launcher(const Options& o) {
   for (auto& row : rows) row["speedup_vs_plain"] = plain_step.at(row["size"].get<std::string>()) / row["step_seconds"].get<double>();
 
   std::printf("\n| size | processes × threads | DDP | sequences per rank | step ms | global tokens/s | speed-up | "
-              "comm. wait, rank 0 | comm. wait, max rank | all-reduce alone ms | all-reduced per step |\n");
-  std::printf("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+              "comm. wait, rank 0 | comm. wait, max rank | all-reduce alone ms | all-reduced per step | waited for a core |\n");
+  std::printf("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& row : rows) {
     const bool ddp = row["mode"] == "ddp";
     const std::string size = row["size"].get<std::string>();
     const int64_t bytes = row["bytes_all_reduced_per_step"].get<int64_t>();
     const std::string dash = "—";
-    std::printf("| %s (%s) | %lld × %lld | %s | %lld | %.2f | %s | %.2f× | %s | %s | %s | %s |\n", size.c_str(),
+    std::printf("| %s (%s) | %lld × %lld | %s | %lld | %.2f | %s | %.2f× | %s | %s | %s | %s | %.1f %% |\n", size.c_str(),
                 size_named(size).describe.c_str(), static_cast<long long>(row["nproc"].get<int64_t>()),
                 static_cast<long long>(row["threads_per_rank"].get<int64_t>()), ddp ? "yes" : "no (plain)",
                 static_cast<long long>(row["sequences_per_rank"].get<int64_t>()),
@@ -502,7 +530,8 @@ int run_launcher(const Options& o) {
                 (ddp ? fmt::format("{:.2f}", 1e3 * row["all_reduce_alone_seconds"].get<double>()) : dash).c_str(),
                 (ddp ? fmt::format("{:.1f} KiB, {} bucket(s)", bytes / 1024.0, row["collectives_per_step"].get<int64_t>())
                      : dash)
-                    .c_str());
+                    .c_str(),
+                100 * row["crowded_fraction_max"].get<double>());
   }
   std::vector<std::string> trained;
   for (const auto& size : o.sizes) {
@@ -519,6 +548,13 @@ int run_launcher(const Options& o) {
               "Trained (LoRA): %s.\n",
               static_cast<long long>(o.threads), static_cast<long long>(o.repeats),
               fmt::format("{}", fmt::join(trained, ", ")).c_str());
+  std::printf("waited for a core: the share of the timed steps the training thread of the most crowded rank was "
+              "runnable but had no core (/proc/thread-self/schedstat), median over the runs.\n");
+  if (crowded_runs > 0) {
+    std::printf("WARNING: in %lld run(s) a rank waited for a core more than %.0f %% of the time: other work shared "
+                "the cores, so those numbers understate what the ranks can do; rerun on a quiet machine.\n",
+                static_cast<long long>(crowded_runs), 100 * kCrowdedLimit);
+  }
   const std::string load_after = load_average();
   std::printf("Whole benchmark %.1f s; load average at end %s.\n", wall, load_after.c_str());
 
