@@ -200,7 +200,7 @@ int run_worker(const WorkerArgs& a) {
   const double total = std::chrono::duration<double>(Clock::now() - start).count();
   // The training thread (backward runs on it too on the CPU): how much of the
   // timed steps it spent runnable but without a core, i.e. crowded out by
-  // other processes (the other ranks' included).
+  // other processes or by this rank's own communication threads.
   const auto sched_end = scheduler_seconds();
   const double crowded_fraction = (sched_end.second - sched_start.second) / total;
   double wait_sum = 0, step_sum = 0;
@@ -407,7 +407,7 @@ std::string thousands(double x) {
 }
 
 /// A run whose training thread waited for a core longer than this share of
-/// its time shared the machine with other work.
+/// its time shared the cores with other work (or with its own Gloo threads).
 constexpr double kCrowdedLimit = 0.05;
 
 int run_launcher(const Options& o) {
@@ -551,8 +551,10 @@ int run_launcher(const Options& o) {
   std::printf("waited for a core: the share of the timed steps the training thread of the most crowded rank was "
               "runnable but had no core (/proc/thread-self/schedstat), median over the runs.\n");
   if (crowded_runs > 0) {
-    std::printf("WARNING: in %lld run(s) a rank waited for a core more than %.0f %% of the time: other work shared "
-                "the cores, so those numbers understate what the ranks can do; rerun on a quiet machine.\n",
+    std::printf("WARNING: in %lld run(s) a rank waited for a core more than %.0f %% of the time. Either other "
+                "processes shared the cores (then those numbers understate what the ranks can do: rerun on a quiet "
+                "machine), or the ranks' own threads did (Gloo's, when small buckets overlap backward; then it is "
+                "part of the result).\n",
                 static_cast<long long>(crowded_runs), 100 * kCrowdedLimit);
   }
   const std::string load_after = load_average();
