@@ -24,11 +24,15 @@
 // is max over ranks of (that rank's wall time / steps). Communication wait is
 // DistributedDataParallel::stats().last_wait_seconds summed over the timed
 // steps, over those steps' wall time, on rank 0 and on the rank where it is
-// largest. With --repeats R every configuration runs R times (configurations
-// interleaved) and the table shows medians.
+// largest. "Waited for a core" is the training thread's run-queue time
+// (/proc/thread-self/schedstat) over the timed steps: what other processes, or
+// the ranks' own Gloo threads, took from it. With --repeats R (default 3) every
+// configuration runs R times (configurations interleaved) and the table shows
+// medians. Results and their reading: docs/performance.md.
 //
-//   bench_data_parallel                              # both sizes, 1 and 2 processes
-//   bench_data_parallel --sizes default --steps 2 --warmup 1    # a smoke run
+//   bench_data_parallel                      # both sizes, 1 and 2 processes: ~2 min on 2 cores
+//   bench_data_parallel --threads-baseline   # plus 1 process with 2 threads, no DDP
+//   bench_data_parallel --sizes default --steps 2 --warmup 1 --repeats 1   # a smoke run
 #include "gpt.h"
 #include "run_config.h"
 
