@@ -21,7 +21,8 @@ using GradAccumulator = decltype(torch::autograd::impl::grad_accumulator(std::de
 struct Bucket {
   std::vector<size_t> params;    // indices into DataParallelState::params
   std::vector<int64_t> offsets;  // where each starts in `flat`
-  at::Tensor flat;
+  int64_t numel = 0;
+  at::Tensor flat;  // numel elements, filled every synchronised backward
   int64_t waiting = 0;  // gradients of this backward not ready yet
   bool launched = false;
   PendingCollective pending;
@@ -229,32 +230,34 @@ DistributedDataParallel::DistributedDataParallel(torch::nn::Module& module, Proc
     if (!fresh) {
       const auto& last = s.buckets.back();
       const at::Tensor& first = s.params[last.params.front()];
-      const double filled = static_cast<double>(last.flat.numel() * static_cast<int64_t>(p.element_size()));
+      const double filled = static_cast<double>(last.numel * static_cast<int64_t>(p.element_size()));
       fresh = first.scalar_type() != p.scalar_type() || first.device() != p.device() || filled + bytes > cap;
     }
-    if (fresh) {
-      s.buckets.emplace_back();
-      s.buckets.back().flat = at::empty({0}, p.options().requires_grad(false));
-    }
+    if (fresh) s.buckets.emplace_back();
     auto& bucket = s.buckets.back();
-    bucket.offsets.push_back(bucket.flat.numel());
+    bucket.offsets.push_back(bucket.numel);
     bucket.params.push_back(n);
-    bucket.flat = at::empty({bucket.flat.numel() + p.numel()}, bucket.flat.options());  // sized; filled per step
+    bucket.numel += p.numel();
     s.bucket_of[n] = s.buckets.size() - 1;
     s.trainable_bytes += p.numel() * static_cast<int64_t>(p.element_size());
+  }
+  for (auto& bucket : s.buckets) {
+    bucket.flat = at::empty({bucket.numel}, s.params[bucket.params.front()].options().requires_grad(false));
   }
   s.ready.assign(s.params.size(), 0);
 
   if (options.broadcast_parameters()) {
     at::NoGradGuard no_grad;
     for (auto& bucket : s.buckets) {
-      std::vector<at::Tensor> flat;
-      for (size_t i : bucket.params) flat.push_back(s.params[i].detach().reshape(-1));
-      at::Tensor values = at::cat(flat);
-      s.group.broadcast(values, 0).wait();
+      // The bucket's buffer carries the values this once.
+      for (size_t k = 0; k < bucket.params.size(); ++k) {
+        const at::Tensor& p = s.params[bucket.params[k]];
+        bucket.flat.narrow(0, bucket.offsets[k], p.numel()).copy_(p.detach().reshape(-1));
+      }
+      s.group.broadcast(bucket.flat, 0).wait();
       for (size_t k = 0; k < bucket.params.size(); ++k) {
         at::Tensor& p = s.params[bucket.params[k]];
-        p.copy_(values.narrow(0, bucket.offsets[k], p.numel()).view(p.sizes()));
+        p.copy_(bucket.flat.narrow(0, bucket.offsets[k], p.numel()).view(p.sizes()));
       }
     }
   }
