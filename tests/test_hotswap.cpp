@@ -4,6 +4,7 @@
 // logits in the fixtures, or with the same adapter loaded the ordinary way.
 #include "test_util.h"
 #include "toy_model.h"
+#include "toy_moe.h"
 
 #include <d9d/peft.h>
 
@@ -474,4 +475,38 @@ TEST(MergeUnmerge, ErrorsNameTheAdapterAndWhatToDo) {
   toy::Toy bare = base_model();
   m = refused(bare, [&] { peft::merge_adapters_in_place(*bare); });
   EXPECT_THAT(m, HasSubstr("the model holds no adapter"));
+}
+
+TEST(Hotswap, GroupedExpertLayersAreRefusedByName) {
+  torch::manual_seed(3);
+  toy::ToyMoE model(toy::MoEConfig{});
+  peft::LoRA lora({".*experts\\.(gate|up|down)_proj", peft::LoRAParameters().r(4).alpha(8)});
+  peft::inject_peft_and_freeze(lora, model);
+  std::map<std::string, at::Tensor> before;
+  for (const auto& p : model->named_parameters()) before.emplace(p.key(), p.value().clone());
+  const auto unchanged = [&] {
+    for (const auto& p : model->named_parameters()) {
+      EXPECT_TRUE(before.at(p.key()).equal(p.value())) << p.key();
+      EXPECT_EQ(before.at(p.key()).sizes(), p.value().sizes()) << p.key();
+    }
+  };
+
+  try {
+    peft::prepare_for_hotswap(*model, 8);
+    ADD_FAILURE() << "prepare_for_hotswap padded a grouped layer";
+  } catch (const peft::PeftError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("'layers.0.moe.experts.gate_proj' is a grouped expert layer (LoRAGroupedLinear)"));
+    EXPECT_THAT(e.what(), HasSubstr("nothing was padded"));
+  }
+  unchanged();
+
+  const auto config = config_of(kAdapterDir + "/lora_attn_r4");
+  try {
+    peft::hf::hotswap_adapter_from_state_dict(*model, tensors_of(kAdapterDir + "/lora_attn_r4"), config);
+    ADD_FAILURE() << "hotswapped into a grouped layer";
+  } catch (const peft::PeftError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("is a grouped expert layer (LoRAGroupedLinear) holding adapter \"default\""));
+    EXPECT_THAT(e.what(), HasSubstr("Nothing was swapped"));
+  }
+  unchanged();
 }

@@ -5,6 +5,7 @@
 // every type against real PEFT on every run.
 #include "test_util.h"
 #include "toy_model.h"
+#include "toy_moe.h"
 
 #include <d9d/peft.h>
 
@@ -377,4 +378,21 @@ TEST(WeightedErrors, OfflineCombineNamesTheDirectory) {
       },
       ThrowsMessage<peft::PeftError>(HasSubstr("lora_all_linear_r8\" r=8")));
   EXPECT_FALSE(fs::exists(tmp / "o")) << "a refused combine writes nothing";
+}
+
+TEST(WeightedErrors, GroupedExpertAdaptersAreRefusedByLayer) {
+  torch::manual_seed(3);
+  toy::ToyMoE model(toy::MoEConfig{});
+  peft::LoRA lora({".*experts\\.(gate|up|down)_proj", peft::LoRAParameters().r(4).alpha(8)});
+  peft::inject_peft_and_freeze(lora, model);
+  const auto before = snapshot(*model);
+  const auto names = peft::adapter_names(*model);
+  try {
+    peft::add_weighted_adapter(*model, {"default"}, {0.5}, "w");
+    ADD_FAILURE() << "combined grouped expert adapters";
+  } catch (const peft::PeftError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("on 'layers.0.moe.experts.gate_proj' adapts grouped expert weights"));
+    EXPECT_THAT(e.what(), HasSubstr("Linear and Embedding LoRA layers only"));
+  }
+  expect_unchanged(*model, before, names);
 }

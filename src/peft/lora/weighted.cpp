@@ -3,6 +3,7 @@
 #include <d9d/peft/adapters.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/lora/embedding.h>
+#include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/linear.h>
 #include <d9d/peft/lora/weighted.h>
 
@@ -40,6 +41,11 @@ LayerInput read_input(const AdapterLayerEntry& entry, const std::string& name, c
     in = {&e->options(), e->lora_embedding_A, e->lora_embedding_B, e->scale()};
     a_key = "lora_embedding_A";
     b_key = "lora_embedding_B";
+  } else if (dynamic_cast<const LoRAGroupedLinearAdapterImpl*>(module.get())) {
+    throw PeftError(fmt::format("{}: adapter \"{}\" on '{}' adapts grouped expert weights (LoRAGroupedLinear); "
+                                "weighted combinations are built for Linear and Embedding LoRA layers only. Combine "
+                                "adapters that leave the experts out, or merge each expert adapter in turn",
+                                what, name, entry.name));
   } else {
     throw PeftError(fmt::format("{}: adapter \"{}\" on '{}' is a {} adapter; only LoRA adapters combine", what, name,
                                 entry.name, entry.layer->peft_type()));
