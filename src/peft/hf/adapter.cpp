@@ -6,9 +6,11 @@
 #include <d9d/peft/errors.h>
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/files.h>
+#include <d9d/peft/lora/linear.h>
 #include <d9d/peft/lora/method.h>
 #include <d9d/peft/registry.h>
 
+#include <ATen/Functions.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/module.h>
 
@@ -180,6 +182,34 @@ std::unique_ptr<PeftMethodBase> add_adapter(torch::nn::Module& module, const std
   return method;
 }
 
+namespace {
+
+/// PEFT's `subtract_mutated_init`: each PiSSA or OLoRA layer's `A`, `B` become
+/// `[A; A0]`, `[B, -B0]`, a plain LoRA of twice the rank that changes the
+/// original base weight as the adapter changes the residual.
+void convert_initial_to_lora(const torch::nn::Module& module, const std::string& adapter, model_state::StateDict& tensors,
+                             const std::string& what) {
+  for (const auto& entry : adapter_layers(module)) {
+    if (!entry.layer->has_adapter(adapter)) continue;
+    const auto* a = dynamic_cast<const LoRALinearAdapterImpl*>(entry.layer->adapter_module(adapter).get());
+    if (a == nullptr || !init_changes_base(a->options().init())) continue;
+    if (!a->initial_A.defined()) {
+      throw PeftError(fmt::format("{}: convert_to_lora needs the factors adapter \"{}\" of '{}' had at "
+                                  "initialisation, and they were not computed in this process (its factors and "
+                                  "residual base came from a checkpoint); nothing was written. Save without "
+                                  "convert_to_lora, or convert in the process that initialised the adapter",
+                                  what, adapter, entry.name));
+    }
+    const std::string prefix = kPeftKeyPrefix + entry.name + ".";
+    auto& A = tensors.at(prefix + "lora_A.weight");
+    auto& B = tensors.at(prefix + "lora_B.weight");
+    A = at::cat({A, a->initial_A.to(A.scalar_type())}, 0);
+    B = at::cat({B, -a->initial_B.to(B.scalar_type())}, 1);
+  }
+}
+
+}  // namespace
+
 void save_adapter(const torch::nn::Module& module, const std::string& dir, const SaveAdapterOptions& options) {
   const std::string what = fmt::format("save_adapter('{}')", dir);
   const std::string adapter = resolve_adapter(module, options.adapter_name, what);
@@ -197,13 +227,15 @@ void save_adapter(const torch::nn::Module& module, const std::string& dir, const
     throw PeftError(fmt::format("{}: the {} method has no adapter_config.json writer", what, peft_type));
   }
   const std::string config_text = method.write_hf_config(module, adapter, options);
+  model_state::StateDict tensors = get_peft_model_state_dict(module, adapter);
+  if (options.convert_to_lora) convert_initial_to_lora(module, adapter, tensors, what);
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) {
     throw model_state::CheckpointError(fmt::format("{}: cannot create the adapter directory: {}", dir, ec.message()));
   }
-  model_state::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(),
-                                get_peft_model_state_dict(module, adapter), {{"format", "pt"}});
+  model_state::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors,
+                                {{"format", "pt"}});
   model_state::write_file_atomically((fs::path(dir) / "adapter_config.json").string(), config_text);
 }
 

@@ -103,7 +103,8 @@ std::optional<LoRAParameters> LoraConfig::select(const std::string& name) const 
       .dropout(lora_dropout)
       .use_rslora(use_rslora)
       .use_dora(use_dora)
-      .init(init);
+      .init(init)
+      .pissa_niter(pissa_niter);
 }
 
 LoraConfig parse_lora_config(const json& j, const std::string& source) {
@@ -146,8 +147,17 @@ LoraConfig parse_lora_config(const json& j, const std::string& source) {
     } else if (field == "init_lora_weights") {
       if (v == true) c.init = LoRAInit::Default;
       else if (v == false) c.init = LoRAInit::Random;
-      else if (v == "gaussian") c.init = LoRAInit::Gaussian;
-      else fail(source, field, fmt::format("{} is not supported (supported: true, false, \"gaussian\")", d9d::detail::quote_json(v)));
+      else {
+        LoRAParameters p;
+        const bool known = v.is_string() && v != "default" && v != "random" && parse_lora_init_name(v.get<std::string>(), p);
+        if (!known) {
+          fail(source, field, fmt::format("{} is not supported (supported: true, false, \"gaussian\", \"pissa\", "
+                                          "\"pissa_niter_<n>\", \"olora\")",
+                                          d9d::detail::quote_json(v)));
+        }
+        c.init = p.init();
+        c.pissa_niter = p.pissa_niter();
+      }
     } else if (field == "rank_pattern" || field == "alpha_pattern") {
       if (v.is_null()) continue;
       if (!v.is_object()) fail(source, field, fmt::format("expected an object, got {}", d9d::detail::quote_json(v)));
@@ -239,7 +249,11 @@ std::string dump_lora_config(const LoraConfig& c) {
   j["exclude_modules"] = selector_json(c.exclude_modules);
   j["use_rslora"] = c.use_rslora;
   j["use_dora"] = c.use_dora;
-  j["init_lora_weights"] = c.init == LoRAInit::Gaussian ? json("gaussian") : json(c.init == LoRAInit::Default);
+  if (c.init == LoRAInit::Default || c.init == LoRAInit::Random) {
+    j["init_lora_weights"] = c.init == LoRAInit::Default;
+  } else {
+    j["init_lora_weights"] = lora_init_name(LoRAParameters().init(c.init).pissa_niter(c.pissa_niter));
+  }
   j["rank_pattern"] = json::object();
   for (const auto& [k, v] : c.rank_pattern) j["rank_pattern"][k] = v;
   j["alpha_pattern"] = json::object();
@@ -272,11 +286,18 @@ LoraConfig lora_config_of(const torch::nn::Module& module, const std::string& ad
                                   "cannot describe it",
                                   entry.name, adapter_name, entry.layer->peft_type()));
     }
+    // Converted (SaveAdapterOptions::convert_to_lora): [A; A0] and [B, -B0] at twice the rank, the same scale.
+    const bool convert = options.convert_to_lora && init_changes_base(o->init());
+    const int64_t r = convert ? 2 * o->r() : o->r();
+    const double alpha = convert ? (o->use_rslora() ? o->alpha() * std::sqrt(2.0) : 2 * o->alpha()) : o->alpha();
+    const LoRAInit init = convert ? LoRAInit::Default : o->init();
     config.target_modules.names.push_back(entry.name);
     if (first.empty()) {
       first = entry.name;
-      config.r = o->r();
-      config.lora_alpha = o->alpha();
+      config.init = init;
+      config.pissa_niter = convert ? 0 : o->pissa_niter();
+      config.r = r;
+      config.lora_alpha = alpha;
       config.lora_dropout = o->dropout();
       config.use_rslora = o->use_rslora();
       config.use_dora = o->use_dora();
@@ -292,8 +313,13 @@ LoraConfig lora_config_of(const torch::nn::Module& module, const std::string& ad
                                   "per module",
                                   entry.name, first));
     }
-    if (o->r() != config.r) config.rank_pattern.emplace_back(regex_escape(entry.name), o->r());
-    if (o->alpha() != config.lora_alpha) config.alpha_pattern.emplace_back(regex_escape(entry.name), o->alpha());
+    if (init != config.init || (!convert && o->pissa_niter() != config.pissa_niter)) {
+      throw PeftError(fmt::format("save_adapter: '{}' differs from '{}' in its initialisation (init_lora_weights), "
+                                  "which a PEFT config cannot express per module",
+                                  entry.name, first));
+    }
+    if (r != config.r) config.rank_pattern.emplace_back(regex_escape(entry.name), r);
+    if (alpha != config.lora_alpha) config.alpha_pattern.emplace_back(regex_escape(entry.name), alpha);
   }
   if (first.empty()) throw PeftError(fmt::format("save_adapter: no layer holds adapter \"{}\"", adapter_name));
   return config;

@@ -26,19 +26,62 @@ void LoRAParameters::validate(const std::string& path) const {
   if (!(dropout_ >= 0.0 && dropout_ < 1.0)) {
     throw ConfigError(field_path(path, "dropout"), fmt::format("must be in [0, 1), got {}", dropout_));
   }
+  if (pissa_niter_ < 0 || (pissa_niter_ > 0 && init_ != LoRAInit::PiSSA)) {
+    throw ConfigError(field_path(path, "pissa_niter"),
+                      fmt::format("must be 0, or >= 1 with the PiSSA initialisation; got {}", pissa_niter_));
+  }
+}
+
+std::string lora_init_name(const LoRAParameters& p) {
+  switch (p.init()) {
+    case LoRAInit::Default: return "default";
+    case LoRAInit::Gaussian: return "gaussian";
+    case LoRAInit::Random: return "random";
+    case LoRAInit::PiSSA: return p.pissa_niter() > 0 ? fmt::format("pissa_niter_{}", p.pissa_niter()) : "pissa";
+    case LoRAInit::OLoRA: return "olora";
+  }
+  return "default";
+}
+
+bool parse_lora_init_name(const std::string& name, LoRAParameters& p) {
+  p.pissa_niter(0);
+  if (name == "default") p.init(LoRAInit::Default);
+  else if (name == "gaussian") p.init(LoRAInit::Gaussian);
+  else if (name == "random") p.init(LoRAInit::Random);
+  else if (name == "pissa") p.init(LoRAInit::PiSSA);
+  else if (name == "olora") p.init(LoRAInit::OLoRA);
+  else if (name.rfind("pissa_niter_", 0) == 0) {
+    const std::string digits = name.substr(12);
+    if (digits.empty() || digits.size() > 6 || digits.find_first_not_of("0123456789") != std::string::npos) return false;
+    const int64_t n = std::stoll(digits);
+    if (n < 1) return false;
+    p.init(LoRAInit::PiSSA).pissa_niter(n);
+  } else {
+    return false;
+  }
+  return true;
 }
 
 namespace {
 
 LoRAParameters parse_params(const json& j, const std::string& path) {
   using namespace config_json;
-  check_object(j, path, {"r", "alpha", "dropout", "use_rslora", "use_dora"});
+  check_object(j, path, {"r", "alpha", "dropout", "use_rslora", "use_dora", "init"});
   LoRAParameters p;
   p.r(get_int(require(j, path, "r"), field_path(path, "r")));
   p.alpha(static_cast<double>(get_int(require(j, path, "alpha"), field_path(path, "alpha"))));
   p.dropout(get_number(require(j, path, "dropout"), field_path(path, "dropout")));
   if (j.contains("use_rslora")) p.use_rslora(get_bool(j["use_rslora"], field_path(path, "use_rslora")));
   if (j.contains("use_dora")) p.use_dora(get_bool(j["use_dora"], field_path(path, "use_dora")));
+  if (j.contains("init")) {
+    const std::string name = get_string(j["init"], field_path(path, "init"));
+    if (!parse_lora_init_name(name, p)) {
+      throw ConfigError(field_path(path, "init"),
+                        fmt::format("\"{}\" is not an initialisation; use \"default\", \"gaussian\", \"pissa\", "
+                                    "\"pissa_niter_<n>\" (n >= 1) or \"olora\"",
+                                    name));
+    }
+  }
   return p;
 }
 
@@ -51,6 +94,7 @@ void write_params(Json& j, const LoRAParameters& p) {
   // Not in the Python original: written only when set, so its output stays byte-identical.
   if (p.use_rslora()) j["use_rslora"] = true;
   if (p.use_dora()) j["use_dora"] = true;
+  if (p.init() != LoRAInit::Default) j["init"] = lora_init_name(p);
 }
 
 template <typename Json>

@@ -5,6 +5,8 @@
 #include <d9d/peft/lora/math.h>
 #include <d9d/peft/mixed_batch.h>
 
+#include <fmt/format.h>
+
 #include <ATen/Functions.h>
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/functional/embedding.h>
@@ -67,6 +69,11 @@ void LoRAEmbeddingImpl::relayout() {
 
 void LoRAEmbeddingImpl::reset_adapter(LoRAEmbeddingAdapterImpl& a) {
   torch::NoGradGuard no_grad;
+  if (init_changes_base(a.options().init())) {
+    throw PeftError(fmt::format("the {} initialisation is for Linear layers; an embedding's LoRA starts as "
+                                "\"default\" (exclude embeddings from the pattern, or use another initialisation)",
+                                lora_init_name(a.options())));
+  }
   if (a.options().init() == LoRAInit::Random) {
     a.lora_embedding_A.normal_();
     a.lora_embedding_B.normal_();

@@ -1,5 +1,6 @@
 // The LoRA wrapper around a linear layer.
 #include <d9d/peft/errors.h>
+#include <d9d/peft/lora/init.h>
 #include <d9d/peft/lora/linear.h>
 #include <d9d/peft/lora/math.h>
 #include <d9d/peft/mixed_batch.h>
@@ -68,10 +69,87 @@ LoRALinearImpl::LoRALinearImpl(std::shared_ptr<torch::nn::LinearImpl> base, cons
 
 void LoRALinearImpl::add_adapter(const std::string& name, const AdapterOptions& options) {
   const auto& weight = base_weight();
-  auto adapter =
-      std::make_shared<LoRALinearAdapterImpl>(weight.size(1), weight.size(0), lora_parameters(options), weight.options());
+  const LoRAParameters& params = lora_parameters(options);
+  // PiSSA and OLoRA move part of the base weight into the adapter: another
+  // adapter on the same layer would see the residual as its base (PEFT warns
+  // and goes on).
+  for (const auto& [other, a] : entries_) {
+    if (init_changes_base(params.init()) || init_changes_base(a->options().init())) {
+      const auto& changing = init_changes_base(params.init()) ? params : a->options();
+      throw PeftError(fmt::format(
+          "add_adapter(\"{}\"): this layer holds adapter \"{}\", and a {} adapter changes the base weight to its "
+          "residual, so the two cannot share a layer. Save the {} adapter converted to plain LoRA "
+          "(hf::SaveAdapterOptions::convert_to_lora) and load that instead",
+          name, other, lora_init_name(changing), lora_init_name(changing)));
+    }
+  }
+  const int64_t most = std::min(weight.size(0), weight.size(1));
+  if (init_changes_base(params.init()) && params.r() > most) {
+    throw PeftError(fmt::format("add_adapter(\"{}\"): the {} initialisation takes rank r = {} from a [{}, {}] weight, "
+                                "whose rank is at most {}; use r <= {}",
+                                name, lora_init_name(params), params.r(), weight.size(0), weight.size(1), most, most));
+  }
+  auto adapter = std::make_shared<LoRALinearAdapterImpl>(weight.size(1), weight.size(0), params, weight.options());
   reset_adapter(*adapter);
-  append(name, std::move(adapter));
+  try {
+    append(name, adapter);
+  } catch (...) {
+    restore_base(*adapter);
+    throw;
+  }
+}
+
+void LoRALinearImpl::restore_base(LoRALinearAdapterImpl& a) {
+  if (!a.base_is_residual) return;
+  if (!a.initial_A.defined()) {
+    throw PeftError("this PiSSA/OLoRA adapter's base weight is the residual of factors that were loaded from a "
+                    "checkpoint, not computed here, so the original weight cannot be restored; merge the adapter "
+                    "instead (merge_peft), or load the original base weights again");
+  }
+  torch::NoGradGuard no_grad;
+  at::Tensor weight = base_weight();
+  weight.add_((a.initial_B.matmul(a.initial_A) * a.scale()).to(weight.scalar_type()));
+  a.base_is_residual = false;
+}
+
+void LoRALinearImpl::delete_adapter(const std::string& name) {
+  if (auto a = find(name); a && !is_merged(name)) restore_base(*a);
+  AdapterSetLayer<LoRALinearAdapterImpl>::delete_adapter(name);
+}
+
+bool LoRALinearImpl::supports_mixed_batch() const {
+  for (const auto& [name, a] : entries_) {
+    if (init_changes_base(a->options().init())) return false;
+  }
+  return true;
+}
+
+void LoRALinearImpl::base_reloaded(LoRALinearAdapterImpl& a, bool factors_loaded) {
+  if (factors_loaded) {
+    // A checkpoint of the trained model: its base is already the residual of
+    // factors this process did not compute.
+    a.base_is_residual = true;
+    a.initial_A = at::Tensor();
+    a.initial_B = at::Tensor();
+    return;
+  }
+  a.base_is_residual = false;  // the loader wrote the original weight
+  reset_adapter(a);
+}
+
+at::Tensor LoRALinearImpl::original_base_term(const at::Tensor& input) const {
+  for (const auto& [name, a] : entries_) {
+    if (!a->base_is_residual || is_merged(name)) continue;
+    if (!a->initial_A.defined()) {
+      throw PeftError(fmt::format("adapter \"{}\" is not in effect, so this layer would compute its original base, "
+                                  "but its base weight holds the {} residual of factors loaded from a checkpoint; "
+                                  "keep the adapter enabled and active, or merge it",
+                                  name, lora_init_name(a->options())));
+    }
+    const auto dtype = input.scalar_type();
+    return at::matmul(at::matmul(input, a->initial_A.to(dtype).t()), a->initial_B.to(dtype).t()) * a->scale();
+  }
+  return at::Tensor();
 }
 
 void LoRALinearImpl::relayout() {
@@ -95,7 +173,24 @@ void LoRALinearImpl::relayout() {
 }
 
 void LoRALinearImpl::reset_adapter(LoRALinearAdapterImpl& a) {
-  detail::reset_lora_factors(a);
+  if (!init_changes_base(a.options().init())) {
+    detail::reset_lora_factors(a);
+  } else {
+    // PEFT's pissa_init / olora_init: the factors from the (original) base
+    // weight in float32, and the base keeps the residual.
+    restore_base(a);
+    torch::NoGradGuard no_grad;
+    at::Tensor weight = base_weight();
+    const auto& o = a.options();
+    auto [A, B] = o.init() == LoRAInit::PiSSA ? lora::pissa_factors(weight, o.r(), a.scale(), o.pissa_niter())
+                                              : lora::olora_factors(weight, o.r());
+    a.lora_A->weight.copy_(A);
+    a.lora_B->weight.copy_(B);
+    a.initial_A = A;
+    a.initial_B = B;
+    weight.copy_((weight.to(at::kFloat) - B.matmul(A) * a.scale()).to(weight.scalar_type()));
+    a.base_is_residual = true;
+  }
   if (a.options().use_dora()) reset_adapter_magnitude(a);
 }
 
@@ -106,7 +201,12 @@ void LoRALinearImpl::reset_adapter_magnitude(LoRALinearAdapterImpl& a) {
   a.lora_magnitude_vector.copy_(norm);
 }
 
-torch::nn::AnyModule LoRALinearImpl::unwrap() { return unwrap_base(); }
+torch::nn::AnyModule LoRALinearImpl::unwrap() {
+  for (auto& [name, a] : entries_) {
+    if (!is_merged(name)) restore_base(*a);
+  }
+  return unwrap_base();
+}
 
 at::Tensor LoRALinearImpl::dora_scale(const LoRALinearAdapterImpl& a) const {
   // PEFT detaches the norm: the magnitude learns the scale, B and A the direction.
@@ -121,9 +221,14 @@ at::Tensor LoRALinearImpl::dora_scale(const LoRALinearAdapterImpl& a) const {
 at::Tensor LoRALinearImpl::forward(const at::Tensor& input) {
   const at::Tensor& weight = base_weight();
   const at::Tensor& bias = base_bias();
-  if (!enabled_) return torch::nn::functional::linear(input, weight, bias);
+  if (!enabled_ || (active_.empty() && mixed_batch() == nullptr)) {
+    // No adapter in effect: the original base, also where a PiSSA or OLoRA
+    // adapter left the residual in the base weight.
+    at::Tensor out = torch::nn::functional::linear(input, weight, bias);
+    const at::Tensor original = original_base_term(input);
+    return original.defined() ? out + original : out;
+  }
   if (mixed_batch() != nullptr) return forward_mixed(input);
-  if (active_.empty()) return torch::nn::functional::linear(input, weight, bias);
   if (active_.size() > 1 || !merged_.empty()) return forward_general(input);
   LoRALinearAdapterImpl& a = *find(active_.front());
   if (a.options().use_dora() || a.lora_A->weight.scalar_type() != input.scalar_type()) return forward_general(input);

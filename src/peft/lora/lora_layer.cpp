@@ -18,6 +18,9 @@ void LoRALayer<Adapter>::after_base_loaded(const model_state::KeySet& loaded_ada
   // DoRA's magnitude is the norm of the base weight with the delta added: it
   // follows newly loaded base weights unless it was loaded itself.
   for (auto& [name, a] : this->entries_) {
+    if (init_changes_base(a->options().init()) && !this->is_merged(name)) {
+      base_reloaded(*a, loaded_adapter_keys.count(this->key_prefix(name) + "lora_A.weight") > 0);
+    }
     if (!a->options().use_dora() || this->is_merged(name)) continue;
     if (loaded_adapter_keys.count(this->key_prefix(name) + "lora_magnitude_vector")) continue;
     reset_adapter_magnitude(*a);

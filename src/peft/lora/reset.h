@@ -2,7 +2,10 @@
 // How a LoRA adapter's factors start (LoRAInit), shared by the layer types
 // whose A and B are modules with `reset_parameters()` and a `weight`.
 
+#include <d9d/peft/errors.h>
 #include <d9d/peft/lora/options.h>
+
+#include <fmt/format.h>
 
 #include <ATen/core/grad_mode.h>
 
@@ -24,6 +27,11 @@ void reset_lora_factors(Adapter& a) {
       a.lora_A->reset_parameters();
       a.lora_B->reset_parameters();
       break;
+    case LoRAInit::PiSSA:
+    case LoRAInit::OLoRA:
+      throw PeftError(fmt::format("the {} initialisation starts from a Linear layer's weight matrix; this layer has "
+                                  "no such weight (as in PEFT). Use it on Linear layers only, or \"default\" here",
+                                  lora_init_name(a.options())));
   }
 }
 

@@ -78,6 +78,15 @@ struct SaveAdapterOptions {
   std::string adapter_name;
   std::optional<std::string> base_model_name_or_path;
   std::optional<std::string> task_type;
+  /// PiSSA and OLoRA adapters, whose initialisation moved part of the base
+  /// weight into them: write the plain LoRA adapter that applies the same
+  /// change to the original base weight (PEFT's
+  /// `path_initial_model_for_weight_conversion`): `lora_A = [A; A0]`,
+  /// `lora_B = [B, -B0]` with `A0`, `B0` the factors at initialisation, twice
+  /// the rank, the same scale, `init_lora_weights: true`. Without it the file
+  /// holds `A`, `B` and `init_lora_weights: "pissa"`/"olora", which PEFT loads
+  /// onto the original base model by redoing the initialisation.
+  bool convert_to_lora = false;
 };
 
 /// The `LoraConfig` that describes LoRA adapter `adapter_name` of `module`:

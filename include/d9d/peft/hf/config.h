@@ -25,7 +25,10 @@ struct LoraConfig {
   ModuleSelector exclude_modules;
   bool use_rslora = false;
   bool use_dora = false;
+  /// `init_lora_weights`: true (Default), false (Random), "gaussian", "olora",
+  /// "pissa" or "pissa_niter_<n>" (PiSSA with `pissa_niter` n).
   LoRAInit init = LoRAInit::Default;
+  int64_t pissa_niter = 0;
   /// Per-module rank and alpha, in file order; a key matches a module name
   /// as PEFT's `get_pattern_key` does: the regex `(.*\.)?(key)` over the whole name.
   std::vector<std::pair<std::string, int64_t>> rank_pattern;

@@ -37,6 +37,13 @@ class LoRALinearAdapterImpl : public torch::nn::Module {
   at::Tensor lora_magnitude_vector;
   /// DoRA while merged: the row norms the merge divided by (for unmerging).
   at::Tensor merged_norm;
+  /// PiSSA and OLoRA: the factors at initialisation (float32, not
+  /// parameters): the base holds `W - scale * initial_B @ initial_A`. Empty
+  /// when unknown (the adapter's factors and the residual base came from a
+  /// checkpoint).
+  at::Tensor initial_A, initial_B;
+  /// PiSSA and OLoRA: whether the base weight holds the residual.
+  bool base_is_residual = false;
 
  private:
   LoRAParameters options_;
@@ -72,8 +79,13 @@ class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl>, public WrappedLi
   void unmerge_adapter(const std::string& name) override;
   /// `scale * B @ A` (not for DoRA).
   at::Tensor delta_weight(const std::string& name) const override;
+  /// Deleting a PiSSA or OLoRA adapter (or unwrapping the layer) adds its
+  /// initial part back to the base weight (`+= scale * B0 @ A0`): the base is
+  /// the original again, within rounding.
+  void delete_adapter(const std::string& name) override;
   torch::nn::AnyModule unwrap() override;
-  bool supports_mixed_batch() const override { return true; }
+  /// Not with a PiSSA or OLoRA adapter: rows without it would need the original base.
+  bool supports_mixed_batch() const override;
 
   void pretty_print(std::ostream& stream) const override;
 
@@ -88,6 +100,15 @@ class LoRALinearImpl : public LoRALayer<LoRALinearAdapterImpl>, public WrappedLi
   void relayout() override;
   void reset_adapter(LoRALinearAdapterImpl& adapter) override;
   void reset_adapter_magnitude(LoRALinearAdapterImpl& adapter) override;
+  void base_reloaded(LoRALinearAdapterImpl& adapter, bool factors_loaded) override;
+
+ private:
+  /// PiSSA and OLoRA: adds the initial part back to the base weight.
+  void restore_base(LoRALinearAdapterImpl& adapter);
+  /// `scale * B0 A0 x` of an unmerged PiSSA or OLoRA adapter, or an undefined tensor.
+  at::Tensor original_base_term(const at::Tensor& input) const;
+
+ protected:
 
   /// Keeps what the last mixed batch built: the next scope often repeats its rows.
   void mixed_batch_changed() override {}

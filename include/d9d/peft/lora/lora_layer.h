@@ -35,6 +35,13 @@ class LoRALayer : public AdapterSetLayer<Adapter> {
   void describe(std::ostream& stream, const Adapter& adapter) const override;
   virtual void reset_adapter(Adapter& adapter) = 0;
   virtual void reset_adapter_magnitude(Adapter& adapter) = 0;
+  /// After the loader wrote new base weights: initialisations that start from
+  /// the base weight (PiSSA, OLoRA) redo it unless the adapter's factors were
+  /// loaded in the same pass (`factors_loaded`).
+  virtual void base_reloaded(Adapter& adapter, bool factors_loaded) {
+    (void)adapter;
+    (void)factors_loaded;
+  }
 };
 
 }  // namespace d9d::peft

@@ -18,7 +18,21 @@ enum class LoRAInit {
   Gaussian,
   /// Neither is zeroed (PEFT's `init_lora_weights=false`); for tests.
   Random,
+  /// PiSSA (PEFT's "pissa", "pissa_niter_<n>"; Linear layers only): from the
+  /// base weight's SVD `W = U S V^T`, `B = U_r sqrt(S_r / scale)`,
+  /// `A = sqrt(S_r / scale) V_r^T`, and the base weight becomes the residual
+  /// `W - scale * B A`, so the layer's output is unchanged. With
+  /// `pissa_niter > 0` the SVD is PyTorch's randomized `svd_lowrank` with that
+  /// many subspace iterations (it draws from the default generator).
+  PiSSA,
+  /// OLoRA (PEFT's "olora"; Linear layers only): `W = Q R`, `B = Q[:, :r]`,
+  /// `A = R[:r]`, and the base weight becomes `W - scale * B A`.
+  OLoRA,
 };
+
+/// True for the initialisations that move part of the base weight into the
+/// adapter (PiSSA, OLoRA): the base then holds the residual.
+inline bool init_changes_base(LoRAInit init) { return init == LoRAInit::PiSSA || init == LoRAInit::OLoRA; }
 
 /// The hyperparameters of one LoRA adapter: what d9d configs (`"params"`),
 /// Hugging Face PEFT configs (`hf::LoraConfig::select`) and the layers take.
@@ -40,6 +54,9 @@ struct LoRAParameters : AdapterOptions {
   /// DoRA: a learned magnitude per output row (per embedding dimension).
   TORCH_ARG(bool, use_dora) = false;
   TORCH_ARG(LoRAInit, init) = LoRAInit::Default;
+  /// PiSSA only: 0 for the exact SVD ("pissa"), n >= 1 for the randomized one
+  /// with n subspace iterations ("pissa_niter_<n>").
+  TORCH_ARG(int64_t, pissa_niter) = 0;
 
  public:  // TORCH_ARG leaves the section private
   /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
@@ -47,5 +64,12 @@ struct LoRAParameters : AdapterOptions {
   /// Throws `ConfigError` naming `path`-relative fields (`params.r: must be >= 1, got 0`).
   void validate(const std::string& path = "") const;
 };
+
+/// The initialisation's name in d9d configs (`"params": {"init": ...}`) and,
+/// for PiSSA and OLoRA, PEFT's `init_lora_weights`: "default", "gaussian",
+/// "random", "pissa", "pissa_niter_<n>", "olora".
+std::string lora_init_name(const LoRAParameters& params);
+/// Sets `params.init` and `pissa_niter` from such a name; false for another string.
+bool parse_lora_init_name(const std::string& name, LoRAParameters& params);
 
 }  // namespace d9d::peft
