@@ -559,7 +559,7 @@ TEST(Adversarial, HostileAdapterConfigsAndWeights) {
       {"exclude_modules", {1, json::array({2}), "[", json::object()}},
       {"use_rslora", {"yes", 1, nullptr, json::array()}},
       {"use_dora", {"no", 0, nullptr}},
-      {"init_lora_weights", {"pissa", "olora", 2, nullptr, json::array()}},
+      {"init_lora_weights", {"corda", "pissa_niter_0", "pissa_niter_", "olora2", 2, nullptr, json::array()}},
       {"rank_pattern", {json::array(), "x", json::parse(R"({"q_proj": 0})"), json::parse(R"({"q_proj": "4"})"),
                         json::parse(R"({"(": 4})"), json::parse(R"({"q_proj": 1.5})")}},
       {"alpha_pattern", {json::array(), 1, json::parse(R"({"q_proj": 0})"), json({{"q_proj", kHuge}}),

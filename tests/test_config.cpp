@@ -102,7 +102,7 @@ TEST(Config, UnknownFieldsAreErrors) {
             "extra: unknown field; allowed fields are kind, module_name_pattern");
   EXPECT_EQ(error_of(R"({"kind":"stack","methods":[{"kind":"lora","module_name_pattern":"x",)"
                      R"("params":{"r":8,"alpha":8,"dropout":0,"rank":4}}]})"),
-            "methods[0].params.rank: unknown field; allowed fields are r, alpha, dropout, use_rslora, use_dora");
+            "methods[0].params.rank: unknown field; allowed fields are r, alpha, dropout, use_rslora, use_dora, init");
 }
 
 TEST(Config, BadRegexIsAnError) {

@@ -157,8 +157,8 @@ TEST(HfAdapter, UnsupportedFieldsAreErrorsNamingFieldAndValue) {
   EXPECT_THAT(config_error(R"({"bias":"all"})"), HasSubstr("bias: \"all\" is not supported by d9d-peft (only \"none\" is)"));
   EXPECT_THAT(config_error(R"({"modules_to_save":["lm_head"]})"),
               HasSubstr("modules_to_save: [\"lm_head\"] is not supported"));
-  EXPECT_THAT(config_error(R"({"init_lora_weights":"pissa"})"),
-              HasSubstr("init_lora_weights: \"pissa\" is not supported (supported: true, false, \"gaussian\")"));
+  EXPECT_THAT(config_error(R"({"init_lora_weights":"corda"})"),
+              HasSubstr("init_lora_weights: \"corda\" is not supported (supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_<n>\", \"olora\")"));
   EXPECT_THAT(config_error(R"({"peft_type":"IA3"})"), HasSubstr("peft_type: \"IA3\" is not supported"));
   EXPECT_THAT(config_error(R"({"layers_to_transform":[0]})"), HasSubstr("layers_to_transform: [0] is not supported"));
   EXPECT_THAT(config_error(R"({"some_future_option":3})"),
