@@ -560,8 +560,9 @@ int run(int argc, char** argv) {
   // Rank 0 holds what every rank holds: it alone saves, scores, merges and reports.
   if (!primary) return tuned.interrupted ? 130 : 0;
 
-  // 4. The adapter, in Hugging Face PEFT format (LoRA layers only), and the
-  // weights full_tune trained, under the base checkpoint's keys.
+  // 4. The adapter, in Hugging Face PEFT format (LoRA layers only; with LoRA on
+  // grouped experts, the trainer's form), and the weights full_tune trained,
+  // under the base checkpoint's keys.
   const fs::path adapter_dir = out / "adapter";
   const fs::path full_tune_file = out / "full_tune" / "model.safetensors";
   const bool has_lora = !peft::adapter_names(*model).empty();
@@ -695,14 +696,14 @@ int run(int argc, char** argv) {
     std::string load;
     for (size_t i = 0; i < routed.size(); ++i) {
       const auto [lo, hi] = std::minmax_element(routed[i].begin(), routed[i].end());
-      load += strf("%slayer %zu %lld-%lld", i ? ", " : "", i, static_cast<long long>(*lo), static_cast<long long>(*hi));
+      load += strf("%slayer %zu %lld to %lld", i ? ", " : "", i, static_cast<long long>(*lo), static_cast<long long>(*hi));
     }
     const int64_t slots = probe.numel() * config.model.moe->top_k;
-    row("mixture of experts", strf("%lld experts per block, top %lld: tokens per expert (min-max) on the task %s "
-                                   "held-out set %s (even: %lld)",
+    row("mixture of experts", strf("%lld experts per block, top %lld; tokens per expert on held-out task B: %s (even "
+                                   "%lld)",
                                    static_cast<long long>(config.model.moe->experts),
-                                   static_cast<long long>(config.model.moe->top_k), trainer::task_label(Task::Reverse),
-                                   load.c_str(), static_cast<long long>(slots / config.model.moe->experts)));
+                                   static_cast<long long>(config.model.moe->top_k), load.c_str(),
+                                   static_cast<long long>(slots / config.model.moe->experts)));
   }
   row("wall time", strf("%.1f s", wall));
   row("peak memory", cuda_peak ? strf("%s on %s (max allocated), %s host (VmHWM)", mib(*cuda_peak).c_str(),
