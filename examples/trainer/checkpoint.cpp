@@ -128,15 +128,19 @@ void remove_checkpoint(const fs::path& out) {
   for (const fs::path& p : {new_dir(out), checkpoint_dir(out), old_dir(out)}) fs::remove_all(p);
 }
 
+void save_trainable(const fs::path& file, const torch::nn::Module& model) {
+  ms::StateDict tensors;
+  for (const auto& [key, value] : trainable_parameters(model)) tensors.emplace(key, value.detach());
+  ms::save_safetensors(file.string(), tensors, {{"format", "pt"}});
+}
+
 void save_checkpoint(const fs::path& out, const torch::nn::Module& model, const TrainingState& state,
                      const ordered_json& config) {
   recover_checkpoint(out);  // a complete checkpoint in place, nothing else
   const fs::path dir = checkpoint_dir(out), fresh = new_dir(out), old = old_dir(out);
   fs::create_directories(fresh);
 
-  ms::StateDict tensors;
-  for (const auto& [key, value] : trainable_parameters(model)) tensors.emplace(key, value.detach());
-  ms::save_safetensors((fresh / kTrainable).string(), tensors, {{"format", "pt"}});
+  save_trainable(fresh / kTrainable, model);
   ms::write_file_atomically((fresh / kOptimizer).string(), state.optimizer);
   const ordered_json j = {{"format", kFormat},
                           {"version", kVersion},

@@ -44,6 +44,10 @@ void remove_checkpoint(const std::filesystem::path& out);
 void save_checkpoint(const std::filesystem::path& out, const torch::nn::Module& model, const TrainingState& state,
                      const nlohmann::ordered_json& config);
 
+/// Writes every trainable parameter of `model` (requires_grad), under its
+/// model key, to the safetensors file `file`: what `load_trainable` reads.
+void save_trainable(const std::filesystem::path& file, const torch::nn::Module& model);
+
 struct Checkpoint {
   TrainingState state;           // `origin` names the checkpoint directory
   nlohmann::ordered_json config;  // the run config it was saved with

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <tuple>
 #include <limits>
 
 namespace trainer {
@@ -19,7 +20,7 @@ void init_gpt_weights(torch::nn::Module& model) {
     at::Tensor& p = item.value();
     if (key.size() >= 5 && key.compare(key.size() - 5, 5, ".bias") == 0) {
       if (key.find("norm") == std::string::npos) p.zero_();
-    } else if (p.dim() == 2) {
+    } else if (p.dim() >= 2) {  // Linear, Embedding, and each expert of a GroupedLinear
       p.normal_(0.0, 0.02);
     }
   }
@@ -51,15 +52,55 @@ MlpImpl::MlpImpl(int64_t d_model, int64_t d_ff)
 
 at::Tensor MlpImpl::forward(const at::Tensor& x) { return down_proj(at::gelu(up_proj(x))); }
 
+ExpertsImpl::ExpertsImpl(int64_t experts, int64_t d_model, int64_t d_ff)
+    : gate_proj(register_module("gate_proj", d9d::nn::GroupedLinear(experts, d_model, d_ff))),
+      up_proj(register_module("up_proj", d9d::nn::GroupedLinear(experts, d_model, d_ff))),
+      down_proj(register_module("down_proj", d9d::nn::GroupedLinear(experts, d_ff, d_model))) {}
+
+at::Tensor ExpertsImpl::forward(const at::Tensor& x, const at::Tensor& counts) {
+  return down_proj(at::silu(gate_proj(x, counts)) * up_proj(x, counts), counts);
+}
+
+MoeMlpImpl::MoeMlpImpl(int64_t d_model, int64_t d_ff, int64_t experts_, int64_t k)
+    : n_experts(experts_),
+      top_k(k),
+      router(register_module("router",
+                             d9d::nn::Linear(torch::nn::LinearOptions(d_model, experts_).bias(false)))),
+      experts(register_module("experts", Experts(experts_, d_model, d_ff))),
+      routed(at::zeros({experts_}, at::kLong)) {}
+
+at::Tensor MoeMlpImpl::forward(const at::Tensor& input) {
+  const at::Tensor x = input.reshape({-1, input.size(-1)});  // [T, d]
+  const auto top = at::softmax(router(x), -1).topk(top_k, -1);
+  const at::Tensor weights = std::get<0>(top) / std::get<0>(top).sum(-1, /*keepdim=*/true);  // [T, k]
+  const at::Tensor flat = std::get<1>(top).reshape({-1});  // [T * k]: the expert of each (token, slot)
+  const at::Tensor order = std::get<1>(flat.sort(c10::optional<bool>(true), /*dim=*/0)  /* stable */);
+  const at::Tensor token = order.div(top_k, "floor");  // the token of each sorted slot
+  const at::Tensor counts = at::bincount(flat, {}, n_experts).cpu();  // read on the host by the grouped layers
+  {
+    at::NoGradGuard no_grad;
+    routed += counts;
+  }
+  const at::Tensor slot_weights = weights.reshape({-1}).index_select(0, order).unsqueeze(1);
+  const at::Tensor y = experts(x.index_select(0, token), counts) * slot_weights;
+  return at::zeros_like(x).index_add(0, token, y).view(input.sizes());
+}
+
 BlockImpl::BlockImpl(const GptConfig& c)
     : attn_norm(register_module("attn_norm", layer_norm(c.d_model))),
       attention(register_module("attention", Attention(c.d_model, c.n_heads))),
-      mlp_norm(register_module("mlp_norm", layer_norm(c.d_model))),
-      mlp(register_module("mlp", Mlp(c.d_model, c.d_ff))) {}
+      mlp_norm(register_module("mlp_norm", layer_norm(c.d_model))) {
+  if (c.experts > 0) {
+    moe = register_module("mlp", MoeMlp(c.d_model, c.d_ff, c.experts, c.top_k));
+  } else {
+    mlp = register_module("mlp", Mlp(c.d_model, c.d_ff));
+  }
+}
 
 at::Tensor BlockImpl::forward(at::Tensor x) {
   x = x + attention(attn_norm(x));
-  return x + mlp(mlp_norm(x));
+  const at::Tensor h = mlp_norm(x);
+  return x + (moe ? moe(h) : mlp(h));
 }
 
 GptImpl::GptImpl(const GptConfig& c)

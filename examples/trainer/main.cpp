@@ -3,7 +3,8 @@
 // pretrain the base on task A (once; saved as a safetensors checkpoint)
 //   -> build a fresh model, inject PEFT, load the base through the mapper
 //   -> fine-tune the adapter on task B -> score A and B
-//   -> save the adapter (Hugging Face PEFT format) and what full_tune trained
+//   -> save the adapter (Hugging Face PEFT format; LoRA on grouped experts in
+//      the trainer's own form) and what full_tune trained
 //      (full_tune/model.safetensors, under the base's keys); load them back
 //   -> merge, check merged == unmerged, export the merged checkpoint.
 // Fine-tuning can stop (Ctrl-C, --stop-after-step) and go on later from its
@@ -17,6 +18,7 @@
 #include <d9d/distributed/launch.h>
 #include <d9d/distributed/process_group.h>
 #include <d9d/peft.h>
+#include <d9d/peft/lora/grouped_linear.h>
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -27,6 +29,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <cstdarg>
 #include <chrono>
@@ -225,6 +228,39 @@ void save_full_tune(torch::nn::Module& model, const std::map<std::string, std::s
   ms::save_safetensors(file.string(), tensors, {{"format", "pt"}});
 }
 
+/// The LoRA layers on grouped experts (d9d::nn::GroupedLinear), which
+/// hf::save_adapter cannot write.
+std::vector<std::string> grouped_lora_layers(const torch::nn::Module& model) {
+  std::vector<std::string> names;
+  for (const auto& entry : peft::adapter_layers(model)) {
+    if (dynamic_cast<const peft::LoRAGroupedLayer*>(entry.layer) != nullptr) names.push_back(entry.name);
+  }
+  return names;
+}
+
+// The adapter of a model with LoRA on grouped experts, in the trainer's form:
+// every trainable parameter under the injected model's keys, and the d9d PEFT
+// config that injects the layers they belong to.
+constexpr const char* kD9dAdapterTensors = "adapter.safetensors";
+constexpr const char* kD9dAdapterConfig = "peft_config.json";
+
+void save_d9d_adapter(const torch::nn::Module& model, const peft::AnyPeftConfig& config, const fs::path& dir) {
+  fs::create_directories(dir);
+  trainer::save_trainable(dir / kD9dAdapterTensors, model);
+  nlohmann::ordered_json j;
+  peft::to_json(j, config);
+  ms::write_file_atomically((dir / kD9dAdapterConfig).string(), j.dump(2) + "\n");
+}
+
+/// The MoE blocks of `model`, in layer order (none for a dense model).
+std::vector<trainer::MoeMlpImpl*> moe_blocks(trainer::Gpt& model) {
+  std::vector<trainer::MoeMlpImpl*> blocks;
+  for (const auto& layer : *model->layers) {
+    if (auto& moe = layer->as<trainer::BlockImpl>()->moe) blocks.push_back(moe.get());
+  }
+  return blocks;
+}
+
 bool checkpoint_exists(const fs::path& p) {
   return fs::is_regular_file(p) || fs::exists(p / "model.safetensors") || fs::exists(p / "model.safetensors.index.json");
 }
@@ -270,6 +306,10 @@ trainer::GptConfig gpt_config(const trainer::RunConfig& c) {
   g.n_layers = c.model.n_layers;
   g.n_heads = c.model.n_heads;
   g.d_ff = c.model.d_ff;
+  if (c.model.moe) {
+    g.experts = c.model.moe->experts;
+    g.top_k = c.model.moe->top_k;
+  }
   return g;
 }
 
@@ -520,16 +560,23 @@ int run(int argc, char** argv) {
   // Rank 0 holds what every rank holds: it alone saves, scores, merges and reports.
   if (!primary) return tuned.interrupted ? 130 : 0;
 
-  // 4. The adapter, in Hugging Face PEFT format (LoRA layers only), and the
-  // weights full_tune trained, under the base checkpoint's keys.
+  // 4. The adapter, in Hugging Face PEFT format (LoRA layers only; with LoRA on
+  // grouped experts, the trainer's form), and the weights full_tune trained,
+  // under the base checkpoint's keys.
   const fs::path adapter_dir = out / "adapter";
   const fs::path full_tune_file = out / "full_tune" / "model.safetensors";
   const bool has_lora = !peft::adapter_names(*model).empty();
   const bool has_full_tune = !tuned_keys.empty();
-  if (has_lora) {
+  // LoRA on grouped experts has no Hugging Face PEFT form (hf::save_adapter
+  // refuses it): such an adapter is saved in the trainer's form instead.
+  const std::vector<std::string> grouped_lora = grouped_lora_layers(*model);
+  const bool hf_adapter = has_lora && grouped_lora.empty();
+  if (hf_adapter) {
     peft::hf::SaveAdapterOptions save;
     save.base_model_name_or_path = base_path.string();
     peft::hf::save_adapter(*model, adapter_dir.string(), save);
+  } else if (has_lora) {
+    save_d9d_adapter(*model, config.peft, adapter_dir);
   }
   if (has_full_tune) save_full_tune(*model, tuned_keys, full_tune_file);
   if (tuned.interrupted || tuned.stopped) {
@@ -546,7 +593,15 @@ int run(int argc, char** argv) {
   const double b_after = trainer::accuracy(model, Task::Reverse, config.task, device);
   const double a_after = trainer::accuracy(model, Task::Copy, config.task, device);
   const at::Tensor probe = trainer::heldout_set(Task::Reverse, config.task).inputs.to(device);
+  // The load balance: tokens each expert gets on the held-out task B set.
+  const std::vector<trainer::MoeMlpImpl*> moe = moe_blocks(model);
+  for (auto* block : moe) block->routed.zero_();
   const at::Tensor tuned_logits = trainer::answer_logits(model, probe, config.task);
+  std::vector<std::vector<int64_t>> routed;
+  for (auto* block : moe) {
+    const at::Tensor r = block->routed.contiguous();
+    routed.emplace_back(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + r.numel());
+  }
 
   // 5. What was saved loads back into a fresh base and computes what the trained
   // model did: the full_tune weights over the base (through the identity, not
@@ -554,7 +609,26 @@ int run(int argc, char** argv) {
   std::string reload = "skipped: nothing was saved";
   bool reload_ok = true;
   std::optional<double> reload_diff;
-  if (has_lora || has_full_tune) {
+  if (has_lora && !hf_adapter) {
+    // The trainer's form: inject the saved config into a fresh model, load the
+    // base through its mapper, then every saved trainable tensor (strictly).
+    trainer::Gpt fresh(model_config);
+    const fs::path config_file = adapter_dir / kD9dAdapterConfig;
+    std::ifstream in(config_file);
+    peft::AnyPeftConfig saved_config;
+    try {
+      saved_config = nlohmann::json::parse(in).get<peft::AnyPeftConfig>();
+    } catch (const std::exception& e) {
+      throw std::runtime_error(config_file.string() + ": not a d9d PEFT config: " + e.what());
+    }
+    auto saved_method = peft::peft_method_from_config(saved_config);
+    auto fresh_mapper = peft::inject_peft_and_freeze(*saved_method, fresh);
+    load_base(base_path, *fresh_mapper, fresh, device);
+    trainer::load_trainable(adapter_dir / kD9dAdapterTensors, *fresh);
+    reload_diff = max_abs_diff(trainer::answer_logits(fresh, probe, config.task), tuned_logits);
+    reload_ok = *reload_diff <= 1e-4;
+    reload = strf("max |diff| %.1e: %s", *reload_diff, reload_ok ? "ok" : "FAILED (> 1e-4)");
+  } else if (has_lora || has_full_tune) {
     trainer::Gpt fresh(model_config);
     load_base(base_path, *ms::identity_mapper_from_module(*fresh), fresh, device);
     if (has_full_tune) {
@@ -618,13 +692,31 @@ int run(int argc, char** argv) {
                               static_cast<long long>(ddp->bucket_count()), ddp->bucket_count() > 1 ? "s" : "",
                               tuned.seconds > 0 ? 100.0 * stats.total_wait_seconds / tuned.seconds : 0.0));
   }
+  if (!moe.empty()) {
+    std::string load;
+    for (size_t i = 0; i < routed.size(); ++i) {
+      const auto [lo, hi] = std::minmax_element(routed[i].begin(), routed[i].end());
+      load += strf("%slayer %zu %lld to %lld", i ? ", " : "", i, static_cast<long long>(*lo), static_cast<long long>(*hi));
+    }
+    const int64_t slots = probe.numel() * config.model.moe->top_k;
+    row("mixture of experts", strf("%lld experts per block, top %lld; tokens per expert on held-out task B: %s (even "
+                                   "%lld)",
+                                   static_cast<long long>(config.model.moe->experts),
+                                   static_cast<long long>(config.model.moe->top_k), load.c_str(),
+                                   static_cast<long long>(slots / config.model.moe->experts)));
+  }
   row("wall time", strf("%.1f s", wall));
   row("peak memory", cuda_peak ? strf("%s on %s (max allocated), %s host (VmHWM)", mib(*cuda_peak).c_str(),
                                      device.str().c_str(), mib(rss).c_str())
                                : mib(rss) + " (VmHWM)");
   row("merged vs unmerged", strf("max |diff| %.1e: %s", merge_diff, merge_ok ? "ok" : "FAILED (> 1e-4)"));
   row(has_lora ? "adapter reload" : "full_tune reload", reload);
-  row("adapter", has_lora ? adapter_dir.string() : std::string("(none: no LoRA layer, so no Hugging Face adapter)"));
+  row("adapter", !has_lora    ? std::string("(none: no LoRA layer, so no Hugging Face adapter)")
+                 : hf_adapter ? adapter_dir.string()
+                              : strf("%s (d9d form: %s and %s; LoRA on grouped experts, e.g. %s, has no Hugging "
+                                     "Face PEFT form)",
+                                     adapter_dir.string().c_str(), kD9dAdapterTensors, kD9dAdapterConfig,
+                                     grouped_lora.front().c_str()));
   if (has_full_tune) {
     row("full_tune weights",
         full_tune_file.string() + " (" + std::to_string(tuned_keys.size()) + " tensors, the base's keys)");
@@ -654,6 +746,11 @@ int run(int argc, char** argv) {
       {"merge_max_abs_diff", merge_diff},
       {"reload_max_abs_diff", reload_diff ? nlohmann::ordered_json(*reload_diff) : nlohmann::ordered_json(nullptr)},
       {"adapter", has_lora ? nlohmann::ordered_json(adapter_dir.string()) : nlohmann::ordered_json(nullptr)},
+      {"adapter_format", !has_lora ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(hf_adapter ? "hf_peft" : "d9d")},
+      {"moe", moe.empty() ? nlohmann::ordered_json(nullptr)
+                          : nlohmann::ordered_json{{"experts", config.model.moe->experts},
+                                                   {"top_k", config.model.moe->top_k},
+                                                   {"routed_tokens_per_expert", routed}}},
       {"full_tune_weights",
        has_full_tune ? nlohmann::ordered_json(full_tune_file.string()) : nlohmann::ordered_json(nullptr)},
       {"ok", merge_ok && reload_ok}};

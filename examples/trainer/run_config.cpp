@@ -144,11 +144,22 @@ RunConfig parse_run_config(const json& j, RunConfig c) {
     s.integer("eval_sequences", c.task.eval_sequences, 1);
   }
   if (const json* v = root.find("model")) {
-    Section s(*v, "model", {"d_model", "n_layers", "n_heads", "d_ff"});
+    Section s(*v, "model", {"d_model", "n_layers", "n_heads", "d_ff", "moe"});
     s.integer("d_model", c.model.d_model, 1);
     s.integer("n_layers", c.model.n_layers, 1);
     s.integer("n_heads", c.model.n_heads, 1);
     s.integer("d_ff", c.model.d_ff, 1);
+    if (const json* m = s.find("moe")) {
+      if (m->is_null()) {
+        c.model.moe.reset();
+      } else {
+        Section moe(*m, "model.moe", {"experts", "top_k"});
+        MoeConfig parsed;
+        moe.integer("experts", parsed.experts, 1, 4096);
+        moe.integer("top_k", parsed.top_k, 1, 4096);
+        c.model.moe = parsed;
+      }
+    }
   }
   parse_optim(root, "pretrain", c.pretrain);
   parse_optim(root, "finetune", c.finetune, &c.finetune);
@@ -187,6 +198,11 @@ void validate(const RunConfig& c) {
     throw ConfigError("model.n_heads", "must divide model.d_model (" + std::to_string(c.model.d_model) + "), got " +
                                            std::to_string(c.model.n_heads));
   }
+  if (c.model.moe && c.model.moe->top_k > c.model.moe->experts) {
+    throw ConfigError("model.moe.top_k", "must be at most model.moe.experts (" + std::to_string(c.model.moe->experts) +
+                                             "): each token goes to top_k different experts, got " +
+                                             std::to_string(c.model.moe->top_k));
+  }
   d9d::peft::validate(c.peft, "peft");
 }
 
@@ -222,7 +238,9 @@ nlohmann::ordered_json to_json(const RunConfig& c) {
            {{"d_model", c.model.d_model},
             {"n_layers", c.model.n_layers},
             {"n_heads", c.model.n_heads},
-            {"d_ff", c.model.d_ff}}},
+            {"d_ff", c.model.d_ff},
+            {"moe", c.model.moe ? nlohmann::ordered_json{{"experts", c.model.moe->experts}, {"top_k", c.model.moe->top_k}}
+                                : nlohmann::ordered_json(nullptr)}}},
           {"pretrain", optim_json(c.pretrain)},
           {"finetune", finetune_json(c.finetune)},
           {"peft", peft}};

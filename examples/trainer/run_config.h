@@ -22,11 +22,20 @@ struct TaskConfig {
   int64_t eval_sequences = 1024;
 };
 
+/// A routed mixture of experts in place of each block's MLP.
+struct MoeConfig {
+  int64_t experts = 8;
+  int64_t top_k = 2;
+};
+
 struct ModelConfig {
   int64_t d_model = 128;
   int64_t n_layers = 2;
   int64_t n_heads = 4;
+  /// The MLP's hidden width; with `moe`, each expert's.
   int64_t d_ff = 256;
+  /// Absent: a dense GELU MLP per block.
+  std::optional<MoeConfig> moe;
 };
 
 struct OptimConfig {
