@@ -8,7 +8,12 @@
 #include "test_util.h"
 #include "toy_moe.h"
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
+#include <string>
+#include <utility>
+#include <vector>
 
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -147,6 +152,79 @@ TEST(GroupedLoRA, GradientsReachOnlyTheAdapters) {
   }
   const auto& up = lora_at(*model, "layers.0.moe.experts.up_proj");
   EXPECT_GT(up.lora_B->weight.grad().abs().sum().item<double>(), 0.0);
+}
+
+TEST(GroupedLoRA, GradientsEqualThoseOfThePerExpertFormula) {
+  // The single-adapter CPU path is one autograd node with its own backward;
+  // its gradients must be those autograd derives through the plain formula.
+  torch::manual_seed(8);
+  const std::vector<int64_t> sizes = {4, 0, 3, 5};
+  for (const bool base_trains : {false, true}) {
+    for (const bool expanded_grad : {false, true}) {
+      auto base = std::make_shared<d9d::nn::GroupedLinearImpl>(4, 6, 5);
+      peft::LoRAGroupedLinear lora(base, peft::LoRAParameters().r(3).alpha(7));
+      lora->to(torch::kDouble);
+      randomise(lora->adapter(peft::kDefaultAdapterName));
+      base->weight.requires_grad_(base_trains);
+      const auto x = torch::randn({12, 6}, torch::kDouble).requires_grad_(true);
+      const auto g = torch::randn({12, 5}, torch::kDouble);
+      const auto y = lora(x, sizes_tensor(sizes));
+      (expanded_grad ? y.sum() : (y * g).sum()).backward();
+
+      const auto w = base->weight.detach().clone().requires_grad_(true);
+      const auto a = lora->lora_A->weight.detach().clone().requires_grad_(true);
+      const auto b = lora->lora_B->weight.detach().clone().requires_grad_(true);
+      const auto xr = x.detach().clone().requires_grad_(true);
+      const auto ref = per_expert(xr, w, sizes) + lora->scale() * per_expert(per_expert(xr, a, sizes), b, sizes);
+      EXPECT_LE(max_diff(y, ref), 1e-12);
+      (expanded_grad ? ref.sum() : (ref * g).sum()).backward();
+      const std::string what = std::string(base_trains ? "base trained" : "base frozen") +
+                               (expanded_grad ? ", y.sum()" : ", (y * g).sum()");
+      EXPECT_LE(max_diff(x.grad(), xr.grad()), 1e-12) << what;
+      EXPECT_LE(max_diff(lora->lora_A->weight.grad(), a.grad()), 1e-12) << what;
+      EXPECT_LE(max_diff(lora->lora_B->weight.grad(), b.grad()), 1e-12) << what;
+      EXPECT_EQ(lora->lora_A->weight.grad()[1].abs().sum().item<double>(), 0.0) << "the empty group: " << what;
+      ASSERT_EQ(base->weight.grad().defined(), base_trains) << what;
+      if (base_trains) EXPECT_LE(max_diff(base->weight.grad(), w.grad()), 1e-12) << what;
+    }
+  }
+}
+
+TEST(GroupedLoRA, GradientsWithDropoutEqualFiniteDifferences) {
+  // Dropout's mask is drawn from the default generator: reseeding before each
+  // forward makes the layer a fixed function, linear in x, in A and in B, so
+  // central differences give its directional derivatives exactly (up to rounding).
+  torch::manual_seed(9);
+  auto base = std::make_shared<d9d::nn::GroupedLinearImpl>(3, 8, 4);
+  peft::LoRAGroupedLinear lora(base, peft::LoRAParameters().r(2).alpha(4).dropout(0.5));
+  lora->to(torch::kDouble);
+  lora->train();
+  randomise(lora->adapter(peft::kDefaultAdapterName));
+  const std::vector<int64_t> sizes = {5, 2, 3};
+  const auto x = torch::randn({10, 8}, torch::kDouble).requires_grad_(true);
+  const auto g = torch::randn({10, 4}, torch::kDouble);
+  auto loss = [&] {
+    torch::manual_seed(123);
+    return (lora(x, sizes_tensor(sizes)) * g).sum();
+  };
+  loss().backward();
+  for (const auto& [name, t] : std::vector<std::pair<std::string, at::Tensor>>{
+           {"x", x}, {"lora_A", lora->lora_A->weight}, {"lora_B", lora->lora_B->weight}}) {
+    const auto v = torch::randn_like(t);
+    const double eps = 1e-3;
+    double up = 0, down = 0;
+    {
+      torch::NoGradGuard no_grad;
+      t.add_(v, eps);
+      up = loss().item<double>();
+      t.sub_(v, 2 * eps);
+      down = loss().item<double>();
+      t.add_(v, eps);
+    }
+    const double numeric = (up - down) / (2 * eps);
+    const double analytic = (t.grad() * v).sum().item<double>();
+    EXPECT_NEAR(analytic, numeric, 1e-8 * std::max(1.0, std::abs(numeric))) << name;
+  }
 }
 
 TEST(GroupedLoRA, TwoAdaptersSwitchAndDelete) {

@@ -6,9 +6,13 @@
 #include "reset.h"
 
 #include <ATen/Functions.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include <fmt/format.h>
+
+#include <utility>
+#include <vector>
 
 #include "dropout.h"
 
@@ -112,10 +116,125 @@ at::Tensor grouped_term(LoRAGroupedLinearAdapterImpl& a, const at::Tensor& input
   return low.mul(a.scale()).to(like);
 }
 
+/// `x @ W_g + alpha * (h @ A_g) @ B_g` for the rows of each group g, into one
+/// output: each group's low-rank product is accumulated into its rows of the
+/// base product by one addmm_ (alpha carries the scale), so the term is never
+/// a separate [tokens, out] tensor to scale and add. Returns the output and
+/// `h @ A_g` per group ([tokens, r], which backward needs).
+std::pair<at::Tensor, at::Tensor> fused_product(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+                                                const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                c10::ArrayRef<int64_t> sizes, double alpha) {
+  at::Tensor out = at::empty({x.size(0), weight.size(2)}, x.options());
+  at::Tensor low = at::empty({x.size(0), lora_a.size(2)}, x.options());
+  int64_t begin = 0;
+  for (size_t g = 0; g < sizes.size(); ++g) {
+    const int64_t n = sizes[g];
+    if (n == 0) continue;
+    const auto e = static_cast<int64_t>(g);
+    at::Tensor rows = out.narrow(0, begin, n);
+    at::Tensor low_rows = low.narrow(0, begin, n);
+    at::mm_out(rows, x.narrow(0, begin, n), weight.select(0, e));
+    at::mm_out(low_rows, h.narrow(0, begin, n), lora_a.select(0, e));
+    rows.addmm_(low_rows, lora_b.select(0, e), /*beta=*/1.0, /*alpha=*/alpha);
+    begin += n;
+  }
+  return {out, low};
+}
+
+/// `fused_product` as one autograd node. Per-group autograd (split, a node
+/// per product, cat) would cost a full-size [tokens, in] gradient for the
+/// low-rank path plus the add and the concatenation that join it to the
+/// base's; backward here writes each group's input gradient in place (the
+/// base's product, then the low-rank one added by addmm_) and each expert's
+/// A and B gradients straight into their slices. Inputs: x, h (the dropped
+/// input, or x itself), weight [G, in, out], A [G, in, r], B [G, r, out].
+struct GroupedLoRAProduct : public torch::autograd::Function<GroupedLoRAProduct> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h,
+                            const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                            const std::vector<int64_t>& sizes, double alpha) {
+    auto [out, low] = fused_product(x, h, weight, lora_a, lora_b, sizes, alpha);
+    ctx->save_for_backward({x, h, weight, lora_a, lora_b, low});
+    ctx->saved_data["sizes"] = sizes;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["shared"] = h.is_same(x);
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &h = saved[1], &weight = saved[2], &lora_a = saved[3], &lora_b = saved[4],
+                     &low = saved[5];
+    const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
+    const double alpha = ctx->saved_data["alpha"].toDouble();
+    const bool shared = ctx->saved_data["shared"].toBool();
+    const at::Tensor grad = grads[0].contiguous();
+    at::Tensor dx, dh, dw, da, db, dlow;
+    if (ctx->needs_input_grad(0)) dx = at::empty_like(x);
+    if (!shared && ctx->needs_input_grad(1)) dh = at::empty_like(h);
+    if (ctx->needs_input_grad(2)) dw = at::zeros_like(weight);
+    if (ctx->needs_input_grad(3)) da = at::zeros_like(lora_a);
+    if (ctx->needs_input_grad(4)) db = at::zeros_like(lora_b);
+    if ((dx.defined() && shared) || dh.defined() || da.defined()) dlow = at::empty_like(low);
+    int64_t begin = 0;
+    for (size_t g = 0; g < sizes.size(); ++g) {
+      const int64_t n = sizes[g];
+      if (n == 0) continue;
+      const auto e = static_cast<int64_t>(g);
+      const at::Tensor grad_rows = grad.narrow(0, begin, n);
+      const at::Tensor a_e = lora_a.select(0, e);
+      at::Tensor dlow_rows;
+      if (dlow.defined()) {
+        dlow_rows = dlow.narrow(0, begin, n);
+        dlow_rows.addmm_(grad_rows, lora_b.select(0, e).t(), /*beta=*/0.0, /*alpha=*/alpha);
+      }
+      if (db.defined()) db.select(0, e).addmm_(low.narrow(0, begin, n).t(), grad_rows, 0.0, alpha);
+      if (da.defined()) da.select(0, e).addmm_(h.narrow(0, begin, n).t(), dlow_rows, 0.0, 1.0);
+      if (dw.defined()) dw.select(0, e).addmm_(x.narrow(0, begin, n).t(), grad_rows, 0.0, 1.0);
+      if (dx.defined()) {
+        at::Tensor dx_rows = dx.narrow(0, begin, n);
+        at::mm_out(dx_rows, grad_rows, weight.select(0, e).t());
+        if (shared) dx_rows.addmm_(dlow_rows, a_e.t());
+      }
+      if (dh.defined()) {
+        at::Tensor dh_rows = dh.narrow(0, begin, n);
+        at::mm_out(dh_rows, dlow_rows, a_e.t());
+      }
+      begin += n;
+    }
+    return {dx, dh, dw, da, db, at::Tensor(), at::Tensor()};
+  }
+};
+
+/// Base plus one adapter on the CPU (see `GroupedLoRAProduct`): the same
+/// arithmetic as `base + grouped_term`, with a third of the full-size passes.
+at::Tensor fused_forward(LoRAGroupedLinearAdapterImpl& a, const at::Tensor& input, const at::Tensor& weight,
+                         const std::vector<int64_t>& sizes, bool training) {
+  at::Tensor h = input;
+  const double p = a.options().dropout();
+  if (p > 0.0 && training) {
+    h = lora::cpu_dropout_applies(h) ? lora::CpuDropout::apply(h, p, 1.0 / (1.0 - p)) : a.dropout->forward(h);
+  }
+  const at::Tensor& lora_a = a.lora_A->weight;
+  const at::Tensor& lora_b = a.lora_B->weight;
+  const bool grad = torch::GradMode::is_enabled() && (input.requires_grad() || h.requires_grad() ||
+                                                      weight.requires_grad() || lora_a.requires_grad() ||
+                                                      lora_b.requires_grad());
+  if (!grad) return fused_product(input, h, weight, lora_a, lora_b, sizes, a.scale()).first;
+  return GroupedLoRAProduct::apply(input, h, weight, lora_a, lora_b, sizes, a.scale());
+}
+
 }  // namespace
 
 at::Tensor LoRAGroupedLinearImpl::forward(const at::Tensor& input, const at::Tensor& group_sizes) {
   const std::vector<int64_t> sizes = base->check_input(input, group_sizes);
+  if (enabled_ && mixed_batch() == nullptr && active_.size() == 1 && !is_merged(active_.front()) &&
+      input.is_cpu()) {
+    LoRAGroupedLinearAdapterImpl& a = *find(active_.front());
+    if (a.lora_A->weight.scalar_type() == input.scalar_type()) {
+      return fused_forward(a, input, base->weight, sizes, is_training());
+    }
+  }
   at::Tensor out = d9d::nn::grouped_linear(input, base->weight, sizes);
   if (!enabled_) return out;
   if (mixed_batch() != nullptr) return forward_mixed(input, sizes, out);
