@@ -8,9 +8,13 @@
 #include "test_util.h"
 #include "toy_moe.h"
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -356,13 +360,236 @@ TEST(GroupedLoRA, DoRAIsRefusedNamingTheLayer) {
               ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("not supported on grouped expert layers")));
 }
 
-TEST(GroupedLoRA, SavingInHuggingFaceFormatIsAClearError) {
+// ------------------------------------- PEFT's target_parameters adapter files
+
+namespace {
+
+/// A ToyMoE with a random LoRA adapter (r 2, alpha 4) on every expert layer.
+toy::ToyMoE adapted_moe(const toy::MoEConfig& c = {}, int64_t r = 2) {
+  torch::manual_seed(21);
+  toy::ToyMoE model(c);
+  model->eval();
+  peft::LoRA lora({kExperts, peft::LoRAParameters().r(r).alpha(4)});
+  peft::inject_peft_and_freeze(lora, model);
+  randomise_all(*model);
+  return model;
+}
+
+nlohmann::json read_config(const std::string& dir) {
+  std::ifstream in(dir + "/adapter_config.json");
+  return nlohmann::json::parse(in);
+}
+
+void write_config(const std::string& dir, const nlohmann::json& j) { std::ofstream(dir + "/adapter_config.json") << j.dump(2); }
+
+ms::StateDict read_weights(const std::string& dir) { return peft::hf::read_adapter_files(dir).tensors; }
+
+void write_weights(const std::string& dir, const ms::StateDict& t) {
+  ms::save_safetensors(dir + "/adapter_model.safetensors", t, {{"format", "pt"}});
+}
+
+/// The model's parameter names and values, to see that a failed load left it alone.
+std::map<std::string, at::Tensor> snapshot(torch::nn::Module& m) {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& p : m.named_parameters()) out.emplace(p.key(), p.value().detach().clone());
+  return out;
+}
+
+bool same(const std::map<std::string, at::Tensor>& a, const std::map<std::string, at::Tensor>& b) {
+  if (a.size() != b.size()) return false;
+  for (const auto& [k, v] : a) {
+    if (!b.count(k) || !torch::equal(v, b.at(k))) return false;
+  }
+  return true;
+}
+
+const std::string kPrefix = "base_model.model.layers.0.moe.experts.";
+
+}  // namespace
+
+TEST(GroupedLoRA, SavedAsPeftTargetParametersWithPeftsKeysAndFactorLayout) {
+  toy::MoEConfig c;  // d 16, f 24, 4 experts
+  auto model = adapted_moe(c);
+  d9d_test::TempDir dir;
+  peft::hf::save_adapter(*model, dir / "adapter");
+  const auto config = read_config(dir / "adapter");
+  EXPECT_TRUE(config.at("target_modules").is_null());
+  EXPECT_EQ(config.at("target_parameters"),
+            nlohmann::json({"layers.0.moe.experts.gate_proj", "layers.0.moe.experts.up_proj",
+                            "layers.0.moe.experts.down_proj", "layers.1.moe.experts.gate_proj",
+                            "layers.1.moe.experts.up_proj", "layers.1.moe.experts.down_proj"}));
+  EXPECT_EQ(config.at("r"), 2);
+  const auto file = read_weights(dir / "adapter");
+  EXPECT_EQ(file.size(), 12u);
+  // Three targeted parameters of one module: the first registered is innermost.
+  const std::map<std::string, std::string> prefix = {{"gate_proj", kPrefix + "base_layer.base_layer."},
+                                                     {"up_proj", kPrefix + "base_layer."},
+                                                     {"down_proj", kPrefix}};
+  for (const auto& [name, key] : prefix) {
+    auto& layer = lora_at(*model, "layers.0.moe.experts." + name);
+    const auto a_g = layer.lora_A->weight, b_g = layer.lora_B->weight;  // [E, in, r], [E, r, out]
+    const int64_t in = a_g.size(1), out = b_g.size(2), r = 2, e_count = c.experts;
+    const auto a = file.at(key + "lora_A.weight"), b = file.at(key + "lora_B.weight");
+    ASSERT_EQ(a.sizes(), (std::vector<int64_t>{r * e_count, in})) << name;
+    ASSERT_EQ(b.sizes(), (std::vector<int64_t>{out, r * e_count})) << name;
+    for (int64_t e = 0; e < e_count; ++e) {
+      // The spec: A_e = rows e*r..(e+1)*r of lora_A, B_e = columns e::E of lora_B; A_g[e] = A_e.T, B_g[e] = B_e.T.
+      EXPECT_TRUE(torch::equal(a.slice(0, e * r, (e + 1) * r), a_g[e].t())) << name << " expert " << e;
+      EXPECT_TRUE(torch::equal(b.slice(1, e, b.size(1), e_count), b_g[e].t())) << name << " expert " << e;
+    }
+  }
+
+  // Loaded back into a fresh model: the same outputs as the adapted model.
+  torch::manual_seed(21);
+  toy::ToyMoE fresh(c);
+  fresh->eval();
+  peft::hf::load_adapter(*fresh, dir / "adapter");
+  torch::NoGradGuard g;
+  const auto x = torch::randn({9, c.d});
+  EXPECT_LE(max_diff(fresh->forward(x), model->forward(x)), 1e-6);
+}
+
+TEST(GroupedLoRA, UndeclaredInOutStorageSwapsTheFactorsAsPeftDoes) {
+  toy::MoEConfig c;
+  auto model = adapted_moe(c);
+  d9d_test::TempDir dir;
+  peft::hf::SaveAdapterOptions options;
+  options.experts.storage(peft::hf::ExpertStorage::in_out_undeclared);
+  peft::hf::save_adapter(*model, dir / "adapter", options);
+  const auto file = read_weights(dir / "adapter");
+  auto& layer = lora_at(*model, "layers.0.moe.experts.gate_proj");  // in 16, out 24
+  const auto a = file.at(kPrefix + "base_layer.base_layer.lora_A.weight"),
+             b = file.at(kPrefix + "base_layer.base_layer.lora_B.weight");
+  ASSERT_EQ(a.sizes(), (std::vector<int64_t>{8, 24}));  // PEFT's "in" is the layer's out
+  ASSERT_EQ(b.sizes(), (std::vector<int64_t>{16, 8}));
+  // PEFT's delta on the stored [E, in, out] parameter: W[e] += s * B_e @ A_e, untransposed.
+  const double s = 4.0 / 2;
+  for (int64_t e = 0; e < c.experts; ++e) {
+    const auto delta = s * b.slice(1, e, 8, c.experts).matmul(a.slice(0, e * 2, e * 2 + 2));
+    EXPECT_LE(max_diff(delta, layer.delta_weight(peft::kDefaultAdapterName)[e]), 1e-6) << "expert " << e;
+  }
+  // Shapes tell the convention on load (the option does not matter for a non-square layer).
+  torch::manual_seed(21);
+  toy::ToyMoE fresh(c);
+  fresh->eval();
+  peft::hf::load_adapter(*fresh, dir / "adapter");
+  EXPECT_TRUE(torch::equal(lora_at(*fresh, "layers.0.moe.experts.gate_proj").delta_weight("default"),
+                           layer.delta_weight("default")));
+}
+
+TEST(GroupedLoRA, SquareExpertsAreReadAsTheStorageOptionSays) {
+  toy::MoEConfig c;
+  c.f = c.d;  // every expert layer square: the file cannot tell the convention
+  auto model = adapted_moe(c);
+  d9d_test::TempDir dir;
+  peft::hf::save_adapter(*model, dir / "adapter");  // out_in
+  auto load = [&](peft::hf::ExpertStorage storage) {
+    torch::manual_seed(21);
+    toy::ToyMoE fresh(c);
+    peft::hf::load_adapter(*fresh, dir / "adapter", "default", peft::hf::ExpertOptions().storage(storage));
+    return lora_at(*fresh, "layers.1.moe.experts.up_proj").delta_weight("default");
+  };
+  const auto want = lora_at(*model, "layers.1.moe.experts.up_proj").delta_weight("default");
+  EXPECT_TRUE(torch::equal(load(peft::hf::ExpertStorage::out_in), want));
+  EXPECT_TRUE(torch::equal(load(peft::hf::ExpertStorage::in_out), want));
+  // Read as Llama 4 writes: each expert's delta is the transpose.
+  EXPECT_LE(max_diff(load(peft::hf::ExpertStorage::in_out_undeclared), want.transpose(1, 2)), 1e-6);
+  EXPECT_GT(max_diff(want, want.transpose(1, 2)), 1e-3);
+}
+
+TEST(GroupedLoRA, PeftTargetParameterFilesThatDoNotFitAreRefusedAndTheModelIsUntouched) {
+  toy::MoEConfig c;
+  auto model = adapted_moe(c);
+  d9d_test::TempDir dir;
+  peft::hf::save_adapter(*model, dir / "good");
+  const auto good_config = read_config(dir / "good");
+  const auto good_weights = read_weights(dir / "good");
+  int n = 0;
+  auto refused = [&](const nlohmann::json& config, const ms::StateDict& weights, const std::vector<std::string>& says,
+                     const peft::hf::ExpertOptions& experts = {}) {
+    const std::string d = dir / ("bad" + std::to_string(n++));
+    std::filesystem::create_directories(d);
+    write_config(d, config);
+    write_weights(d, weights);
+    torch::manual_seed(21);
+    toy::ToyMoE fresh(c);
+    const auto before = snapshot(*fresh);
+    try {
+      peft::hf::load_adapter(*fresh, d, "default", experts);
+      ADD_FAILURE() << "loaded: " << config.dump();
+    } catch (const std::exception& e) {
+      for (const auto& s : says) EXPECT_THAT(e.what(), HasSubstr(s));
+    }
+    EXPECT_TRUE(same(before, snapshot(*fresh))) << "the model was changed";
+    EXPECT_TRUE(peft::adapter_names(*fresh).empty());
+  };
+  const std::string a0 = kPrefix + "lora_A.weight";  // layer 0's down_proj
+  {  // a missing factor
+    auto w = good_weights;
+    w.erase(a0);
+    refused(good_config, w, {"lacks", a0, "'layers.0.moe.experts.down_proj'"});
+  }
+  {  // an extra key
+    auto w = good_weights;
+    w.emplace("base_model.model.layers.0.moe.router.lora_A.weight", torch::zeros({2, 16}));
+    refused(good_config, w, {"no adapter layer", "layers.0.moe.router.lora_A.weight"});
+  }
+  {  // the wrong rank: the shapes named, expected and got
+    auto w = good_weights;
+    w[a0] = torch::zeros({12, 24});
+    refused(good_config, w, {a0, "[12, 24]", "expected [8, 24] and [16, 8]", "'layers.0.moe.experts.down_proj'"});
+  }
+  {  // NaN
+    auto w = good_weights;
+    w[a0] = w[a0].clone();
+    w[a0][0][0] = std::nanf("");
+    refused(good_config, w, {a0, "NaN"});
+  }
+  {  // an entry that names no grouped layer
+    auto j = good_config;
+    j["target_parameters"].push_back("moe.experts.side_proj");
+    refused(j, good_weights, {"target_parameters entry \"moe.experts.side_proj\" matches no grouped expert layer",
+                              "layers.0.moe.experts.down_proj"});
+  }
+  for (const auto& [field, value] : std::vector<std::pair<std::string, nlohmann::json>>{
+           {"lora_dropout", 0.1}, {"use_dora", true}, {"fan_in_fan_out", true}, {"lora_bias", true}}) {
+    auto j = good_config;
+    j[field] = value;
+    refused(j, good_weights, {"adapter_config.json: " + field});
+  }
+  {  // target_parameters not a list of names
+    auto j = good_config;
+    j["target_parameters"] = ".*experts.*";
+    refused(j, good_weights, {"target_parameters", "list of parameter names"});
+  }
+  {  // one expert stored [E, in, out] with is_transposed: PEFT itself cannot compute it
+    toy::MoEConfig one = c;
+    one.experts = 1;
+    one.top_k = 1;
+    auto single = adapted_moe(one);
+    peft::hf::save_adapter(*single, dir / "single");
+    torch::manual_seed(21);
+    toy::ToyMoE fresh(one);
+    const auto before = snapshot(*fresh);
+    EXPECT_THAT([&] { peft::hf::load_adapter(*fresh, dir / "single", "default",
+                                             peft::hf::ExpertOptions().storage(peft::hf::ExpertStorage::in_out)); },
+                ::testing::ThrowsMessage<peft::PeftError>(AllOf(HasSubstr("one expert"), HasSubstr("in_out"))));
+    EXPECT_TRUE(same(before, snapshot(*fresh)));
+    peft::hf::SaveAdapterOptions o;
+    o.experts.storage(peft::hf::ExpertStorage::in_out);
+    EXPECT_THAT([&] { peft::hf::save_adapter(*single, dir / "single_in_out", o); },
+                ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("one expert")));
+    EXPECT_FALSE(std::filesystem::exists(dir / "single_in_out")) << "nothing was written";
+  }
+}
+
+TEST(GroupedLoRA, SavingGroupedAdaptersWithDropoutIsAClearError) {
   toy::ToyMoE model;
-  peft::LoRA lora({kExperts, peft::LoRAParameters().r(2)});
+  peft::LoRA lora({kExperts, peft::LoRAParameters().r(2).dropout(0.1)});
   peft::inject_peft_and_freeze(lora, model);
   d9d_test::TempDir dir;
   EXPECT_THAT([&] { peft::hf::save_adapter(*model, dir / "adapter"); },
               ::testing::ThrowsMessage<peft::PeftError>(
-                  HasSubstr("'layers.0.moe.experts.gate_proj' is a LoRA layer on grouped experts")));
+                  AllOf(HasSubstr("'layers.0.moe.experts.gate_proj'"), HasSubstr("target_parameters, which take no dropout"))));
   EXPECT_FALSE(std::filesystem::exists(dir / "adapter")) << "nothing was written";
 }

@@ -10,6 +10,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -122,6 +123,9 @@ void inspect_adapter(const std::string& dir) {
   fmt::print("  {:<18} {}\n", "init_lora_weights:", init_str(c.init));
   fmt::print("  {:<18} {}\n", "target_modules:", selector_str(c.target_modules));
   fmt::print("  {:<18} {}\n", "exclude_modules:", selector_str(c.exclude_modules));
+  if (!c.target_parameters.empty()) {
+    fmt::print("  {:<18} {}\n", "target_parameters:", fmt::join(c.target_parameters, ", "));
+  }
   fmt::print("  {:<18} {}\n", "rank_pattern:", patterns_str(c.rank_pattern));
   fmt::print("  {:<18} {}\n", "alpha_pattern:", patterns_str(c.alpha_pattern));
   if (c.base_model_name_or_path) fmt::print("  {:<18} {}\n", "base_model_name_or_path:", *c.base_model_name_or_path);

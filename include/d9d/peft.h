@@ -35,6 +35,7 @@
 #include <d9d/peft/hf/config.h>
 #include <d9d/peft/hf/files.h>
 #include <d9d/peft/hf/merge.h>
+#include <d9d/peft/hf/target_parameters.h>
 #include <d9d/peft/hotswap.h>
 #include <d9d/peft/ia3/method.h>
 #include <d9d/peft/inject.h>

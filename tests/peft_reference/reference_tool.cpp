@@ -13,9 +13,22 @@
 //       safetensors file a `.reference.pt` (LibTorch's own `torch::pickle_save`)
 //       of the tensors as they were in memory, for check_exports.py.
 //
+//   peft_reference_tool moe-check CASES
+//       PEFT -> d9d-peft for LoRA on 3-D expert parameters (target_parameters):
+//       every case generate_moe.py wrote is loaded into the C++ MoE twin
+//       (moe_twin.h, grouped experts): logits with the adapter, merged expert
+//       weights mapped back to the Python layout, untouched weights bit-equal,
+//       merged logits, to 1e-5.
+//   peft_reference_tool moe-export OUT --cases CASES
+//       d9d-peft -> PEFT: random adapters made here on the twin (both layouts,
+//       rsLoRA, rank/alpha patterns, grouped and plain layers in one file),
+//       saved with hf::save_adapter beside the logits computed here, for
+//       check_moe_exports.py.
+//
 // Exit status 0 when everything matched; every failure names its case.
 #include "../toy_model.h"
 #include "gpt.h"
+#include "moe_twin.h"
 
 #include <d9d/model_state/io/safetensors.h>
 #include <d9d/model_state/io/stream.h>
@@ -29,6 +42,7 @@
 #include <torch/optim/sgd.h>
 #include <torch/serialize.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -341,10 +355,171 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
   return 0;
 }
 
+// -------------------------------------------------------------------- MoE
+
+peft::hf::ExpertOptions expert_options(const moe_twin::Config& c) {
+  // The Python twin's fused_in_out experts set is_transposed = True (as GPT-OSS).
+  return peft::hf::ExpertOptions().storage(c.layout == "fused" ? peft::hf::ExpertStorage::out_in
+                                                                : peft::hf::ExpertStorage::in_out);
+}
+
+moe_twin::Twin load_moe_twin(const fs::path& case_dir, moe_twin::Config* config_out = nullptr) {
+  const auto c = moe_twin::Config::from_json(read_json(case_dir / "config.json").at("twin"));
+  moe_twin::Twin twin(c);
+  ms::load_model_state((case_dir / "model.safetensors").string(), *moe_twin::load_mapper(*twin, c), *twin, quiet());
+  twin->eval();
+  if (config_out) *config_out = c;
+  return twin;
+}
+
+std::vector<fs::path> moe_cases(const fs::path& cases) {
+  std::vector<fs::path> dirs;
+  for (const auto& e : fs::directory_iterator(cases)) {
+    if (e.is_directory() && e.path().filename().string().rfind("moe_", 0) == 0) dirs.push_back(e.path());
+  }
+  std::sort(dirs.begin(), dirs.end());
+  if (dirs.empty()) throw std::runtime_error("no moe_* cases under " + cases.string() + " (run generate_moe.py first)");
+  return dirs;
+}
+
+std::vector<std::string> check_moe_case(const fs::path& dir) {
+  std::vector<std::string> failures;
+  moe_twin::Config c;
+  moe_twin::Twin twin = load_moe_twin(dir, &c);
+  const auto ids = ms::SafetensorsFile::open((dir / "inputs.safetensors").string())->get("input_ids");
+  const auto expected = ms::SafetensorsFile::open((dir / "expected.safetensors").string());
+  torch::NoGradGuard no_grad;
+  auto expect = [&](const std::string& what, const at::Tensor& ours, const at::Tensor& peft, double slack = 0.0) {
+    const double diff = relative_diff(ours, peft);
+    if (!(diff <= std::max(kTolerance, slack))) {
+      failures.push_back(fmt::format("{}: max |d9d - peft| = {:.3g} with max |peft| = {:.3g}", what,
+                                     max_diff(ours, peft), peft.abs().max().item<double>()));
+    }
+  };
+  auto adapter = peft::hf::load_adapter(*twin, (dir / "adapter").string(), peft::kDefaultAdapterName, expert_options(c));
+  expect("logits with the adapter", twin->forward(ids), expected->get("logits"));
+
+  peft::merge_peft(*adapter, twin);
+  const auto state = ms::module_state_dict(*twin);
+  const auto experts = moe_twin::expert_keys(c);
+  size_t merged_keys = 0;
+  for (const auto& key : expected->keys()) {
+    if (key.rfind("merged.", 0) != 0) continue;
+    ++merged_keys;
+    const std::string name = key.substr(7);
+    const bool expert = std::find(experts.begin(), experts.end(), name) != experts.end();
+    const std::string ours = expert ? name + ".weight" : name;
+    if (!state.count(ours)) {
+      failures.push_back("merged model has no '" + ours + "'");
+      continue;
+    }
+    if (expert) {
+      expect("merged expert weight " + name, moe_twin::to_python_layout(state.at(ours), c), expected->get(key));
+    } else if (!torch::equal(state.at(ours), expected->get(key))) {
+      failures.push_back("untargeted weight " + name + " differs from PEFT's merged model");
+    }
+  }
+  if (merged_keys != state.size()) {
+    failures.push_back(fmt::format("merged model has {} tensors, PEFT's {}", state.size(), merged_keys));
+  }
+  const double peft_rounding = relative_diff(expected->get("merged_logits"), expected->get("logits"));
+  expect("logits after merging", twin->forward(ids), expected->get("merged_logits"), 2.0 * peft_rounding);
+  return failures;
+}
+
+int moe_check(const fs::path& cases) {
+  const auto dirs = moe_cases(cases);
+  int failed = 0;
+  for (const auto& dir : dirs) {
+    std::vector<std::string> failures;
+    try {
+      failures = check_moe_case(dir);
+    } catch (const std::exception& e) {
+      failures.push_back(std::string("error: ") + e.what());
+    }
+    if (failures.empty()) continue;
+    ++failed;
+    std::printf("FAIL %s\n  config: %s\n", dir.filename().string().c_str(),
+                read_json(dir / "config.json").at("adapter_config").dump().c_str());
+    for (const auto& f : failures) std::printf("  %s\n", f.c_str());
+  }
+  std::printf("peft-reference: moe: %zu PEFT target_parameters cases checked (logits, merged expert weights, "
+              "untouched weights, merged logits): %zu matched to %g relative to max(1, max |peft|), %d failed\n",
+              dirs.size(), dirs.size() - failed, kTolerance, failed);
+  return failed ? 1 : 0;
+}
+
+/// One adapter made here on the twin of `case_dir`'s base model, saved to `out`
+/// with the logits it gives.
+void moe_export_one(const fs::path& case_dir, const fs::path& out, const peft::hf::LoraConfig& config, int seed) {
+  moe_twin::Config c;
+  moe_twin::Twin twin = load_moe_twin(case_dir, &c);
+  peft::hf::add_adapter(*twin, peft::kDefaultAdapterName, config);
+  {
+    torch::NoGradGuard no_grad;
+    torch::manual_seed(seed);
+    for (auto& p : peft::trainable_parameters(*twin)) p.copy_(torch::randn(p.sizes()) * 0.3);
+  }
+  fs::create_directories(out);
+  fs::copy_file(case_dir / "model.safetensors", out / "model.safetensors");
+  peft::hf::SaveAdapterOptions options;
+  options.experts = expert_options(c);
+  peft::hf::save_adapter(*twin, (out / "adapter").string(), options);
+  const auto ids = ms::SafetensorsFile::open((case_dir / "inputs.safetensors").string())->get("input_ids");
+  torch::NoGradGuard no_grad;
+  ms::save_safetensors((out / "cpp_logits.safetensors").string(), {{"logits", twin->forward(ids)}, {"input_ids", ids}});
+  std::ofstream(out / "twin.json") << read_json(case_dir / "config.json").at("twin").dump(2);
+}
+
+int moe_export(const fs::path& out, const fs::path& cases) {
+  fs::remove_all(out);
+  const auto dirs = moe_cases(cases);
+  auto first_of = [&](const std::string& layout) {
+    for (const auto& d : dirs) {
+      if (read_json(d / "config.json").at("twin").at("layout") == layout) return d;
+    }
+    throw std::runtime_error("no " + layout + " case under " + cases.string());
+  };
+  const std::vector<std::string> both = {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"};
+  int count = 0;
+  for (const std::string layout : {"fused", "fused_in_out"}) {
+    const fs::path base = first_of(layout);
+    peft::hf::LoraConfig plain;
+    plain.target_parameters = both;
+    plain.r = 2;
+    plain.lora_alpha = 4;
+    moe_export_one(base, out / (layout + "_plain"), plain, 1);
+
+    peft::hf::LoraConfig rs = plain;
+    rs.r = 4;
+    rs.lora_alpha = 8;
+    rs.use_rslora = true;
+    moe_export_one(base, out / (layout + "_rslora"), rs, 2);
+
+    // rank_pattern / alpha_pattern by the full parameter name.
+    peft::hf::LoraConfig patterns = plain;
+    patterns.rank_pattern = {{"model\\.layers\\.1\\.mlp\\.experts\\.down_proj", 4}};
+    patterns.alpha_pattern = {{"model\\.layers\\.1\\.mlp\\.experts\\.down_proj", 7}};
+    moe_export_one(base, out / (layout + "_patterns"), patterns, 3);
+
+    // Only down_proj (no base_layer infix), with plain Linear layers in the same file.
+    peft::hf::LoraConfig mixed = plain;
+    mixed.target_parameters = {"mlp.experts.down_proj"};
+    mixed.target_modules.names = {"mix", "lm_head"};
+    moe_export_one(base, out / (layout + "_mixed"), mixed, 4);
+    count += 4;
+  }
+  std::printf("peft-reference: moe: exported %d target_parameters adapters made here to %s\n", count,
+              out.string().c_str());
+  return 0;
+}
+
 [[noreturn]] void usage() {
   std::fprintf(stderr,
                "usage: peft_reference_tool check CASES --cli D9D_PEFT\n"
-               "       peft_reference_tool export OUT --fixtures DIR --trainer-run RUN --cli D9D_PEFT\n");
+               "       peft_reference_tool export OUT --fixtures DIR --trainer-run RUN --cli D9D_PEFT\n"
+               "       peft_reference_tool moe-check CASES\n"
+               "       peft_reference_tool moe-export OUT --cases CASES\n");
   std::exit(2);
 }
 
@@ -354,17 +529,20 @@ int main(int argc, char** argv) {
   if (argc < 3) usage();
   const std::string command = argv[1];
   const fs::path target = argv[2];
-  std::string cli, fixtures, trainer_run;
+  std::string cli, fixtures, trainer_run, cases;
   for (int i = 3; i < argc; ++i) {
     const std::string arg = argv[i];
     if (i + 1 >= argc) usage();
     if (arg == "--cli") cli = argv[++i];
     else if (arg == "--fixtures") fixtures = argv[++i];
     else if (arg == "--trainer-run") trainer_run = argv[++i];
+    else if (arg == "--cases") cases = argv[++i];
     else usage();
   }
-  if (cli.empty()) usage();
   try {
+    if (command == "moe-check") return moe_check(target);
+    if (command == "moe-export" && !cases.empty()) return moe_export(target, cases);
+    if (cli.empty()) usage();
     if (command == "check") return check(target, cli);
     if (command == "export" && !fixtures.empty() && !trainer_run.empty()) {
       return export_all(target, fixtures, trainer_run, cli);

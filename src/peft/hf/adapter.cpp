@@ -7,6 +7,8 @@
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/files.h>
 #include <d9d/peft/lora/linear.h>
+#include <d9d/nn/grouped_linear.h>
+#include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/method.h>
 #include <d9d/peft/registry.h>
 
@@ -18,6 +20,10 @@
 #include <fmt/ranges.h>
 
 #include "../rollback.h"
+#include "config_rules.h"
+#include "grouped_keys.h"
+
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -36,18 +42,61 @@ HfLoRA::HfLoRA(LoraConfig config, std::string adapter_name)
   validate_adapter_name(adapter_name_);
 }
 
+namespace {
+
+bool is_grouped_layer(const torch::nn::Module& m) {
+  return m.as<d9d::nn::GroupedLinearImpl>() != nullptr || m.as<LoRAGroupedLinearImpl>() != nullptr;
+}
+
+}  // namespace
+
 PeftInjectionResult HfLoRA::inject(torch::nn::Module& module) {
   LoRATargeting targeting;
   targeting.adapter_name = adapter_name_;
-  targeting.what = fmt::format("target_modules {}", config_.target_modules.describe());
-  targeting.hint = "a target name matches a whole module name or its last dotted parts, a regex the whole name";
-  targeting.select = [this](const std::string& name) { return config_.select(name); };
+  if (config_.target_parameters.empty()) {
+    targeting.what = fmt::format("target_modules {}", config_.target_modules.describe());
+    targeting.hint = "a target name matches a whole module name or its last dotted parts, a regex the whole name";
+    targeting.select = [this](const std::string& name) { return config_.select(name); };
+    return inject_lora(module, targeting);
+  }
+  // target_parameters: PEFT's 3-D expert parameters are the grouped layers
+  // here, selected by these names alone; target_modules selects the others.
+  std::set<std::string> grouped;
+  for (const auto& item : module.named_modules()) {
+    if (is_grouped_layer(*item.value())) grouped.insert(item.key());
+  }
+  for (const auto& entry : config_.target_parameters) {
+    const bool found = std::any_of(grouped.begin(), grouped.end(), [&](const std::string& name) {
+      return name == entry || detail::ends_with(name, "." + entry);
+    });
+    if (!found) {
+      std::vector<std::string> some(grouped.begin(), grouped.end());
+      if (some.size() > 6) some.resize(6);
+      throw PeftError(fmt::format(
+          "LoRA: target_parameters entry \"{}\" matches no grouped expert layer (d9d::nn::GroupedLinear) of the model; "
+          "an entry names the layer whose .weight is the expert parameter, by its full name or its last dotted parts. "
+          "{}",
+          entry,
+          some.empty() ? std::string("The model has no grouped layers.")
+                       : fmt::format("Grouped layers: '{}'{}", fmt::join(some, "', '"), grouped.size() > 6 ? ", ..." : "")));
+    }
+  }
+  targeting.what = fmt::format("target_modules {} / target_parameters [\"{}\"]", config_.target_modules.describe(),
+                               fmt::join(config_.target_parameters, "\", \""));
+  targeting.hint = "a target_parameters entry matches a grouped layer's whole name or its last dotted parts";
+  targeting.select = [this, grouped](const std::string& name) -> std::optional<LoRAParameters> {
+    return grouped.count(name) ? config_.select_parameter(name) : config_.select(name);
+  };
   return inject_lora(module, targeting);
 }
 
 void HfLoRA::merge(torch::nn::Module& module) {
   merge_adapter(
-      module, [this](const std::string& name) { return config_.select(name).has_value(); }, adapter_name_);
+      module,
+      [this](const std::string& name) {
+        return config_.select(name).has_value() || config_.select_parameter(name).has_value();
+      },
+      adapter_name_);
 }
 
 // ------------------------------------------------------------- state dict
@@ -70,10 +119,12 @@ std::string resolve_adapter(const torch::nn::Module& module, const std::string& 
 }
 
 /// In-model adapter keys without the adapter name (`layers.0.q_proj.lora_A.weight`) to their tensors.
+/// Grouped expert layers are left out: their file form is PEFT's target_parameters one (grouped_keys.h).
 model_state::StateDict adapter_tensors(const torch::nn::Module& module, const std::string& adapter_name) {
   model_state::StateDict out;
   for (const auto& entry : adapter_layers(module)) {
     if (!entry.layer->has_adapter(adapter_name)) continue;
+    if (dynamic_cast<const LoRAGroupedLinearAdapterImpl*>(entry.layer->adapter_module(adapter_name).get())) continue;
     for (const auto& p : entry.layer->adapter_module(adapter_name)->named_parameters()) {
       out.emplace(entry.name + "." + p.key(), p.value());
     }
@@ -85,21 +136,61 @@ std::string shape_str(at::IntArrayRef sizes) { return fmt::format("[{}]", fmt::j
 
 }  // namespace
 
-model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module, const std::string& adapter_name) {
+model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module, const std::string& adapter_name,
+                                                 const ExpertOptions& experts) {
   const std::string adapter = resolve_adapter(module, adapter_name, "get_peft_model_state_dict");
   model_state::StateDict out;
   for (const auto& [key, tensor] : adapter_tensors(module, adapter)) out.emplace(kPeftKeyPrefix + key, tensor.detach());
+  for (const auto& slot : detail::grouped_slots(module, adapter)) {
+    auto [a, b] = detail::to_peft_factors(slot, experts);
+    out.emplace(kPeftKeyPrefix + slot.prefix + "lora_A.weight", a);
+    out.emplace(kPeftKeyPrefix + slot.prefix + "lora_B.weight", b);
+  }
   return out;
 }
 
 void set_peft_model_state_dict(torch::nn::Module& module, const model_state::StateDict& state,
-                               const std::string& source, const std::string& adapter_name) {
+                               const std::string& source, const std::string& adapter_name,
+                               const ExpertOptions& experts) {
   const std::string adapter = resolve_adapter(module, adapter_name, source);
-  const model_state::StateDict targets = adapter_tensors(module, adapter);
+  model_state::StateDict targets = adapter_tensors(module, adapter);
   std::map<std::string, at::Tensor> given;
   std::set<std::string> mismatched_keys;
   std::vector<std::string> unexpected, missing, mismatched;
+  // Grouped expert layers: PEFT's target_parameters keys and layout, converted
+  // to the layer's [E, in, r] / [E, r, out] (shapes and values checked there).
+  std::map<std::string, std::string> file_key;  // "<prefix>lora_A.weight" (no base_model.model.) -> key as given
+  for (const auto& item : state) {
+    const std::string& key = item.first;
+    file_key.emplace(key.rfind(kPeftKeyPrefix, 0) == 0 ? key.substr(kPeftKeyPrefix.size()) : key, key);
+  }
+  std::set<std::string> consumed;
+  for (const auto& slot : detail::grouped_slots(module, adapter)) {
+    const std::string ka = slot.prefix + "lora_A.weight", kb = slot.prefix + "lora_B.weight";
+    const auto fa = file_key.find(ka), fb = file_key.find(kb);
+    if (fa == file_key.end() || fb == file_key.end()) {
+      for (const auto* k : {&ka, &kb}) {
+        if (!file_key.count(*k)) {
+          missing.push_back(fmt::format("{}{} (the factors of grouped layer '{}', PEFT's target_parameters form)",
+                                        kPeftKeyPrefix, *k, slot.layer));
+        }
+      }
+      for (const auto& it : {fa, fb}) {
+        if (it != file_key.end()) consumed.insert(it->second);
+      }
+      continue;
+    }
+    consumed.insert(fa->second);
+    consumed.insert(fb->second);
+    auto [a, b] = detail::from_peft_factors(slot, state.at(fa->second), state.at(fb->second), experts, source,
+                                            fa->second, fb->second);
+    given.emplace(slot.layer + ".lora_A.weight", a);
+    given.emplace(slot.layer + ".lora_B.weight", b);
+    targets.emplace(slot.layer + ".lora_A.weight", slot.adapter->lora_A->weight);
+    targets.emplace(slot.layer + ".lora_B.weight", slot.adapter->lora_B->weight);
+  }
   for (const auto& [key, tensor] : state) {
+    if (consumed.count(key)) continue;
     std::string k = key.rfind(kPeftKeyPrefix, 0) == 0 ? key.substr(kPeftKeyPrefix.size()) : key;
     auto it = targets.find(k);
     if (it == targets.end()) {
@@ -115,6 +206,7 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
   for (const auto& item : targets) {
     if (!given.count(item.first) && !mismatched_keys.count(item.first)) missing.push_back(item.first);
   }
+  std::sort(missing.begin(), missing.end());
   if (!unexpected.empty() || !missing.empty() || !mismatched.empty()) {
     std::string msg = fmt::format("{}: the adapter does not fit the model (nothing was loaded)", source);
     if (!mismatched.empty()) {
@@ -157,7 +249,7 @@ void add_method(PeftMethodBase& method, const std::string& adapter_name, torch::
 }  // namespace
 
 std::unique_ptr<PeftMethodBase> load_adapter(torch::nn::Module& module, const std::string& dir,
-                                             const std::string& adapter_name) {
+                                             const std::string& adapter_name, const ExpertOptions& experts) {
   const std::string what = fmt::format("load_adapter('{}', adapter \"{}\")", dir, adapter_name);
   validate_adapter_name(adapter_name);
   const AdapterFiles files = read_adapter_files(dir);
@@ -167,7 +259,7 @@ std::unique_ptr<PeftMethodBase> load_adapter(torch::nn::Module& module, const st
   InjectionSnapshot snapshot(module);
   try {
     add_method(*method, adapter_name, module, what);
-    set_peft_model_state_dict(module, files.tensors, files.weights_path, adapter_name);
+    set_peft_model_state_dict(module, files.tensors, files.weights_path, adapter_name, experts);
   } catch (...) {
     snapshot.restore();  // nothing merged, every flag as it was
     throw;
@@ -227,7 +319,7 @@ void save_adapter(const torch::nn::Module& module, const std::string& dir, const
     throw PeftError(fmt::format("{}: the {} method has no adapter_config.json writer", what, peft_type));
   }
   const std::string config_text = method.write_hf_config(module, adapter, options);
-  model_state::StateDict tensors = get_peft_model_state_dict(module, adapter);
+  model_state::StateDict tensors = get_peft_model_state_dict(module, adapter, options.experts);
   if (options.convert_to_lora) convert_initial_to_lora(module, adapter, tensors, what);
   std::error_code ec;
   fs::create_directories(dir, ec);

@@ -104,6 +104,11 @@ CombineResult combine_adapter_dirs(const std::vector<std::string>& dirs, const s
                                   in.files.peft_type));
     }
     in.config = parse_lora_config(in.files.config, in.files.config_path);
+    if (!in.config.target_parameters.empty()) {
+      throw PeftError(fmt::format("{}: {} sets target_parameters (LoRA on 3-D expert parameters); combining such "
+                                  "adapters is not supported, nothing was written",
+                                  what, in.files.config_path));
+    }
     if (in.config.use_dora) {
       throw PeftError(fmt::format("{}: {} sets use_dora; a weighted combination keeps only B @ A and would drop the "
                                   "magnitudes, so combine plain LoRA adapters",

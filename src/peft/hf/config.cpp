@@ -14,6 +14,7 @@
 
 #include "../../json_text.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <set>
@@ -86,7 +87,6 @@ const std::map<std::string, json> kFixedFields = {
     {"alora_invocation_tokens", nullptr},
     {"layer_replication", nullptr},
     {"trainable_token_indices", nullptr},
-    {"target_parameters", nullptr},
     {"ensure_weight_tying", false},
 };
 
@@ -97,6 +97,21 @@ const std::map<std::string, json> kFixedFields = {
 
 std::optional<LoRAParameters> LoraConfig::select(const std::string& name) const {
   if (!target_modules.matches(name) || exclude_modules.matches(name)) return std::nullopt;
+  return LoRAParameters()
+      .r(pattern_value(rank_pattern, name).value_or(r))
+      .alpha(pattern_value(alpha_pattern, name).value_or(lora_alpha))
+      .dropout(lora_dropout)
+      .use_rslora(use_rslora)
+      .use_dora(use_dora)
+      .init(init)
+      .pissa_niter(pissa_niter);
+}
+
+std::optional<LoRAParameters> LoraConfig::select_parameter(const std::string& name) const {
+  const bool named = std::any_of(target_parameters.begin(), target_parameters.end(), [&](const std::string& entry) {
+    return name == entry || ends_with(name, "." + entry);
+  });
+  if (!named) return std::nullopt;
   return LoRAParameters()
       .r(pattern_value(rank_pattern, name).value_or(r))
       .alpha(pattern_value(alpha_pattern, name).value_or(lora_alpha))
@@ -138,6 +153,19 @@ LoraConfig parse_lora_config(const json& j, const std::string& source) {
       if (c.lora_dropout >= 1.0) fail(source, field, fmt::format("must be a number in [0, 1), got {}", d9d::detail::quote_json(v)));
     } else if (field == "target_modules") {
       c.target_modules = parse_selector(v, source, field);
+    } else if (field == "target_parameters") {
+      if (v.is_null()) continue;
+      if (!v.is_array()) {
+        fail(source, field, fmt::format("expected a list of parameter names or null, got {}", d9d::detail::quote_json(v)));
+      }
+      for (const auto& entry : v) {
+        if (!entry.is_string() || entry.get<std::string>().empty()) {
+          fail(source, field, fmt::format("every entry must be a non-empty parameter name (PEFT 0.21 matches names, "
+                                          "not regular expressions), got {}",
+                                          d9d::detail::quote_json(entry)));
+        }
+        c.target_parameters.push_back(entry.get<std::string>());
+      }
     } else if (field == "exclude_modules") {
       c.exclude_modules = parse_selector(v, source, field);
     } else if (field == "use_rslora") {
@@ -196,7 +224,17 @@ LoraConfig parse_lora_config(const json& j, const std::string& source) {
 }
 
 void validate(const LoraConfig& c, const std::string& source) {
-  if (c.target_modules.empty()) fail(source, "target_modules", "must name the modules to adapt");
+  if (c.target_modules.empty() && c.target_parameters.empty()) {
+    fail(source, "target_modules", "must name the modules to adapt (or target_parameters the expert parameters)");
+  }
+  if (!c.target_parameters.empty()) {
+    // PEFT's ParamWrapper refuses these too: an adapter on a parameter has no dropout or DoRA.
+    if (c.lora_dropout != 0) {
+      fail(source, "lora_dropout",
+           fmt::format("must be 0 with target_parameters (PEFT refuses dropout on parameters), got {}", c.lora_dropout));
+    }
+    if (c.use_dora) fail(source, "use_dora", "true is not supported with target_parameters (PEFT refuses it too)");
+  }
   for (const auto* selector : {&c.target_modules, &c.exclude_modules}) {
     if (!selector->regex) continue;
     if (auto why = Pattern::syntax_error(*selector->regex); !why.empty()) {
@@ -232,7 +270,7 @@ std::string dump_lora_config(const LoraConfig& c) {
       {"loftq_config", json::object()}, {"lora_bias", false}, {"lora_ga_config", nullptr},
       {"megatron_config", nullptr}, {"megatron_core", "megatron.core"}, {"modules_to_save", nullptr},
       {"monteclora_config", nullptr}, {"peft_type", "LORA"}, {"peft_version", "0.21.0"},
-      {"qalora_group_size", 16}, {"revision", nullptr}, {"target_parameters", nullptr},
+      {"qalora_group_size", 16}, {"revision", nullptr},
       {"trainable_token_indices", nullptr}, {"use_bdlora", nullptr}, {"use_qalora", false},
       {"velora_config", nullptr},
   };
@@ -247,6 +285,7 @@ std::string dump_lora_config(const LoraConfig& c) {
   j["lora_dropout"] = c.lora_dropout;
   j["target_modules"] = selector_json(c.target_modules);
   j["exclude_modules"] = selector_json(c.exclude_modules);
+  j["target_parameters"] = c.target_parameters.empty() ? json(nullptr) : json(c.target_parameters);
   j["use_rslora"] = c.use_rslora;
   j["use_dora"] = c.use_dora;
   if (c.init == LoRAInit::Default || c.init == LoRAInit::Random) {
@@ -275,23 +314,27 @@ LoraConfig lora_config_of(const torch::nn::Module& module, const std::string& ad
     const LoRAParameters* o = nullptr;
     if (const auto* a = dynamic_cast<const LoRALinearAdapterImpl*>(adapter)) o = &a->options();
     if (const auto* a = dynamic_cast<const LoRAEmbeddingAdapterImpl*>(adapter)) o = &a->options();
-    if (dynamic_cast<const LoRAGroupedLinearAdapterImpl*>(adapter)) {
-      throw PeftError(fmt::format("save_adapter: '{}' is a LoRA layer on grouped experts (d9d::nn::GroupedLinear), "
-                                  "whose adapters have no Hugging Face PEFT form here yet; nothing was written. Save "
-                                  "the model's state instead (save_model_state), or merge the adapter (merge_peft)",
-                                  entry.name));
-    }
+    const auto* grouped = dynamic_cast<const LoRAGroupedLinearAdapterImpl*>(adapter);
+    if (grouped) o = &grouped->options();
     if (!o) {
       throw PeftError(fmt::format("save_adapter: '{}' holds adapter \"{}\" of another method ({}); a LoRA config "
                                   "cannot describe it",
                                   entry.name, adapter_name, entry.layer->peft_type()));
+    }
+    if (grouped && o->dropout() != 0) {
+      throw PeftError(fmt::format("save_adapter: '{}' is a LoRA layer on grouped experts with dropout {}; PEFT writes "
+                                  "such layers as target_parameters, which take no dropout. Nothing was written: "
+                                  "merge the adapter (merge_peft), or train the experts' adapter without dropout",
+                                  entry.name, o->dropout()));
     }
     // Converted (SaveAdapterOptions::convert_to_lora): [A; A0] and [B, -B0] at twice the rank, the same scale.
     const bool convert = options.convert_to_lora && init_changes_base(o->init());
     const int64_t r = convert ? 2 * o->r() : o->r();
     const double alpha = convert ? (o->use_rslora() ? o->alpha() * std::sqrt(2.0) : 2 * o->alpha()) : o->alpha();
     const LoRAInit init = convert ? LoRAInit::Default : o->init();
-    config.target_modules.names.push_back(entry.name);
+    // Grouped experts are PEFT's 3-D expert parameters: named by their full
+    // path, which PEFT matches as a suffix of "<module>.<parameter>".
+    (grouped ? config.target_parameters : config.target_modules.names).push_back(entry.name);
     if (first.empty()) {
       first = entry.name;
       config.init = init;

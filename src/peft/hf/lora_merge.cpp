@@ -209,6 +209,13 @@ class LoraOfflineMerge : public OfflineMerge {
   LoraOfflineMerge(const AdapterFiles& files, double scale)
       : tensors_(files.tensors), config_(parse_lora_config(files.config, files.config_path)), scale_(scale),
         source_(files.weights_path) {
+    if (!config_.target_parameters.empty()) {
+      throw PeftError(fmt::format(
+          "{}: target_parameters is set (LoRA on 3-D expert parameters), whose factors need the model's parameter "
+          "layout, which an offline merge does not have; nothing was written. Load the adapter into the model "
+          "(load_adapter), merge_peft, and save the model (save_model_state with moe_save_mapper)",
+          files.config_path));
+    }
     for (const auto& module : adapted_module_paths(tensors_, source_)) modules_.emplace(module + ".weight", module);
     if (modules_.empty()) throw PeftError(fmt::format("{}: the adapter holds no weights", source_));
   }

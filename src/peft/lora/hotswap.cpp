@@ -172,6 +172,12 @@ struct Planned {
 
 void hotswap(torch::nn::Module& model, const AdapterTensors& tensors, const LoraConfig& config,
              const std::string& adapter_name, const std::string& what) {
+  if (!config.target_parameters.empty()) {
+    throw PeftError(fmt::format("{}: the config sets target_parameters (LoRA on grouped expert layers), which "
+                                "hotswapping does not support; nothing was changed. Load it as another adapter "
+                                "(load_adapter) and set_adapter",
+                                what));
+  }
   const auto layers = adapter_layers(model);
   const auto names = adapter_names(model);
   if (std::find(names.begin(), names.end(), adapter_name) == names.end()) {

@@ -4,6 +4,7 @@
 #include <d9d/model_state/mapper/mapper.h>
 #include <d9d/peft/base.h>
 #include <d9d/peft/hf/config.h>
+#include <d9d/peft/hf/target_parameters.h>
 
 #include <memory>
 #include <optional>
@@ -37,17 +38,26 @@ class HfLoRA : public PeftMethod<LoraConfig> {
 /// (`base_model.model.<path>.lora_A.weight`, `...lora_magnitude_vector`,
 /// `...lora_embedding_A`; no adapter name in them): PEFT's
 /// `get_peft_model_state_dict`. `adapter_name` may be left empty when the
-/// model holds a single adapter.
-model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module, const std::string& adapter_name = {});
+/// model holds a single adapter. Grouped expert layers (`d9d::nn::GroupedLinear`)
+/// come as PEFT's `target_parameters` write them: under the owning module's
+/// path with one `base_layer.` per targeted sibling registered after the layer,
+/// `lora_A.weight` `[r·E, in]` (rows in blocks of r per expert), `lora_B.weight`
+/// `[out, r·E]` (columns interleaved), laid out for `experts.storage()`.
+model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module, const std::string& adapter_name = {},
+                                                 const ExpertOptions& experts = {});
 
 /// Loads adapter weights with PEFT's keys (with or without the
 /// `base_model.model.` prefix) into adapter `adapter_name` (empty: the only
 /// one) of `module`, strictly: every weight of that adapter must be given,
 /// every given key must be one, shapes must match ("wrong base model?");
 /// values are cast to each layer's dtype. PEFT's `set_peft_model_state_dict`.
-/// Nothing is written if anything is off.
+/// Nothing is written if anything is off. Grouped expert layers take the
+/// factors in PEFT's `target_parameters` form (see `get_peft_model_state_dict`);
+/// their convention is read from the shapes, from `experts.storage()` where a
+/// layer is square.
 void set_peft_model_state_dict(torch::nn::Module& module, const model_state::StateDict& state,
-                               const std::string& source = "<state dict>", const std::string& adapter_name = {});
+                               const std::string& source = "<state dict>", const std::string& adapter_name = {},
+                               const ExpertOptions& experts = {});
 
 /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`,
 /// adds what the config says to `module` as adapter `adapter_name` and loads
@@ -64,8 +74,14 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
 /// has adapters, it is added inactive and frozen, as PEFT's `load_adapter`
 /// does: `set_adapter(*model, adapter_name)` activates it. A name already in
 /// the model is an error. On any error the model is left as it was.
+///
+/// A config with `target_parameters` (PEFT's LoRA on 3-D expert parameters)
+/// adapts the grouped expert layers it names; `experts` says how the model
+/// PEFT saw stored them, which matters only for square experts (see
+/// `ExpertStorage`; docs/moe.md).
 std::unique_ptr<PeftMethodBase> load_adapter(torch::nn::Module& module, const std::string& dir,
-                                             const std::string& adapter_name = kDefaultAdapterName);
+                                             const std::string& adapter_name = kDefaultAdapterName,
+                                             const ExpertOptions& experts = {});
 
 /// Adds a fresh adapter `adapter_name` configured by `config` (PEFT's
 /// `add_adapter`; as `load_adapter` without the weights file): active and
@@ -87,11 +103,16 @@ struct SaveAdapterOptions {
   /// holds `A`, `B` and `init_lora_weights: "pissa"`/"olora", which PEFT loads
   /// onto the original base model by redoing the initialisation.
   bool convert_to_lora = false;
+  /// How the grouped expert layers' factors are laid out for the model PEFT
+  /// will load them into (see `ExpertStorage`).
+  ExpertOptions experts;
 };
 
 /// The `LoraConfig` that describes LoRA adapter `adapter_name` of `module`:
-/// targets are the adapted modules' names; ranks and alphas that differ from
-/// the first layer's go to `rank_pattern`/`alpha_pattern`. `PeftError` where a
+/// targets are the adapted modules' names (grouped expert layers' in
+/// `target_parameters`, the others' in `target_modules`, null when there are
+/// none); ranks and alphas that differ from the first layer's go to
+/// `rank_pattern`/`alpha_pattern`. `PeftError` where a
 /// PEFT config cannot express the layers (per-module dropout, rsLoRA or DoRA).
 LoraConfig lora_config_of(const torch::nn::Module& module, const std::string& adapter_name,
                           const SaveAdapterOptions& options = {});

@@ -23,6 +23,14 @@ struct LoraConfig {
   double lora_dropout = 0.0;
   ModuleSelector target_modules;
   ModuleSelector exclude_modules;
+  /// PEFT's `target_parameters`: names of 3-D expert parameters, which this
+  /// library holds as grouped layers (`d9d::nn::GroupedLinear`, whose `.weight`
+  /// is the parameter). An entry selects the grouped layers whose qualified
+  /// name equals it or ends with "." + it; grouped layers are then selected by
+  /// these alone, never by `target_modules`. The adapter file stores such a
+  /// layer's factors in PEFT's form (see `ExpertStorage`). Requires
+  /// `lora_dropout` 0 and no DoRA, as PEFT does.
+  std::vector<std::string> target_parameters;
   bool use_rslora = false;
   bool use_dora = false;
   /// `init_lora_weights`: true (Default), false (Random), "gaussian", "olora",
@@ -39,6 +47,9 @@ struct LoraConfig {
   /// The layer options for a qualified module name, or nothing if the config
   /// does not target it.
   std::optional<LoRAParameters> select(const std::string& qualified_name) const;
+  /// The layer options for a grouped expert layer named by `target_parameters`
+  /// (rank and alpha patterns matched against its full name), or nothing.
+  std::optional<LoRAParameters> select_parameter(const std::string& qualified_name) const;
 };
 
 /// Parses and validates `adapter_config.json` content; `source` names the
