@@ -17,7 +17,8 @@ namespace d9d::peft {
 namespace {
 
 std::deque<PeftMethodRegistration> builtin_methods() {
-  return {lora_registration(), full_tune_registration(), stack_registration(), ia3_registration()};
+  return {lora_registration(), full_tune_registration(), stack_registration(), ia3_registration(),
+          loha_registration()};
 }
 
 struct Registry {

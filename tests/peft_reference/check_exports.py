@@ -4,7 +4,8 @@
 Reads what `peft_reference_tool export OUT` wrote (see reference_tool.cpp):
 
 - adapters/<name>/: each adapter (fixtures re-saved, several named adapters
-  saved one by one, one trained by the C++ test) is loaded with
+  saved one by one, IA3 and random LoHa configs made in C++, LoRA and LoHa
+  trained by the C++ test) is loaded with
   PeftModel.from_pretrained onto the toy model's PyTorch twin (twins.py) with
   the fixture's base weights; its logits must equal the C++ logits to 1e-5.
 - trainer/: the adapter d9d-peft-train wrote, loaded onto the trainer GPT's
@@ -120,6 +121,8 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             report.check(False, f"PEFT loads adapters/{adapter.name}", f"{type(e).__name__}: {e}")
     report.check(len(adapters) >= 10, "toy adapters found", f"{len(adapters)}")
+    loha = [a for a in adapters if json.loads((a / "adapter_config.json").read_text())["peft_type"] == "LOHA"]
+    report.check(len(loha) >= 10, "LoHa adapters among them (random configs made in C++)", f"{len(loha)}")
 
     # The trainer's adapter, and the merged checkpoints, on the GPT twin.
     trainer = args.exports / "trainer"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PEFT -> d9d-peft, differential: fresh LoRA and IA3 adapters written by real Hugging Face PEFT.
+"""PEFT -> d9d-peft, differential: fresh LoRA, IA3 and LoHa adapters written by real Hugging Face PEFT.
 
 Makes COUNT cases from SEED (case i uses seed SEED + i, so one case is
 reproduced alone with --seed SEED+i --count 1). Each case draws a toy
@@ -9,7 +9,11 @@ unbiased layers; rank_pattern / alpha_pattern; target_modules as a list or a
 regex; exclude_modules as a list or a regex; init_lora_weights=False so that B
 is not zero) or, for about one case in four, an IA3Config (targets as above
 without the embedding; feedforward_modules; init_ia3_weights=False so that the
-vectors are not ones), applies it with get_peft_model and writes, under
+vectors are not ones) or, for about one case in five and at least MIN_LOHA
+per run, a LoHaConfig (random r and alpha, rank_pattern / alpha_pattern,
+targets and exclusions as for IA3, use_effective_conv2d either way (no effect
+on linear layers), init_weights=False so that w2_b is not zero), applies it
+with get_peft_model and writes, under
 OUT/case_NNN/:
 
   config.json                 the toy's sizes, the case seed, the PEFT config (for the log)
@@ -33,7 +37,7 @@ import sys
 import warnings
 
 import torch
-from peft import IA3Config, LoraConfig, get_peft_model
+from peft import IA3Config, LoHaConfig, LoraConfig, get_peft_model
 from peft.utils.error import NoMatchingPeftModuleError
 from safetensors.torch import save_file
 
@@ -67,7 +71,33 @@ def draw_ia3(rng, names):
             "exclude_modules": exclude, "init_ia3_weights": False}
 
 
-def draw_case(seed):
+MIN_LOHA = 10  # LoHa cases per run, whatever the draws
+
+
+def draw_loha(rng, names):
+    """A LoHaConfig over the linear layers: random r and alpha, patterns, list or regex targets."""
+    linear = ATTENTION + MLP + (["lm_head"] if rng.random() < 0.3 else [])
+    if rng.random() < 0.7:
+        targets = sorted(rng.sample(linear, rng.randint(1, len(linear))))
+    else:
+        targets = rng.choice([r"layers\.\d+\.(attention|mlp)\.\w+_proj", r"layers\.0\.attention\.(q|v)_proj|lm_head",
+                              r".*\.mlp\.(up|down)_proj"])
+    r = rng.randint(1, 8)
+    config = {"peft_type": "LOHA", "r": r,
+              "alpha": rng.choice([r, 2 * r, rng.randint(1, 32), round(rng.uniform(0.5, 20.0), 3)]),
+              "target_modules": targets,
+              "exclude_modules": [rng.choice(names)] if rng.random() < 0.2 else None,
+              "use_effective_conv2d": rng.random() < 0.2, "init_weights": False,
+              "rank_pattern": {}, "alpha_pattern": {}}
+    if rng.random() < 0.4:
+        config["rank_pattern"][rng.choice(["q_proj", "down_proj", r"layers\.\d+\.mlp\.up_proj"])] = rng.randint(1, 8)
+    if rng.random() < 0.4:
+        config["alpha_pattern"][rng.choice(["v_proj", "up_proj", "layers.0.mlp.down_proj"])] = \
+            rng.choice([1, 3, 16, round(rng.uniform(0.5, 20.0), 3)])
+    return config
+
+
+def draw_case(seed, loha=False):
     rng = random.Random(seed)
     sizes = {
         "vocab": rng.randint(9, 41),
@@ -77,6 +107,8 @@ def draw_case(seed):
     }
     use_dora = rng.random() < 0.3
     names = module_names(sizes["n_layers"])
+    if loha or rng.random() < 0.2:
+        return sizes, draw_loha(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     if rng.random() < 0.25:
         return sizes, draw_ia3(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     # Targets: a list of short names (PEFT matches a name or a dotted suffix of it),
@@ -126,8 +158,8 @@ def draw_case(seed):
     return sizes, config, (batch, time)
 
 
-def make_case(seed, out_dir):
-    sizes, config, (batch, time) = draw_case(seed)
+def make_case(seed, out_dir, loha=False):
+    sizes, config, (batch, time) = draw_case(seed, loha)
     torch.manual_seed(seed)
     base = Toy(**sizes)
     with torch.no_grad():
@@ -138,13 +170,13 @@ def make_case(seed, out_dir):
     ids = torch.randint(0, sizes["vocab"], (batch, time))
 
     kwargs = {k: v for k, v in config.items() if k != "peft_type"}
-    peft_config = IA3Config(**kwargs) if config["peft_type"] == "IA3" else LoraConfig(**kwargs)
+    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LORA": LoraConfig}[config["peft_type"]](**kwargs)
     try:
         model = get_peft_model(base, peft_config).eval()
     except (NoMatchingPeftModuleError, ValueError):
         return None  # the exclusions left nothing to adapt: draw another case
     adapted = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
-                     if "default" in getattr(m, "r", {}) or "default" in getattr(m, "ia3_l", {}))
+                     if any("default" in getattr(m, a, {}) for a in ("r", "ia3_l", "hada_w1_a")))
     if not adapted:
         return None
     if config.get("use_dora"):
@@ -183,7 +215,7 @@ def main():
         seed = int(os.environ["D9D_PEFT_SEED"])
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 1_000_000_000
-    print(f"peft-reference: generating {args.count} PEFT LoRA and IA3 cases from seed {seed} "
+    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3 and LoHa cases (at least {MIN_LOHA} LoHa) from seed {seed} "
           f"(reproduce: bash scripts/peft-reference.sh --seed {seed} --count {args.count})", flush=True)
     for old in args.out.glob("case_*"):
         shutil.rmtree(old)
@@ -191,10 +223,11 @@ def main():
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # PEFT's notes on unmatched rank_pattern keys and the like
     made, s = 0, seed
-    counts = {"ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
+    counts = {"loha": 0, "loha rank/alpha_pattern": 0, "ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
               "alpha_pattern": 0, "biased": 0}
-    while made < args.count:
-        case = make_case(s, args.out)
+    while made < args.count or counts["loha"] < MIN_LOHA:
+        # Past COUNT, only LoHa cases, until there are MIN_LOHA of them.
+        case = make_case(s, args.out, loha=made >= args.count)
         s += 1
         if case is None:
             continue
@@ -202,6 +235,10 @@ def main():
         info = json.loads((case / "config.json").read_text())
         c = info["peft_config"]
         counts["biased"] += any(".mlp." in m for m in info["adapted_modules"])
+        if c["peft_type"] == "LOHA":
+            counts["loha"] += 1
+            counts["loha rank/alpha_pattern"] += bool(c["rank_pattern"] or c["alpha_pattern"])
+            continue
         if c["peft_type"] == "IA3":
             counts["ia3"] += 1
             counts["ia3 feed-forward"] += bool(c["feedforward_modules"])

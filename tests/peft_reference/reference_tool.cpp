@@ -48,6 +48,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -199,7 +200,7 @@ int check(const fs::path& cases, const std::string& cli) {
     if (failures.empty()) continue;
     ++failed;
     const json info = read_json(dir / "config.json");
-    std::printf("FAIL %s\n  LoraConfig: %s\n  adapted: %s\n", dir.filename().string().c_str(),
+    std::printf("FAIL %s\n  PEFT config: %s\n  adapted: %s\n", dir.filename().string().c_str(),
                 info.at("peft_config").dump().c_str(), info.at("adapted_modules").dump().c_str());
     for (const auto& f : failures) std::printf("  %s\n", f.c_str());
     std::printf("  reproduce: bash scripts/peft-reference.sh --seed %s --count 1\n", seed.c_str());
@@ -285,7 +286,65 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
     ++count;
   }
 
-  // 4. One trained here: LoRA with dropout on every projection, a few SGD steps.
+  // 4. LoHa made here: kLohaExports random configs (r, alpha, targets as names
+  //    or a regex, rank_pattern / alpha_pattern, random factors), from a seed
+  //    ($D9D_PEFT_SEED, else drawn and printed), and one trained here with
+  //    rank and module dropout. PEFT must read each as a LoHa adapter with the
+  //    same numbers.
+  {
+    const char* env = std::getenv("D9D_PEFT_SEED");
+    const unsigned seed = env && *env ? static_cast<unsigned>(std::stoul(env)) : std::random_device{}();
+    std::printf("peft-reference: LoHa exports from seed %u\n", seed);
+    std::mt19937 rng(seed);
+    auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+    const std::vector<std::string> linear = {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"};
+    constexpr int kLohaExports = 10;
+    for (int i = 0; i < kLohaExports; ++i) {
+      peft::hf::LoHaConfig config;
+      config.r = uniform(1, 8);
+      config.alpha = uniform(0, 1) ? static_cast<double>(uniform(1, 32)) : uniform(50, 2000) / 100.0;
+      if (uniform(0, 3) == 0) {
+        config.target_modules.regex = uniform(0, 1) ? R"(layers\.\d+\.(attention|mlp)\.\w+_proj)" : R"(.*\.(q|v)_proj|lm_head)";
+      } else {
+        for (const auto& name : linear) {
+          if (uniform(0, 1)) config.target_modules.names.push_back(name);
+        }
+        if (config.target_modules.names.empty()) config.target_modules.names.push_back(linear[uniform(0, 6)]);
+      }
+      if (uniform(0, 2) == 0) config.rank_pattern.emplace_back(linear[uniform(0, 5)], uniform(1, 8));
+      if (uniform(0, 2) == 0) config.alpha_pattern.emplace_back(linear[uniform(0, 5)], uniform(1, 16));
+      config.init_weights = false;
+      toy::Toy model = toy_base();
+      torch::manual_seed(seed + i);
+      peft::LoHa loha(config);
+      try {
+        peft::inject_peft_and_freeze(loha, model);
+      } catch (const peft::PeftError&) {
+        --i;  // a draw that matches nothing on the toy: draw again
+        continue;
+      }
+      export_adapter(model, out / "adapters" / fmt::format("loha_random_{}", i), ids);
+      ++count;
+    }
+    toy::Toy model = toy_base();
+    torch::manual_seed(seed);
+    peft::LoHa loha(peft::LoHa::from_config(
+        {".*(q|v|up|down)_proj", peft::LoHaParameters().r(4).alpha(8).rank_dropout(0.2).module_dropout(0.1)}));
+    peft::inject_peft_and_freeze(loha, model);
+    model->train();
+    torch::optim::SGD opt(peft::trainable_parameters(*model), torch::optim::SGDOptions(0.5));
+    for (int step = 0; step < 20; ++step) {
+      opt.zero_grad();
+      auto logits = model->forward(ids.slice(1, 0, -1));
+      torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}), ids.slice(1, 1).reshape({-1}))
+          .backward();
+      opt.step();
+    }
+    export_adapter(model, out / "adapters" / "loha_trained_by_cpp", ids);
+    ++count;
+  }
+
+  // 5. One trained here: LoRA with dropout on every projection, a few SGD steps.
   {
     toy::Toy model = toy_base();
     torch::manual_seed(0);
@@ -304,7 +363,7 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
     ++count;
   }
 
-  // 5. The adapter d9d-peft-train wrote, on the trainer's GPT: its base saved
+  // 6. The adapter d9d-peft-train wrote, on the trainer's GPT: its base saved
   // again as a sharded checkpoint, and the trainer's adapter merged offline.
   {
     const json run_config = read_json(trainer_run / "run_config.json");
@@ -349,7 +408,7 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
     if (run(cmd) != 0) throw std::runtime_error("d9d-peft merge failed: " + cmd);
     count += 1;
   }
-  std::printf("peft-reference: exported %d adapters (fixtures re-saved, named, trained here, trained by "
+  std::printf("peft-reference: exported %d adapters (fixtures re-saved, named, IA3 and LoHa made here, trained here, trained by "
               "d9d-peft-train), a sharded checkpoint and d9d-peft merge output to %s\n",
               count, out.string().c_str());
   return 0;

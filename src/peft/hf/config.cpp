@@ -22,8 +22,11 @@
 
 namespace d9d::peft::hf {
 
+using detail::check_pattern_key;
 using detail::ends_with;
 using detail::fail;
+using detail::pattern_value;
+using detail::regex_escape;
 
 using nlohmann::json;
 
@@ -35,32 +38,6 @@ bool is_default_like(const json& v) {
          (v.is_array() && v.empty());
 }
 
-
-/// PEFT's get_pattern_key: the first key whose regex `(.*\.)?(key)` matches the whole name.
-template <typename T>
-std::optional<T> pattern_value(const std::vector<std::pair<std::string, T>>& patterns, const std::string& name) {
-  for (const auto& [key, value] : patterns) {
-    if (key == name || Pattern("(.*\\.)?(" + key + ")", key).full_match(name)) return value;
-  }
-  return std::nullopt;
-}
-
-/// A `rank_pattern`/`alpha_pattern` key must compile as PEFT uses it: `(.*\.)?(key)`.
-void check_pattern_key(const std::string& key, const std::string& source, const std::string& field) {
-  if (auto why = Pattern::syntax_error("(.*\\.)?(" + key + ")"); !why.empty()) {
-    fail(source, field, fmt::format("the key is not a valid pattern as PEFT uses it, (.*\\.)?(KEY): {}", why));
-  }
-}
-
-std::string regex_escape(const std::string& s) {
-  static const std::string specials = R"(\^$.|?*+()[]{})";
-  std::string out;
-  for (char c : s) {
-    if (specials.find(c) != std::string::npos) out += '\\';
-    out += c;
-  }
-  return out;
-}
 
 const std::set<std::string> kMetadataFields = {"auto_mapping", "revision",     "inference_mode",
                                                "peft_version", "megatron_core", "qalora_group_size"};

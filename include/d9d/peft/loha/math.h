@@ -1,0 +1,23 @@
+#pragma once
+
+// The arithmetic of a LoHa adapter, written once: the layer's forward and
+// merge and the offline merge (`d9d-peft merge`) all call these.
+
+#include <ATen/core/Tensor.h>
+
+namespace d9d::peft::loha {
+
+/// `(w1_a @ w1_b) * (w2_a @ w2_b) * scale`, `[out, in]`, as PEFT's `make_weight`
+/// (in the factors' dtype).
+at::Tensor delta_weight(const at::Tensor& w1_a, const at::Tensor& w1_b, const at::Tensor& w2_a,
+                        const at::Tensor& w2_b, double scale);
+/// PEFT's rank dropout of a delta: each row kept with probability
+/// `1 - rank_dropout` (one `at::rand(out)` draw from the default generator,
+/// as PEFT's `torch.rand`), the kept rows divided by the kept fraction.
+at::Tensor rank_dropout(const at::Tensor& delta, double rank_dropout);
+/// `weight + delta` in `weight`'s dtype (PEFT's `weight.data += delta`).
+at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& delta);
+/// `weight - delta` in `weight`'s dtype.
+at::Tensor unmerged_weight(const at::Tensor& weight, const at::Tensor& delta);
+
+}  // namespace d9d::peft::loha

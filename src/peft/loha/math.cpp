@@ -1,0 +1,29 @@
+#include <d9d/peft/loha/math.h>
+
+#include <ATen/Functions.h>
+
+namespace d9d::peft::loha {
+
+at::Tensor delta_weight(const at::Tensor& w1_a, const at::Tensor& w1_b, const at::Tensor& w2_a,
+                        const at::Tensor& w2_b, double scale) {
+  // PEFT multiplies by torch.tensor(scale), a float32 scalar: the same rounding here.
+  return at::mul(at::mul(at::mm(w1_a, w1_b), at::mm(w2_a, w2_b)), at::scalar_tensor(scale, at::kFloat));
+}
+
+at::Tensor rank_dropout(const at::Tensor& delta, double rank_dropout) {
+  at::Tensor keep = at::rand({delta.size(0)}).gt(rank_dropout).to(delta.scalar_type());
+  keep = keep.view({-1, 1}).to(delta.device());
+  // Not a scaled dropout: PEFT (and LyCORIS) divide by the kept fraction of this draw.
+  keep = at::div(keep, keep.mean());
+  return at::mul(delta, keep);
+}
+
+at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& delta) {
+  return at::add(weight, delta).to(weight.scalar_type());
+}
+
+at::Tensor unmerged_weight(const at::Tensor& weight, const at::Tensor& delta) {
+  return at::sub(weight, delta).to(weight.scalar_type());
+}
+
+}  // namespace d9d::peft::loha
