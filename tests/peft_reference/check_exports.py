@@ -8,8 +8,9 @@ Reads what `peft_reference_tool export OUT` wrote (see reference_tool.cpp):
   trained by the C++ test) is loaded with
   PeftModel.from_pretrained onto the toy model's PyTorch twin (twins.py) with
   the fixture's base weights; its logits must equal the C++ logits to 1e-5.
-- trainer/: the adapter d9d-peft-train wrote, loaded onto the trainer GPT's
-  twin built from the sharded checkpoint the C++ side saved; logits to 1e-5.
+- trainer/<run>/: the adapter each d9d-peft-train run wrote (one run per
+  method kind: LoRA, IA3, LoHa, ...), loaded onto the trainer GPT's twin built
+  from the sharded checkpoint the C++ side saved; logits to 1e-5.
   PEFT's merge_and_unload of it is the reference for the merged checkpoints
   this library wrote: `d9d-peft merge` output and the trainer's own merged/,
   each loaded into a fresh twin (logits to 1e-5; tensors the adapter does not
@@ -29,6 +30,7 @@ import sys
 import torch
 import torch.jit._pickle  # noqa: F401 - the helper torch::pickle_save files name
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -124,43 +126,52 @@ def main() -> int:
     loha = [a for a in adapters if json.loads((a / "adapter_config.json").read_text())["peft_type"] == "LOHA"]
     report.check(len(loha) >= 10, "LoHa adapters among them (random configs made in C++)", f"{len(loha)}")
 
-    # The trainer's adapter, and the merged checkpoints, on the GPT twin.
-    trainer = args.exports / "trainer"
-    sizes = json.loads((trainer / "gpt.json").read_text())
+    # Each d9d-peft-train run's adapter (one per method kind), and the merged
+    # checkpoints, on the GPT twin.
     base_state = load_sharded(args.exports / "checkpoint_sharded")
+    runs = sorted(p for p in (args.exports / "trainer").iterdir() if (p / "gpt.json").exists())
+    kinds = set()
+    for run in runs:
+        sizes = json.loads((run / "gpt.json").read_text())
 
-    def gpt_from(state):
-        model = Gpt(**sizes)
-        model.load_state_dict(state)
-        return model.eval()
+        def gpt_from(state):
+            model = Gpt(**sizes)
+            model.load_state_dict(state)
+            return model.eval()
 
-    expected = load_file(str(trainer / "adapter" / "cpp_logits.safetensors"))
-    ids = expected["input_ids"]
-    peft_model = PeftModel.from_pretrained(gpt_from(base_state), str(trainer / "adapter")).eval()
-    diff = logits_diff(peft_model, ids, expected["logits"])
-    report.check(diff <= TOLERANCE, "PEFT loads the adapter d9d-peft-train wrote", f"max |peft - d9d| logits {diff:.2e}")
-    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
-    merged_by_peft = peft_model.merge_and_unload().eval()
-    with torch.no_grad():
-        peft_merged_logits = merged_by_peft(ids)
-    for name, directory in (("d9d-peft merge output", trainer / "cli_merged"),
-                            ("d9d-peft-train's merged checkpoint", trainer / "trainer_merged")):
-        try:
-            files = sorted(directory.glob("*.safetensors"))
-            state = load_sharded(directory) if (directory / "model.safetensors.index.json").exists() \
-                else load_file(str(files[0]))
-            diff = logits_diff(gpt_from(state), ids, peft_merged_logits)
-            untouched = [k for k in base_state if k.rsplit(".", 1)[0] not in adapted]
-            same = all(torch.equal(state[k], base_state[k]) for k in untouched)
-            merged_weights = [k for k in base_state if k.endswith(".weight") and k.rsplit(".", 1)[0] in adapted]
-            changed = sum(not torch.equal(state[k], base_state[k]) for k in merged_weights)
-            report.check(diff <= TOLERANCE and same and changed == len(merged_weights) > 0,
-                         f"safetensors + PEFT check {name}",
-                         f"max |PEFT merge_and_unload - d9d| logits {diff:.2e}; {changed} of {len(merged_weights)} "
-                         f"adapted weights changed; {len(untouched)} untouched tensors "
-                         f"{'bit-identical' if same else 'CHANGED'}")
-        except Exception as e:  # noqa: BLE001
-            report.check(False, f"safetensors + PEFT check {name}", f"{type(e).__name__}: {e}")
+        peft_type = json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"]
+        kinds.add(peft_type)
+        label = f"d9d-peft-train run {run.name} ({peft_type})"
+        expected = load_file(str(run / "adapter" / "cpp_logits.safetensors"))
+        ids = expected["input_ids"]
+        peft_model = PeftModel.from_pretrained(gpt_from(base_state), str(run / "adapter")).eval()
+        diff = logits_diff(peft_model, ids, expected["logits"])
+        report.check(diff <= TOLERANCE, f"PEFT loads the adapter of {label}", f"max |peft - d9d| logits {diff:.2e}")
+        adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                   if isinstance(m, BaseTunerLayer)}
+        merged_by_peft = peft_model.merge_and_unload().eval()
+        with torch.no_grad():
+            peft_merged_logits = merged_by_peft(ids)
+        for name, directory in (("d9d-peft merge output", run / "cli_merged"),
+                                ("d9d-peft-train's merged checkpoint", run / "trainer_merged")):
+            try:
+                files = sorted(directory.glob("*.safetensors"))
+                state = load_sharded(directory) if (directory / "model.safetensors.index.json").exists() \
+                    else load_file(str(files[0]))
+                diff = logits_diff(gpt_from(state), ids, peft_merged_logits)
+                untouched = [k for k in base_state if k.rsplit(".", 1)[0] not in adapted]
+                same = all(torch.equal(state[k], base_state[k]) for k in untouched)
+                merged_weights = [k for k in base_state if k.endswith(".weight") and k.rsplit(".", 1)[0] in adapted]
+                changed = sum(not torch.equal(state[k], base_state[k]) for k in merged_weights)
+                report.check(diff <= TOLERANCE and same and changed == len(merged_weights) > 0,
+                             f"safetensors + PEFT check {name} of {label}",
+                             f"max |PEFT merge_and_unload - d9d| logits {diff:.2e}; {changed} of {len(merged_weights)} "
+                             f"adapted weights changed; {len(untouched)} untouched tensors "
+                             f"{'bit-identical' if same else 'CHANGED'}")
+            except Exception as e:  # noqa: BLE001
+                report.check(False, f"safetensors + PEFT check {name} of {label}", f"{type(e).__name__}: {e}")
+    report.check({"LORA", "IA3", "LOHA"} <= kinds, "d9d-peft-train runs cover LoRA, IA3 and LoHa",
+                 ", ".join(sorted(kinds)) or "none")
 
     total = report.passed + report.failed
     if report.failed:

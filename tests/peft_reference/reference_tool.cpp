@@ -5,11 +5,11 @@
 //       here (tests/toy_model.h), and its logits with the adapter, its merged
 //       weights and merged logits, and the weights `d9d-peft merge` writes must
 //       all match what PEFT computed, to 1e-5.
-//   peft_reference_tool export OUT --fixtures DIR --trainer-run RUN --cli D9D_PEFT
+//   peft_reference_tool export OUT --fixtures DIR --trainer-run RUN [--trainer-run RUN ...] --cli D9D_PEFT
 //       d9d-peft -> PEFT: writes what this library produces (adapters re-saved
 //       from the fixtures, several named adapters saved one by one, one trained
-//       here, one trained by d9d-peft-train; a sharded checkpoint; `d9d-peft
-//       merge` output) with the logits this library computes, and beside each
+//       here, the one each d9d-peft-train run wrote (one run per method kind,
+//       sharing a base); a sharded checkpoint; `d9d-peft merge` output) with the logits this library computes, and beside each
 //       safetensors file a `.reference.pt` (LibTorch's own `torch::pickle_save`)
 //       of the tensors as they were in memory, for check_exports.py.
 //
@@ -236,7 +236,8 @@ void export_adapter(Model& model, const fs::path& dir, const at::Tensor& ids, co
   ms::save_safetensors((dir / "cpp_logits.safetensors").string(), {{"logits", model->forward(ids)}, {"input_ids", ids}});
 }
 
-int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& trainer_run, const std::string& cli) {
+int export_all(const fs::path& out, const fs::path& fixtures, const std::vector<fs::path>& trainer_runs,
+               const std::string& cli) {
   const fs::path toy_dir = fixtures / "hf_peft" / "toy";
   fs::remove_all(out);
   fs::create_directories(out / "adapters");
@@ -363,11 +364,22 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
     ++count;
   }
 
-  // 6. The adapter d9d-peft-train wrote, on the trainer's GPT: its base saved
-  // again as a sharded checkpoint, and the trainer's adapter merged offline.
-  {
+  // 6. The adapters d9d-peft-train wrote (one run per method kind), each on the
+  // trainer's GPT: the first run's base saved again as a sharded checkpoint, and
+  // each run's adapter merged offline into it. Runs that reused a base
+  // (run_config.json's base_checkpoint) must share the first run's.
+  fs::path first_base;
+  for (const fs::path& trainer_run : trainer_runs) {
     const json run_config = read_json(trainer_run / "run_config.json");
-    const auto base_file = ms::SafetensorsFile::open((trainer_run / "base" / "model.safetensors").string());
+    const fs::path base_dir = run_config.contains("base_checkpoint") && run_config["base_checkpoint"].is_string()
+                                  ? fs::path(run_config["base_checkpoint"].get<std::string>())
+                                  : trainer_run / "base";
+    if (first_base.empty()) first_base = base_dir;
+    if (fs::weakly_canonical(base_dir) != fs::weakly_canonical(first_base)) {
+      throw std::runtime_error(trainer_run.string() + ": its base " + base_dir.string() + " is not the first run's (" +
+                               first_base.string() + "); every --trainer-run must share one base");
+    }
+    const auto base_file = ms::SafetensorsFile::open((base_dir / "model.safetensors").string());
     const json& m = run_config.at("model");
     trainer::GptConfig config;
     config.vocab = base_file->get("embed_tokens.weight").size(0);
@@ -377,20 +389,23 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
     config.n_heads = m.at("n_heads").get<int64_t>();
     config.d_ff = m.at("d_ff").get<int64_t>();
     trainer::Gpt gpt(config);
-    ms::load_model_state((trainer_run / "base").string(), *ms::identity_mapper_from_module(*gpt), *gpt, quiet());
+    ms::load_model_state(base_dir.string(), *ms::identity_mapper_from_module(*gpt), *gpt, quiet());
 
     const fs::path sharded = out / "checkpoint_sharded";
-    ms::SaveOptions save;
-    save.progress = nullptr;
-    save.shard_size = 64 * 1024;  // several shards and an index
-    ms::save_model_state(sharded.string(), *ms::identity_mapper_from_module(*gpt), *gpt, save);
-    save_reference(ms::module_state_dict(*gpt), sharded / "model.reference.pt");
+    if (!fs::exists(sharded)) {
+      ms::SaveOptions save;
+      save.progress = nullptr;
+      save.shard_size = 64 * 1024;  // several shards and an index
+      ms::save_model_state(sharded.string(), *ms::identity_mapper_from_module(*gpt), *gpt, save);
+      save_reference(ms::module_state_dict(*gpt), sharded / "model.reference.pt");
+    }
 
     peft::hf::load_adapter(*gpt, (trainer_run / "adapter").string());
     torch::manual_seed(1);
     const auto gpt_ids = torch::randint(0, config.vocab, {4, config.context}, at::kLong);
-    const fs::path dir = out / "trainer" / "adapter";
-    fs::create_directories(dir.parent_path());
+    const fs::path run_out = out / "trainer" / trainer_run.filename();
+    const fs::path dir = run_out / "adapter";
+    fs::create_directories(run_out);
     fs::copy(trainer_run / "adapter", dir, fs::copy_options::recursive);
     {
       torch::NoGradGuard no_grad;
@@ -398,18 +413,18 @@ int export_all(const fs::path& out, const fs::path& fixtures, const fs::path& tr
       ms::save_safetensors((dir / "cpp_logits.safetensors").string(),
                            {{"logits", gpt->forward(gpt_ids)}, {"input_ids", gpt_ids}});
     }
-    std::ofstream(out / "trainer" / "gpt.json")
+    std::ofstream(run_out / "gpt.json")
         << json{{"vocab", config.vocab}, {"context", config.context}, {"d_model", config.d_model},
                 {"n_layers", config.n_layers}, {"n_heads", config.n_heads}, {"d_ff", config.d_ff}}
                .dump();
-    fs::copy(trainer_run / "merged", out / "trainer" / "trainer_merged", fs::copy_options::recursive);
+    fs::copy(trainer_run / "merged", run_out / "trainer_merged", fs::copy_options::recursive);
     const std::string cmd = quote(cli) + " merge --base " + quote(sharded) + " --adapter " + quote(dir) +
-                            " --out " + quote(out / "trainer" / "cli_merged");
+                            " --out " + quote(run_out / "cli_merged");
     if (run(cmd) != 0) throw std::runtime_error("d9d-peft merge failed: " + cmd);
     count += 1;
   }
   std::printf("peft-reference: exported %d adapters (fixtures re-saved, named, IA3 and LoHa made here, trained here, trained by "
-              "d9d-peft-train), a sharded checkpoint and d9d-peft merge output to %s\n",
+              "d9d-peft-train, one per run), a sharded checkpoint and d9d-peft merge output to %s\n",
               count, out.string().c_str());
   return 0;
 }
@@ -576,7 +591,7 @@ int moe_export(const fs::path& out, const fs::path& cases) {
 [[noreturn]] void usage() {
   std::fprintf(stderr,
                "usage: peft_reference_tool check CASES --cli D9D_PEFT\n"
-               "       peft_reference_tool export OUT --fixtures DIR --trainer-run RUN --cli D9D_PEFT\n"
+               "       peft_reference_tool export OUT --fixtures DIR --trainer-run RUN [--trainer-run RUN ...] --cli D9D_PEFT\n"
                "       peft_reference_tool moe-check CASES\n"
                "       peft_reference_tool moe-export OUT --cases CASES\n");
   std::exit(2);
@@ -588,13 +603,14 @@ int main(int argc, char** argv) {
   if (argc < 3) usage();
   const std::string command = argv[1];
   const fs::path target = argv[2];
-  std::string cli, fixtures, trainer_run, cases;
+  std::string cli, fixtures, cases;
+  std::vector<fs::path> trainer_runs;
   for (int i = 3; i < argc; ++i) {
     const std::string arg = argv[i];
     if (i + 1 >= argc) usage();
     if (arg == "--cli") cli = argv[++i];
     else if (arg == "--fixtures") fixtures = argv[++i];
-    else if (arg == "--trainer-run") trainer_run = argv[++i];
+    else if (arg == "--trainer-run") trainer_runs.emplace_back(argv[++i]);
     else if (arg == "--cases") cases = argv[++i];
     else usage();
   }
@@ -603,8 +619,8 @@ int main(int argc, char** argv) {
     if (command == "moe-export" && !cases.empty()) return moe_export(target, cases);
     if (cli.empty()) usage();
     if (command == "check") return check(target, cli);
-    if (command == "export" && !fixtures.empty() && !trainer_run.empty()) {
-      return export_all(target, fixtures, trainer_run, cli);
+    if (command == "export" && !fixtures.empty() && !trainer_runs.empty()) {
+      return export_all(target, fixtures, trainer_runs, cli);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "peft-reference: %s\n", e.what());
