@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PEFT -> d9d-peft, differential: fresh LoRA, IA3 and LoHa adapters written by real Hugging Face PEFT.
+"""PEFT -> d9d-peft, differential: fresh LoRA, IA3, LoHa and OFT adapters written by real Hugging Face PEFT.
 
 Makes COUNT cases from SEED (case i uses seed SEED + i, so one case is
 reproduced alone with --seed SEED+i --count 1). Each case draws a toy
@@ -12,8 +12,12 @@ without the embedding; feedforward_modules; init_ia3_weights=False so that the
 vectors are not ones) or, for about one case in five and at least MIN_LOHA
 per run, a LoHaConfig (random r and alpha, rank_pattern / alpha_pattern,
 targets and exclusions as for IA3, use_effective_conv2d either way (no effect
-on linear layers), init_weights=False so that w2_b is not zero), applies it
-with get_peft_model and writes, under
+on linear layers), init_weights=False so that w2_b is not zero) or, for
+about one case in six and at least MIN_OFT per run, an OFTConfig (r or
+oft_block_size, sizes that PEFT must adjust included, coft with several eps,
+block_share, the Cayley-Neumann series with 1 to 8 terms or the exact inverse,
+init_weights=False so that R is not the identity), applies it with
+get_peft_model and writes, under
 OUT/case_NNN/:
 
   config.json                 the toy's sizes, the case seed, the PEFT config (for the log)
@@ -37,7 +41,7 @@ import sys
 import warnings
 
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig, get_peft_model
+from peft import IA3Config, LoHaConfig, LoraConfig, OFTConfig, get_peft_model
 from peft.utils.error import NoMatchingPeftModuleError
 from safetensors.torch import save_file
 
@@ -97,7 +101,30 @@ def draw_loha(rng, names):
     return config
 
 
-def draw_case(seed, loha=False):
+MIN_OFT = 10  # OFT cases per run, whatever the draws
+
+
+def draw_oft(rng, names):
+    """An OFTConfig over the linear layers: r or oft_block_size (adjusted by PEFT where it does not divide),
+    coft, block_share, Cayley-Neumann or exact."""
+    linear = ATTENTION + MLP + (["lm_head"] if rng.random() < 0.3 else [])
+    if rng.random() < 0.7:
+        targets = sorted(rng.sample(linear, rng.randint(1, len(linear))))
+    else:
+        targets = rng.choice([r"layers\.\d+\.(attention|mlp)\.\w+_proj", r"layers\.0\.attention\.(q|v)_proj|lm_head",
+                              r".*\.mlp\.(up|down)_proj"])
+    by_rank = rng.random() < 0.4
+    return {"peft_type": "OFT", "r": rng.randint(2, 8) if by_rank else 0,
+            "oft_block_size": 0 if by_rank else rng.choice([2, 3, 4, 4, 5, 6, 8]),
+            "coft": rng.random() < 0.3, "eps": rng.choice([6e-5, 1e-2, 0.1, 1.0]),
+            "block_share": rng.random() < 0.3, "use_cayley_neumann": rng.random() < 0.6,
+            "num_cayley_neumann_terms": rng.randint(1, 8), "module_dropout": rng.choice([0.0, 0.0, 0.1]),
+            "target_modules": targets,
+            "exclude_modules": [rng.choice(names)] if rng.random() < 0.2 else None,
+            "init_weights": False}
+
+
+def draw_case(seed, loha=False, oft=False):
     rng = random.Random(seed)
     sizes = {
         "vocab": rng.randint(9, 41),
@@ -107,8 +134,12 @@ def draw_case(seed, loha=False):
     }
     use_dora = rng.random() < 0.3
     names = module_names(sizes["n_layers"])
+    if oft:
+        return sizes, draw_oft(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     if loha or rng.random() < 0.2:
         return sizes, draw_loha(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
+    if rng.random() < 0.2:
+        return sizes, draw_oft(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     if rng.random() < 0.25:
         return sizes, draw_ia3(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     # Targets: a list of short names (PEFT matches a name or a dotted suffix of it),
@@ -158,8 +189,8 @@ def draw_case(seed, loha=False):
     return sizes, config, (batch, time)
 
 
-def make_case(seed, out_dir, loha=False):
-    sizes, config, (batch, time) = draw_case(seed, loha)
+def make_case(seed, out_dir, loha=False, oft=False):
+    sizes, config, (batch, time) = draw_case(seed, loha, oft)
     torch.manual_seed(seed)
     base = Toy(**sizes)
     with torch.no_grad():
@@ -170,13 +201,15 @@ def make_case(seed, out_dir, loha=False):
     ids = torch.randint(0, sizes["vocab"], (batch, time))
 
     kwargs = {k: v for k, v in config.items() if k != "peft_type"}
-    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LORA": LoraConfig}[config["peft_type"]](**kwargs)
+    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LORA": LoraConfig, "OFT": OFTConfig}[config["peft_type"]](**kwargs)
     try:
         model = get_peft_model(base, peft_config).eval()
     except (NoMatchingPeftModuleError, ValueError):
         return None  # the exclusions left nothing to adapt: draw another case
     adapted = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
-                     if any("default" in getattr(m, a, {}) for a in ("r", "ia3_l", "hada_w1_a")))
+                     if any("default" in v for a in ("r", "ia3_l", "hada_w1_a")
+                            # (OFT's rotation module has an integer r of its own)
+                            if isinstance(v := getattr(m, a, {}), (dict, torch.nn.ModuleDict, torch.nn.ParameterDict))))
     if not adapted:
         return None
     if config.get("use_dora"):
@@ -215,7 +248,8 @@ def main():
         seed = int(os.environ["D9D_PEFT_SEED"])
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 1_000_000_000
-    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3 and LoHa cases (at least {MIN_LOHA} LoHa) from seed {seed} "
+    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3, LoHa and OFT cases (at least {MIN_LOHA} LoHa, "
+          f"{MIN_OFT} OFT) from seed {seed} "
           f"(reproduce: bash scripts/peft-reference.sh --seed {seed} --count {args.count})", flush=True)
     for old in args.out.glob("case_*"):
         shutil.rmtree(old)
@@ -223,11 +257,13 @@ def main():
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # PEFT's notes on unmatched rank_pattern keys and the like
     made, s = 0, seed
-    counts = {"loha": 0, "loha rank/alpha_pattern": 0, "ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
+    counts = {"oft": 0, "oft r": 0, "oft coft": 0, "oft block_share": 0, "oft exact": 0, "loha": 0, "loha rank/alpha_pattern": 0, "ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
               "alpha_pattern": 0, "biased": 0}
-    while made < args.count or counts["loha"] < MIN_LOHA:
-        # Past COUNT, only LoHa cases, until there are MIN_LOHA of them.
-        case = make_case(s, args.out, loha=made >= args.count)
+    while made < args.count or counts["loha"] < MIN_LOHA or counts["oft"] < MIN_OFT:
+        # Past COUNT, only LoHa cases until there are MIN_LOHA of them, then OFT cases until MIN_OFT.
+        extra = made >= args.count
+        case = make_case(s, args.out, loha=extra and counts["loha"] < MIN_LOHA,
+                         oft=extra and counts["loha"] >= MIN_LOHA)
         s += 1
         if case is None:
             continue
@@ -235,6 +271,13 @@ def main():
         info = json.loads((case / "config.json").read_text())
         c = info["peft_config"]
         counts["biased"] += any(".mlp." in m for m in info["adapted_modules"])
+        if c["peft_type"] == "OFT":
+            counts["oft"] += 1
+            counts["oft r"] += c["r"] != 0
+            counts["oft coft"] += c["coft"]
+            counts["oft block_share"] += c["block_share"]
+            counts["oft exact"] += not c["use_cayley_neumann"]
+            continue
         if c["peft_type"] == "LOHA":
             counts["loha"] += 1
             counts["loha rank/alpha_pattern"] += bool(c["rank_pattern"] or c["alpha_pattern"])

@@ -345,6 +345,65 @@ int export_all(const fs::path& out, const fs::path& fixtures, const std::vector<
     ++count;
   }
 
+  // 4b. OFT made here: kOftExports random configs (r or oft_block_size, sizes
+  //     PEFT adjusts included, coft, block_share, Cayley-Neumann or exact,
+  //     targets as names or a regex, random rotations), from the same seed,
+  //     and one trained here with coft. PEFT must read each as an OFT adapter
+  //     with the same numbers.
+  {
+    const char* env = std::getenv("D9D_PEFT_SEED");
+    const unsigned seed = env && *env ? static_cast<unsigned>(std::stoul(env)) : std::random_device{}();
+    std::printf("peft-reference: OFT exports from seed %u\n", seed);
+    std::mt19937 rng(seed + 1);
+    auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+    const std::vector<std::string> linear = {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"};
+    constexpr int kOftExports = 10;
+    for (int i = 0; i < kOftExports; ++i) {
+      peft::hf::OFTConfig config;
+      if (uniform(0, 2) == 0) {
+        config.r = uniform(2, 8);
+        config.oft_block_size = 0;
+      } else {
+        config.oft_block_size = std::vector<int>{2, 3, 4, 5, 8}[uniform(0, 4)];
+      }
+      config.coft = uniform(0, 2) == 0;
+      config.eps = std::vector<double>{6e-5, 1e-2, 0.1}[uniform(0, 2)];
+      config.block_share = uniform(0, 2) == 0;
+      config.use_cayley_neumann = uniform(0, 2) != 0;
+      config.num_cayley_neumann_terms = uniform(1, 8);
+      if (uniform(0, 3) == 0) {
+        config.target_modules.regex = uniform(0, 1) ? R"(layers\.\d+\.(attention|mlp)\.\w+_proj)" : R"(.*\.(q|v)_proj|lm_head)";
+      } else {
+        for (const auto& name : linear) {
+          if (uniform(0, 1)) config.target_modules.names.push_back(name);
+        }
+        if (config.target_modules.names.empty()) config.target_modules.names.push_back(linear[uniform(0, 6)]);
+      }
+      config.init_weights = false;
+      toy::Toy model = toy_base();
+      torch::manual_seed(seed + 100 + i);
+      peft::OFT oft(config);
+      peft::inject_peft_and_freeze(oft, model);
+      export_adapter(model, out / "adapters" / fmt::format("oft_random_{}", i), ids);
+      ++count;
+    }
+    toy::Toy model = toy_base();
+    torch::manual_seed(seed);
+    peft::OFT oft(peft::OFT::from_config({".*(q|v|up|down)_proj", peft::OFTParameters().oft_block_size(4).coft(true).eps(0.05)}));
+    peft::inject_peft_and_freeze(oft, model);
+    model->train();
+    torch::optim::SGD opt(peft::trainable_parameters(*model), torch::optim::SGDOptions(0.5));
+    for (int step = 0; step < 20; ++step) {
+      opt.zero_grad();
+      auto logits = model->forward(ids.slice(1, 0, -1));
+      torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}), ids.slice(1, 1).reshape({-1}))
+          .backward();
+      opt.step();
+    }
+    export_adapter(model, out / "adapters" / "oft_trained_by_cpp", ids);
+    ++count;
+  }
+
   // 5. One trained here: LoRA with dropout on every projection, a few SGD steps.
   {
     toy::Toy model = toy_base();
@@ -423,8 +482,8 @@ int export_all(const fs::path& out, const fs::path& fixtures, const std::vector<
     if (run(cmd) != 0) throw std::runtime_error("d9d-peft merge failed: " + cmd);
     count += 1;
   }
-  std::printf("peft-reference: exported %d adapters (fixtures re-saved, named, IA3 and LoHa made here, trained here, trained by "
-              "d9d-peft-train, one per run), a sharded checkpoint and d9d-peft merge output to %s\n",
+  std::printf("peft-reference: exported %d adapters (fixtures re-saved, named, IA3, LoHa and OFT made here, trained here, "
+              "trained by d9d-peft-train, one per run), a sharded checkpoint and d9d-peft merge output to %s\n",
               count, out.string().c_str());
   return 0;
 }
