@@ -172,7 +172,7 @@ def main() -> int:
                              f"{'bit-identical' if same else 'CHANGED'}")
             except Exception as e:  # noqa: BLE001
                 report.check(False, f"safetensors + PEFT check {name} of {label}", f"{type(e).__name__}: {e}")
-    report.check({"LORA", "IA3", "LOHA"} <= kinds, "d9d-peft-train runs cover LoRA, IA3 and LoHa",
+    report.check({"LORA", "IA3", "LOHA", "OFT"} <= kinds, "d9d-peft-train runs cover LoRA, IA3, LoHa and OFT",
                  ", ".join(sorted(kinds)) or "none")
 
     total = report.passed + report.failed
