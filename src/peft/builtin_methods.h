@@ -7,6 +7,7 @@
 #include <d9d/peft/full_tune/config.h>
 #include <d9d/peft/ia3/config.h>
 #include <d9d/peft/loha/config.h>
+#include <d9d/peft/lokr/config.h>
 #include <d9d/peft/lora/config.h>
 #include <d9d/peft/registry.h>
 
@@ -22,12 +23,14 @@ PeftMethodRegistration full_tune_registration();
 PeftMethodRegistration stack_registration();
 PeftMethodRegistration ia3_registration();
 PeftMethodRegistration loha_registration();
+PeftMethodRegistration lokr_registration();
 
 /// The d9d JSON readers (the `"kind"` field already checked by the caller).
 LoRAConfig parse_lora_config_json(const nlohmann::json& j, const std::string& path);
 FullTuneConfig parse_full_tune_config_json(const nlohmann::json& j, const std::string& path);
 IA3Config parse_ia3_config_json(const nlohmann::json& j, const std::string& path);
 LoHaConfig parse_loha_config_json(const nlohmann::json& j, const std::string& path);
+LoKrConfig parse_lokr_config_json(const nlohmann::json& j, const std::string& path);
 
 /// A registration's d9d-config functions, for a config struct `Config` with
 /// `validate(config, path)` and `to_json(ordered_json&, config)`, and a method
