@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PEFT -> d9d-peft, differential: fresh LoRA, IA3 and LoHa adapters written by real Hugging Face PEFT.
+"""PEFT -> d9d-peft, differential: fresh LoRA, IA3, LoHa and LoKr adapters written by real Hugging Face PEFT.
 
 Makes COUNT cases from SEED (case i uses seed SEED + i, so one case is
 reproduced alone with --seed SEED+i --count 1). Each case draws a toy
@@ -12,7 +12,10 @@ without the embedding; feedforward_modules; init_ia3_weights=False so that the
 vectors are not ones) or, for about one case in five and at least MIN_LOHA
 per run, a LoHaConfig (random r and alpha, rank_pattern / alpha_pattern,
 targets and exclusions as for IA3, use_effective_conv2d either way (no effect
-on linear layers), init_weights=False so that w2_b is not zero), applies it
+on linear layers), init_weights=False so that w2_b is not zero) or, for about
+one case in six and at least MIN_LOKR per run, a LoKrConfig (random r, so
+that w1/w2 are whole or factored, decompose_both, decompose_factor, patterns,
+targets as for LoHa, init_weights=False so that w1 is not zero), applies it
 with get_peft_model and writes, under
 OUT/case_NNN/:
 
@@ -37,7 +40,7 @@ import sys
 import warnings
 
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig, get_peft_model
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 from peft.utils.error import NoMatchingPeftModuleError
 from safetensors.torch import save_file
 
@@ -97,7 +100,24 @@ def draw_loha(rng, names):
     return config
 
 
-def draw_case(seed, loha=False):
+MIN_LOKR = 10  # LoKr cases per run, whatever the draws
+
+
+def draw_lokr(rng, names):
+    """A LoKrConfig over the linear layers: r small and large (factored or whole w2; w1 too with
+    decompose_both), decompose_factor, rank/alpha patterns, list or regex targets."""
+    config = draw_loha(rng, names)
+    r = rng.choice([1, 1, 2, 3, rng.randint(1, 8), rng.randint(4, 24)])
+    config.update({"peft_type": "LOKR", "r": r,
+                   "alpha": rng.choice([r, 2 * r, rng.randint(1, 32), round(rng.uniform(0.5, 20.0), 3)]),
+                   "decompose_both": rng.random() < 0.5,
+                   "decompose_factor": rng.choice([-1, -1, -1, 2, 3, 4, 8]),
+                   "rank_dropout_scale": rng.random() < 0.3})
+    config["rank_pattern"] = {k: rng.choice([1, 2, 6, 16]) for k in config["rank_pattern"]}
+    return config
+
+
+def draw_case(seed, loha=False, lokr=False):
     rng = random.Random(seed)
     sizes = {
         "vocab": rng.randint(9, 41),
@@ -107,8 +127,12 @@ def draw_case(seed, loha=False):
     }
     use_dora = rng.random() < 0.3
     names = module_names(sizes["n_layers"])
+    if lokr:
+        return sizes, draw_lokr(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     if loha or rng.random() < 0.2:
         return sizes, draw_loha(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
+    if rng.random() < 0.2:
+        return sizes, draw_lokr(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     if rng.random() < 0.25:
         return sizes, draw_ia3(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     # Targets: a list of short names (PEFT matches a name or a dotted suffix of it),
@@ -158,8 +182,8 @@ def draw_case(seed, loha=False):
     return sizes, config, (batch, time)
 
 
-def make_case(seed, out_dir, loha=False):
-    sizes, config, (batch, time) = draw_case(seed, loha)
+def make_case(seed, out_dir, loha=False, lokr=False):
+    sizes, config, (batch, time) = draw_case(seed, loha, lokr)
     torch.manual_seed(seed)
     base = Toy(**sizes)
     with torch.no_grad():
@@ -170,7 +194,7 @@ def make_case(seed, out_dir, loha=False):
     ids = torch.randint(0, sizes["vocab"], (batch, time))
 
     kwargs = {k: v for k, v in config.items() if k != "peft_type"}
-    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LORA": LoraConfig}[config["peft_type"]](**kwargs)
+    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LOKR": LoKrConfig, "LORA": LoraConfig}[config["peft_type"]](**kwargs)
     try:
         model = get_peft_model(base, peft_config).eval()
     except (NoMatchingPeftModuleError, ValueError):
@@ -179,6 +203,7 @@ def make_case(seed, out_dir, loha=False):
                      if any("default" in getattr(m, a, {}) for a in ("r", "ia3_l", "hada_w1_a")))
     if not adapted:
         return None
+    lokr_keys = sorted({n.split(".")[-2] for n, _ in model.named_parameters() if ".lokr_" in n})
     if config.get("use_dora"):
         # DoRA's magnitude starts as the weight norm; move it so the scaling shows.
         with torch.no_grad():
@@ -200,7 +225,7 @@ def make_case(seed, out_dir, loha=False):
     save_file({"input_ids": ids}, str(case / "inputs.safetensors"))
     save_file(expected, str(case / "expected.safetensors"))
     (case / "config.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "peft_config": config,
-                                                  "adapted_modules": adapted}, indent=1))
+                                                  "adapted_modules": adapted, "lokr_keys": lokr_keys}, indent=1))
     return case
 
 
@@ -215,7 +240,8 @@ def main():
         seed = int(os.environ["D9D_PEFT_SEED"])
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 1_000_000_000
-    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3 and LoHa cases (at least {MIN_LOHA} LoHa) from seed {seed} "
+    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3, LoHa and LoKr cases (at least {MIN_LOHA} LoHa, "
+          f"{MIN_LOKR} LoKr) from seed {seed} "
           f"(reproduce: bash scripts/peft-reference.sh --seed {seed} --count {args.count})", flush=True)
     for old in args.out.glob("case_*"):
         shutil.rmtree(old)
@@ -223,11 +249,14 @@ def main():
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # PEFT's notes on unmatched rank_pattern keys and the like
     made, s = 0, seed
-    counts = {"loha": 0, "loha rank/alpha_pattern": 0, "ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
+    counts = {"lokr": 0, "lokr factored w2": 0, "lokr factored w1": 0, "lokr decompose_factor": 0,
+              "loha": 0, "loha rank/alpha_pattern": 0, "ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
               "alpha_pattern": 0, "biased": 0}
-    while made < args.count or counts["loha"] < MIN_LOHA:
-        # Past COUNT, only LoHa cases, until there are MIN_LOHA of them.
-        case = make_case(s, args.out, loha=made >= args.count)
+    while made < args.count or counts["loha"] < MIN_LOHA or counts["lokr"] < MIN_LOKR:
+        # Past COUNT, only LoHa then LoKr cases, until there are MIN_LOHA and MIN_LOKR of them.
+        extra = made >= args.count
+        case = make_case(s, args.out, loha=extra and counts["loha"] < MIN_LOHA,
+                         lokr=extra and counts["loha"] >= MIN_LOHA)
         s += 1
         if case is None:
             continue
@@ -235,6 +264,12 @@ def main():
         info = json.loads((case / "config.json").read_text())
         c = info["peft_config"]
         counts["biased"] += any(".mlp." in m for m in info["adapted_modules"])
+        if c["peft_type"] == "LOKR":
+            counts["lokr"] += 1
+            counts["lokr factored w2"] += "lokr_w2_a" in info["lokr_keys"]
+            counts["lokr factored w1"] += "lokr_w1_a" in info["lokr_keys"]
+            counts["lokr decompose_factor"] += c["decompose_factor"] != -1
+            continue
         if c["peft_type"] == "LOHA":
             counts["loha"] += 1
             counts["loha rank/alpha_pattern"] += bool(c["rank_pattern"] or c["alpha_pattern"])
