@@ -11,6 +11,7 @@
 #include <d9d/peft/hf/config.h>
 #include <d9d/peft/hf/files.h>
 #include <d9d/peft/ia3/config.h>
+#include <d9d/peft/lokr/config.h>
 #include <d9d/peft/registry.h>
 
 #include <nlohmann/json.hpp>
@@ -84,6 +85,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     accepted("load_hf_config", [&] { method_for_peft_type(type, kSource).load_hf_config(typed, kSource, "fuzz"); });
     if (type == "LORA") check_round_trip(typed, hf::parse_lora_config, hf::dump_lora_config, "LoraConfig round trip");
     if (type == "IA3") check_round_trip(typed, hf::parse_ia3_config, hf::dump_ia3_config, "IA3Config round trip");
+    if (type == "LOKR") check_round_trip(typed, hf::parse_lokr_config, hf::dump_lokr_config, "LoKrConfig round trip");
   }
   return 0;
 }

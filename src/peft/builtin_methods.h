@@ -7,6 +7,7 @@
 #include <d9d/peft/full_tune/config.h>
 #include <d9d/peft/ia3/config.h>
 #include <d9d/peft/loha/config.h>
+#include <d9d/peft/lokr/config.h>
 #include <d9d/peft/lora/config.h>
 #include <d9d/peft/oft/config.h>
 #include <d9d/peft/registry.h>
@@ -24,6 +25,7 @@ PeftMethodRegistration stack_registration();
 PeftMethodRegistration ia3_registration();
 PeftMethodRegistration loha_registration();
 PeftMethodRegistration oft_registration();
+PeftMethodRegistration lokr_registration();
 
 /// The d9d JSON readers (the `"kind"` field already checked by the caller).
 LoRAConfig parse_lora_config_json(const nlohmann::json& j, const std::string& path);
@@ -31,6 +33,7 @@ FullTuneConfig parse_full_tune_config_json(const nlohmann::json& j, const std::s
 IA3Config parse_ia3_config_json(const nlohmann::json& j, const std::string& path);
 LoHaConfig parse_loha_config_json(const nlohmann::json& j, const std::string& path);
 OFTConfig parse_oft_config_json(const nlohmann::json& j, const std::string& path);
+LoKrConfig parse_lokr_config_json(const nlohmann::json& j, const std::string& path);
 
 /// A registration's d9d-config functions, for a config struct `Config` with
 /// `validate(config, path)` and `to_json(ordered_json&, config)`, and a method

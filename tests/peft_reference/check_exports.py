@@ -6,6 +6,8 @@ Reads what `peft_reference_tool export OUT` wrote (see reference_tool.cpp):
 - adapters/<name>/: each adapter (fixtures re-saved, several named adapters
   saved one by one, IA3 and random LoHa and OFT configs made in C++, LoRA,
   LoHa and OFT trained by the C++ test) is loaded with
+  saved one by one, IA3 and random LoHa and LoKr configs made in C++, LoRA,
+  LoHa and LoKr trained by the C++ test) is loaded with
   PeftModel.from_pretrained onto the toy model's PyTorch twin (twins.py) with
   the fixture's base weights; its logits must equal the C++ logits to 1e-5.
 - trainer/<run>/: the adapter each d9d-peft-train run wrote (one run per
@@ -127,6 +129,8 @@ def main() -> int:
     report.check(len(loha) >= 10, "LoHa adapters among them (random configs made in C++)", f"{len(loha)}")
     oft = [a for a in adapters if json.loads((a / "adapter_config.json").read_text())["peft_type"] == "OFT"]
     report.check(len(oft) >= 10, "OFT adapters among them (random configs made in C++)", f"{len(oft)}")
+    lokr = [a for a in adapters if json.loads((a / "adapter_config.json").read_text())["peft_type"] == "LOKR"]
+    report.check(len(lokr) >= 10, "LoKr adapters among them (random configs made in C++)", f"{len(lokr)}")
 
     # Each d9d-peft-train run's adapter (one per method kind), and the merged
     # checkpoints, on the GPT twin.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PEFT -> d9d-peft, differential: fresh LoRA, IA3, LoHa and OFT adapters written by real Hugging Face PEFT.
+"""PEFT -> d9d-peft, differential: fresh LoRA, IA3, LoHa, LoKr and OFT adapters written by real Hugging Face PEFT.
 
 Makes COUNT cases from SEED (case i uses seed SEED + i, so one case is
 reproduced alone with --seed SEED+i --count 1). Each case draws a toy
@@ -13,10 +13,13 @@ vectors are not ones) or, for about one case in five and at least MIN_LOHA
 per run, a LoHaConfig (random r and alpha, rank_pattern / alpha_pattern,
 targets and exclusions as for IA3, use_effective_conv2d either way (no effect
 on linear layers), init_weights=False so that w2_b is not zero) or, for
-about one case in six and at least MIN_OFT per run, an OFTConfig (r or
+about one case in five and at least MIN_OFT per run, an OFTConfig (r or
 oft_block_size, sizes that PEFT must adjust included, coft with several eps,
 block_share, the Cayley-Neumann series with 1 to 8 terms or the exact inverse,
-init_weights=False so that R is not the identity), applies it with
+init_weights=False so that R is not the identity) or, for about one case in
+five and at least MIN_LOKR per run, a LoKrConfig (random r, so that w1/w2 are
+whole or factored, decompose_both, decompose_factor, patterns, targets as for
+LoHa, init_weights=False so that w1 is not zero), applies it with
 get_peft_model and writes, under
 OUT/case_NNN/:
 
@@ -41,7 +44,7 @@ import sys
 import warnings
 
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig, OFTConfig, get_peft_model
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, get_peft_model
 from peft.utils.error import NoMatchingPeftModuleError
 from safetensors.torch import save_file
 
@@ -124,7 +127,29 @@ def draw_oft(rng, names):
             "init_weights": False}
 
 
-def draw_case(seed, loha=False, oft=False):
+MIN_LOKR = 10  # LoKr cases per run, whatever the draws
+
+
+def draw_lokr(rng, names):
+    """A LoKrConfig over the linear layers: r small and large (factored or whole w2; w1 too with
+    decompose_both), decompose_factor, rank/alpha patterns, list or regex targets."""
+    config = draw_loha(rng, names)
+    r = rng.choice([1, 1, 2, 3, rng.randint(1, 8), rng.randint(4, 24)])
+    config.update({"peft_type": "LOKR", "r": r,
+                   "alpha": rng.choice([r, 2 * r, rng.randint(1, 32), round(rng.uniform(0.5, 20.0), 3)]),
+                   "decompose_both": rng.random() < 0.5,
+                   "decompose_factor": rng.choice([-1, -1, -1, 2, 3, 4, 8]),
+                   "rank_dropout_scale": rng.random() < 0.3})
+    config["rank_pattern"] = {k: rng.choice([1, 2, 6, 16]) for k in config["rank_pattern"]}
+    return config
+
+
+# Methods with a per-run minimum: past COUNT, cases of the first one short of its minimum.
+MINIMUMS = {"LOHA": MIN_LOHA, "LOKR": MIN_LOKR, "OFT": MIN_OFT}
+DRAWS = {"LOHA": draw_loha, "LOKR": draw_lokr, "OFT": draw_oft}
+
+
+def draw_case(seed, force=None):
     rng = random.Random(seed)
     sizes = {
         "vocab": rng.randint(9, 41),
@@ -134,12 +159,11 @@ def draw_case(seed, loha=False, oft=False):
     }
     use_dora = rng.random() < 0.3
     names = module_names(sizes["n_layers"])
-    if oft:
-        return sizes, draw_oft(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
-    if loha or rng.random() < 0.2:
-        return sizes, draw_loha(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
-    if rng.random() < 0.2:
-        return sizes, draw_oft(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
+    if force:
+        return sizes, DRAWS[force](rng, names), (rng.randint(1, 3), rng.randint(2, 9))
+    for peft_type in MINIMUMS:  # about one case in five each, in turn
+        if rng.random() < 0.2:
+            return sizes, DRAWS[peft_type](rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     if rng.random() < 0.25:
         return sizes, draw_ia3(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     # Targets: a list of short names (PEFT matches a name or a dotted suffix of it),
@@ -189,8 +213,8 @@ def draw_case(seed, loha=False, oft=False):
     return sizes, config, (batch, time)
 
 
-def make_case(seed, out_dir, loha=False, oft=False):
-    sizes, config, (batch, time) = draw_case(seed, loha, oft)
+def make_case(seed, out_dir, force=None):
+    sizes, config, (batch, time) = draw_case(seed, force)
     torch.manual_seed(seed)
     base = Toy(**sizes)
     with torch.no_grad():
@@ -201,7 +225,7 @@ def make_case(seed, out_dir, loha=False, oft=False):
     ids = torch.randint(0, sizes["vocab"], (batch, time))
 
     kwargs = {k: v for k, v in config.items() if k != "peft_type"}
-    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LORA": LoraConfig, "OFT": OFTConfig}[config["peft_type"]](**kwargs)
+    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LOKR": LoKrConfig, "LORA": LoraConfig, "OFT": OFTConfig}[config["peft_type"]](**kwargs)
     try:
         model = get_peft_model(base, peft_config).eval()
     except (NoMatchingPeftModuleError, ValueError):
@@ -212,6 +236,7 @@ def make_case(seed, out_dir, loha=False, oft=False):
                             if isinstance(v := getattr(m, a, {}), (dict, torch.nn.ModuleDict, torch.nn.ParameterDict))))
     if not adapted:
         return None
+    lokr_keys = sorted({n.split(".")[-2] for n, _ in model.named_parameters() if ".lokr_" in n})
     if config.get("use_dora"):
         # DoRA's magnitude starts as the weight norm; move it so the scaling shows.
         with torch.no_grad():
@@ -233,7 +258,7 @@ def make_case(seed, out_dir, loha=False, oft=False):
     save_file({"input_ids": ids}, str(case / "inputs.safetensors"))
     save_file(expected, str(case / "expected.safetensors"))
     (case / "config.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "peft_config": config,
-                                                  "adapted_modules": adapted}, indent=1))
+                                                  "adapted_modules": adapted, "lokr_keys": lokr_keys}, indent=1))
     return case
 
 
@@ -248,8 +273,8 @@ def main():
         seed = int(os.environ["D9D_PEFT_SEED"])
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 1_000_000_000
-    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3, LoHa and OFT cases (at least {MIN_LOHA} LoHa, "
-          f"{MIN_OFT} OFT) from seed {seed} "
+    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3, LoHa, LoKr and OFT cases (at least "
+          + ", ".join(f"{n} {t}" for t, n in MINIMUMS.items()) + f") from seed {seed} "
           f"(reproduce: bash scripts/peft-reference.sh --seed {seed} --count {args.count})", flush=True)
     for old in args.out.glob("case_*"):
         shutil.rmtree(old)
@@ -257,13 +282,18 @@ def main():
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # PEFT's notes on unmatched rank_pattern keys and the like
     made, s = 0, seed
-    counts = {"oft": 0, "oft r": 0, "oft coft": 0, "oft block_share": 0, "oft exact": 0, "loha": 0, "loha rank/alpha_pattern": 0, "ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
-              "alpha_pattern": 0, "biased": 0}
-    while made < args.count or counts["loha"] < MIN_LOHA or counts["oft"] < MIN_OFT:
-        # Past COUNT, only LoHa cases until there are MIN_LOHA of them, then OFT cases until MIN_OFT.
-        extra = made >= args.count
-        case = make_case(s, args.out, loha=extra and counts["loha"] < MIN_LOHA,
-                         oft=extra and counts["loha"] >= MIN_LOHA)
+    counts = {"oft": 0, "oft r": 0, "oft coft": 0, "oft block_share": 0, "oft exact": 0,
+              "lokr": 0, "lokr factored w2": 0, "lokr factored w1": 0, "lokr decompose_factor": 0,
+              "loha": 0, "loha rank/alpha_pattern": 0, "ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0,
+              "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0, "alpha_pattern": 0, "biased": 0}
+
+    def short():
+        """The first method still short of its per-run minimum, if any."""
+        return next((t for t, n in MINIMUMS.items() if counts[t.lower()] < n), None)
+
+    while made < args.count or short():
+        # Past COUNT, only cases of methods short of their minimum.
+        case = make_case(s, args.out, force=short() if made >= args.count else None)
         s += 1
         if case is None:
             continue
@@ -277,6 +307,12 @@ def main():
             counts["oft coft"] += c["coft"]
             counts["oft block_share"] += c["block_share"]
             counts["oft exact"] += not c["use_cayley_neumann"]
+            continue
+        if c["peft_type"] == "LOKR":
+            counts["lokr"] += 1
+            counts["lokr factored w2"] += "lokr_w2_a" in info["lokr_keys"]
+            counts["lokr factored w1"] += "lokr_w1_a" in info["lokr_keys"]
+            counts["lokr decompose_factor"] += c["decompose_factor"] != -1
             continue
         if c["peft_type"] == "LOHA":
             counts["loha"] += 1

@@ -404,6 +404,68 @@ int export_all(const fs::path& out, const fs::path& fixtures, const std::vector<
     ++count;
   }
 
+  // 4c. LoKr made here, as LoHa above: kLokrExports random configs (r from 1
+  //     to 8, often 1, so that w1 and w2 come whole or factored, decompose_both,
+  //     decompose_factor, targets, rank/alpha patterns, random factors), and
+  //     one trained here with rank dropout (scaled) and module dropout.
+  {
+    const char* env = std::getenv("D9D_PEFT_SEED");
+    const unsigned seed = env && *env ? static_cast<unsigned>(std::stoul(env)) : std::random_device{}();
+    std::printf("peft-reference: LoKr exports from seed %u\n", seed);
+    std::mt19937 rng(seed ^ 0x10c7u);
+    auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+    const std::vector<std::string> linear = {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"};
+    const std::vector<int64_t> factors = {-1, -1, -1, 2, 4, 8};
+    constexpr int kLokrExports = 10;
+    for (int i = 0; i < kLokrExports; ++i) {
+      peft::hf::LoKrConfig config;
+      // r 1 often: on the toy's 16 = 4·4 only r < 2 factors w1 (with decompose_both).
+      config.r = uniform(0, 2) == 0 ? 1 : uniform(1, 8);
+      config.alpha = uniform(0, 1) ? static_cast<double>(uniform(1, 32)) : uniform(50, 2000) / 100.0;
+      config.decompose_both = uniform(0, 1);
+      config.decompose_factor = factors[uniform(0, 5)];
+      if (uniform(0, 3) == 0) {
+        config.target_modules.regex = uniform(0, 1) ? R"(layers\.\d+\.(attention|mlp)\.\w+_proj)" : R"(.*\.(q|v)_proj|lm_head)";
+      } else {
+        for (const auto& name : linear) {
+          if (uniform(0, 1)) config.target_modules.names.push_back(name);
+        }
+        if (config.target_modules.names.empty()) config.target_modules.names.push_back(linear[uniform(0, 6)]);
+      }
+      if (uniform(0, 2) == 0) config.rank_pattern.emplace_back(linear[uniform(0, 5)], uniform(1, 8));
+      if (uniform(0, 2) == 0) config.alpha_pattern.emplace_back(linear[uniform(0, 5)], uniform(1, 16));
+      config.init_weights = peft::LoKrInit::kRandom;
+      toy::Toy model = toy_base();
+      torch::manual_seed(seed + i);
+      peft::LoKr lokr(config);
+      try {
+        peft::inject_peft_and_freeze(lokr, model);
+      } catch (const peft::PeftError&) {
+        --i;  // a draw that matches nothing on the toy: draw again
+        continue;
+      }
+      export_adapter(model, out / "adapters" / fmt::format("lokr_random_{}", i), ids);
+      ++count;
+    }
+    toy::Toy model = toy_base();
+    torch::manual_seed(seed);
+    peft::LoKr lokr(peft::LoKr::from_config({".*(q|v|up|down)_proj", peft::LoKrParameters().r(2).alpha(4).decompose_both(true)
+                                                                      .rank_dropout(0.2).rank_dropout_scale(true)
+                                                                      .module_dropout(0.1)}));
+    peft::inject_peft_and_freeze(lokr, model);
+    model->train();
+    torch::optim::SGD opt(peft::trainable_parameters(*model), torch::optim::SGDOptions(0.5));
+    for (int step = 0; step < 20; ++step) {
+      opt.zero_grad();
+      auto logits = model->forward(ids.slice(1, 0, -1));
+      torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}), ids.slice(1, 1).reshape({-1}))
+          .backward();
+      opt.step();
+    }
+    export_adapter(model, out / "adapters" / "lokr_trained_by_cpp", ids);
+    ++count;
+  }
+
   // 5. One trained here: LoRA with dropout on every projection, a few SGD steps.
   {
     toy::Toy model = toy_base();
@@ -482,7 +544,7 @@ int export_all(const fs::path& out, const fs::path& fixtures, const std::vector<
     if (run(cmd) != 0) throw std::runtime_error("d9d-peft merge failed: " + cmd);
     count += 1;
   }
-  std::printf("peft-reference: exported %d adapters (fixtures re-saved, named, IA3, LoHa and OFT made here, trained here, "
+  std::printf("peft-reference: exported %d adapters (fixtures re-saved, named, IA3, LoHa, LoKr and OFT made here, trained here, "
               "trained by d9d-peft-train, one per run), a sharded checkpoint and d9d-peft merge output to %s\n",
               count, out.string().c_str());
   return 0;
