@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """LoRA and DoRA on Conv2d layers: random cases from real PEFT, and PEFT's verdict on d9d-peft's adapters.
 
-  generate_conv.py generate --out DIR [--cases N] [--seed S]
+  generate_conv.py generate --out DIR [--cases N] [--seed S]   (S: else $D9D_PEFT_SEED, else fresh)
       N random cases (default 12; DoRA in every other one), each a conv net
       conv1 -> relu -> conv2 -> relu -> flatten -> head with random channels,
       kernels, strides and paddings, and a PEFT LoraConfig with random r,
@@ -27,6 +27,7 @@ Fails (never skips) when torch, peft or safetensors are missing.
 """
 import argparse
 import json
+import os
 import pathlib
 import random
 import sys
@@ -168,12 +169,15 @@ def main():
     gen = sub.add_parser("generate")
     gen.add_argument("--out", type=pathlib.Path, required=True)
     gen.add_argument("--cases", type=int, default=12)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None,
+                     help="default: $D9D_PEFT_SEED, else a fresh seed (printed)")
     chk = sub.add_parser("check-exports")
     chk.add_argument("dir", type=pathlib.Path)
     a = p.parse_args()
     if a.command == "generate":
-        generate(a.out, a.cases, a.seed)
+        seed = a.seed if a.seed is not None else int(os.environ.get("D9D_PEFT_SEED", random.randrange(1 << 30)))
+        print(f"generate_conv: cases from seed {seed} (rerun: generate_conv.py generate --seed {seed})")
+        generate(a.out, a.cases, seed)
         return 0
     return check_exports(a.dir)
 
