@@ -335,6 +335,40 @@ TEST(LoRAConv2dMethod, RefusalsNameTheLayerAndLeaveTheModel) {
                   ::testing::AllOf(HasSubstr("'conv1'"), HasSubstr("torch::nn::Conv2d"), HasSubstr("d9d::nn"))));
 }
 
+namespace {
+
+struct TwoConvImpl : torch::nn::Module {
+  TwoConvImpl()
+      : a(register_module("a", d9d::nn::Conv2d(torch::nn::Conv2dOptions(4, 4, 3).padding(1)))),
+        b(register_module("b", d9d::nn::Conv2d(torch::nn::Conv2dOptions(4, 4, 3).padding(1).groups(2)))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return b(a(x)); }
+  d9d::nn::Conv2d a, b;
+};
+TORCH_MODULE(TwoConv);
+
+}  // namespace
+
+TEST(LoRAConv2dMethod, AFailedStackRollsBackTheConvLayerItWrapped) {
+  TwoConv model;
+  const auto x = torch::randn({1, 4, 5, 5});
+  torch::NoGradGuard g;
+  const auto before = model->forward(x);
+  std::vector<std::unique_ptr<peft::PeftMethodBase>> methods;
+  methods.push_back(std::make_unique<peft::LoRA>(
+      peft::LoRAConfig{"a", peft::LoRAParameters().r(2).init(peft::LoRAInit::Random)}));
+  methods.push_back(std::make_unique<peft::LoRA>(peft::LoRAConfig{"b", peft::LoRAParameters().r(2)}));
+  peft::PeftStack stack(std::move(methods));
+  EXPECT_THAT([&] { peft::inject_peft_and_freeze(stack, model); },
+              ::testing::ThrowsMessage<peft::PeftError>(::testing::AllOf(HasSubstr("'b'"), HasSubstr("groups = 2"))));
+  EXPECT_NE(model->named_modules()["a"]->as<d9d::nn::Conv2dImpl>(), nullptr) << "the first LoRA was taken out";
+  EXPECT_FALSE(model->a->has_override());
+  for (const auto& p : model->named_parameters()) {
+    EXPECT_TRUE(p.value().requires_grad()) << p.key();
+    EXPECT_EQ(p.key().find("lora"), std::string::npos) << p.key();
+  }
+  EXPECT_TRUE(torch::equal(model->forward(x), before));
+}
+
 TEST(LoRAConv2dMethod, MergeRefusesNaNAndLeavesTheModel) {
   convnet::ConvNet model = conv_base();
   peft::LoRA lora({"conv2", peft::LoRAParameters().r(2).init(peft::LoRAInit::Random)});
