@@ -95,6 +95,15 @@ bool has_key(const hf::AdapterTensors& tensors, const std::string& path, const s
   return tensors.count(hf::kPeftKeyPrefix + path + suffix) || tensors.count(path + suffix);
 }
 
+/// Whether module `path`'s lora_A is a 4-D conv weight (PEFT's lora.Conv2d).
+bool is_conv(const hf::AdapterTensors& tensors, const std::string& path) {
+  for (const std::string& key : {hf::kPeftKeyPrefix + path + ".lora_A.weight", path + ".lora_A.weight"}) {
+    auto it = tensors.find(key);
+    if (it != tensors.end()) return it->second.dim() == 4;
+  }
+  return false;
+}
+
 void inspect_adapter(const std::string& dir) {
   const hf::AdapterFiles adapter = hf::read_adapter_files(dir);
   if (adapter.peft_type != "LORA") {
@@ -149,9 +158,11 @@ void inspect_adapter(const std::string& dir) {
   fmt::print("\nadapted modules: {}\n", modules.size());
   fmt::print("  {:<{}}  {:<9}  {:>4}  {:>6}  {}\n", "module", width, "kind", "r", "alpha", "scale");
   for (const auto& m : modules) {
-    const char* kind = has_key(adapter.tensors, m, ".lora_embedding_A")        ? "embedding"
-                       : has_key(adapter.tensors, m, ".lora_magnitude_vector") ? "dora"
-                                                                               : "lora";
+    const bool dora = has_key(adapter.tensors, m, ".lora_magnitude_vector");
+    const char* kind = has_key(adapter.tensors, m, ".lora_embedding_A") ? "embedding"
+                       : is_conv(adapter.tensors, m)                    ? (dora ? "dora conv" : "conv")
+                       : dora                                           ? "dora"
+                                                                        : "lora";
     const auto options = c.select(m);
     if (!options) {
       fmt::print("  {:<{}}  {:<9}  (not targeted by adapter_config.json)\n", m, width, kind);

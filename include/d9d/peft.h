@@ -19,6 +19,7 @@
 #include <d9d/model_state/mapper/compose/sequential.h>
 #include <d9d/model_state/mapper/leaf/identity.h>
 #include <d9d/model_state/mapper/leaf/rename.h>
+#include <d9d/nn/conv2d.h>
 #include <d9d/nn/embedding.h>
 #include <d9d/nn/grouped_linear.h>
 #include <d9d/nn/linear.h>

@@ -291,6 +291,7 @@ LoraConfig lora_config_of(const torch::nn::Module& module, const std::string& ad
     const LoRAParameters* o = nullptr;
     if (const auto* a = dynamic_cast<const LoRALinearAdapterImpl*>(adapter)) o = &a->options();
     if (const auto* a = dynamic_cast<const LoRAEmbeddingAdapterImpl*>(adapter)) o = &a->options();
+    if (const auto* a = dynamic_cast<const LoRAConv2dAdapterImpl*>(adapter)) o = &a->options();
     const auto* grouped = dynamic_cast<const LoRAGroupedLinearAdapterImpl*>(adapter);
     if (grouped) o = &grouped->options();
     if (!o) {

@@ -3,6 +3,7 @@
 #include <d9d/peft/errors.h>
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/merge.h>
+#include <d9d/peft/lora/conv_math.h>
 #include <d9d/peft/lora/math.h>
 
 #include <ATen/Functions.h>
@@ -57,7 +58,7 @@ Part find_part(const AdapterTensors& adapter, const std::string& module_path, co
   return {};
 }
 
-enum class Kind { Linear, Dora, Embedding, DoraEmbedding };
+enum class Kind { Linear, Dora, Embedding, DoraEmbedding, Conv2d, DoraConv2d };
 
 /// Everything needed to merge one module, checked against the base weight's shape.
 struct Resolved {
@@ -90,9 +91,13 @@ Resolved resolve(at::IntArrayRef base_shape, const std::string& base_key, const 
     r.kind = r.magnitude ? Kind::DoraEmbedding : Kind::Embedding;
     r.a = ea;
     r.b = eb;
+  } else if (r.a.tensor.dim() == 4) {
+    // PEFT's lora.Conv2d: A [r, in, kh, kw], B [out, r, 1, 1].
+    r.kind = r.magnitude ? Kind::DoraConv2d : Kind::Conv2d;
   } else {
     r.kind = r.magnitude ? Kind::Dora : Kind::Linear;
   }
+  const bool conv = r.kind == Kind::Conv2d || r.kind == Kind::DoraConv2d;
   const std::string a_name = embedding ? kEmbeddingA.substr(1) : kLoraA.substr(1);
   const std::string b_name = embedding ? kEmbeddingB.substr(1) : kLoraB.substr(1);
   if (!r.a || !r.b) {
@@ -115,8 +120,11 @@ Resolved resolve(at::IntArrayRef base_shape, const std::string& base_key, const 
   }
 
   for (const Part* p : {&r.a, &r.b}) {
-    if (p->tensor.dim() != 2) {
-      throw PeftError(fmt::format("'{}' has shape {}, expected a matrix", p->key, shape_str(p->tensor.sizes())));
+    if (p->tensor.dim() != (conv ? 4 : 2)) {
+      throw PeftError(fmt::format("'{}' has shape {}, expected {}", p->key, shape_str(p->tensor.sizes()),
+                                  conv ? fmt::format("a 4-D conv weight, as '{}' {}", r.a.key,
+                                                     shape_str(r.a.tensor.sizes()))
+                                       : std::string("a matrix")));
     }
     if (!at::isFloatingType(p->tensor.scalar_type())) {
       throw PeftError(fmt::format("'{}' has dtype {}, expected a floating-point type", p->key,
@@ -129,14 +137,17 @@ Resolved resolve(at::IntArrayRef base_shape, const std::string& base_key, const 
                                 "(check r and rank_pattern)",
                                 r.a.key, rank, shape_str(r.a.tensor.sizes()), options->r(), module_path));
   }
-  if (r.b.tensor.size(1) != rank) {
+  if (r.b.tensor.size(1) != rank || (conv && (r.b.tensor.size(2) != 1 || r.b.tensor.size(3) != 1))) {
     throw PeftError(fmt::format("'{}' has shape {} but '{}' has rank {}: the adapter file is inconsistent", r.b.key,
                                 shape_str(r.b.tensor.sizes()), r.a.key, rank));
   }
 
-  // The base shape the adapter implies: [out, in] for a linear layer, [V, d] for an embedding.
-  const std::vector<int64_t> implied = embedding ? std::vector<int64_t>{r.a.tensor.size(1), r.b.tensor.size(0)}
-                                                 : std::vector<int64_t>{r.b.tensor.size(0), r.a.tensor.size(1)};
+  // The base shape the adapter implies: [out, in] for a linear layer, [V, d]
+  // for an embedding, [out, in, kh, kw] for a Conv2d.
+  const std::vector<int64_t> implied =
+      embedding ? std::vector<int64_t>{r.a.tensor.size(1), r.b.tensor.size(0)}
+      : conv    ? std::vector<int64_t>{r.b.tensor.size(0), r.a.tensor.size(1), r.a.tensor.size(2), r.a.tensor.size(3)}
+                : std::vector<int64_t>{r.b.tensor.size(0), r.a.tensor.size(1)};
   if (base_shape.vec() != implied) {
     throw PeftError(fmt::format("'{}' has shape {} in the base checkpoint, but the adapter's '{}' {} and '{}' {} "
                                 "need {} (wrong base model?)",
@@ -144,12 +155,15 @@ Resolved resolve(at::IntArrayRef base_shape, const std::string& base_key, const 
                                 shape_str(r.b.tensor.sizes()), shape_str(implied)));
   }
   // DoRA's magnitude: one per output row of a linear weight, one per column
-  // (embedding dimension) of an embedding's.
+  // (embedding dimension) of an embedding's, one per output channel of a
+  // Conv2d's, shaped [1, out, 1, 1] as PEFT writes it.
   const int64_t magnitudes = embedding ? implied[1] : implied[0];
-  if (r.magnitude && r.magnitude.tensor.sizes().vec() != std::vector<int64_t>{magnitudes}) {
+  const std::vector<int64_t> magnitude_shape =
+      conv ? std::vector<int64_t>{1, magnitudes, 1, 1} : std::vector<int64_t>{magnitudes};
+  if (r.magnitude && r.magnitude.tensor.sizes().vec() != magnitude_shape) {
     throw PeftError(fmt::format("'{}' has shape {}, but '{}' has {} {} (wrong base model?)", r.magnitude.key,
                                 shape_str(r.magnitude.tensor.sizes()), base_key, magnitudes,
-                                embedding ? "columns" : "rows"));
+                                embedding ? "columns" : conv ? "output channels" : "rows"));
   }
   r.scale = options->scale() * extra_scale;
   return r;
@@ -168,6 +182,9 @@ at::Tensor compute_merged(const at::Tensor& base_weight, const Resolved& r) {
     throw PeftError(fmt::format("the merge scale of '{}' ({:g}: the adapter's alpha / r times --scale) does not fit "
                                 "float32; pass a smaller --scale",
                                 r.a.key, r.scale));
+  }
+  if (r.kind == Kind::Conv2d || r.kind == Kind::DoraConv2d) {
+    return lora::conv_merged_weight(base_weight, r.a.tensor, r.b.tensor, r.scale, r.magnitude.tensor);
   }
   const bool embedding = r.kind == Kind::Embedding || r.kind == Kind::DoraEmbedding;
   return lora::merged_weight(embedding ? lora::LayerKind::Embedding : lora::LayerKind::Linear, base_weight,

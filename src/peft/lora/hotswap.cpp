@@ -3,6 +3,7 @@
 #include <d9d/peft/errors.h>
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hotswap.h>
+#include <d9d/peft/lora/conv2d.h>
 #include <d9d/peft/lora/embedding.h>
 #include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/linear.h>
@@ -135,6 +136,12 @@ void prepare_for_hotswap(torch::nn::Module& model, int64_t target_rank) {
   for (const auto& entry : layers) {
     for (const auto& name : entry.layer->adapter_names()) {
       auto v = lora_view(entry, name);
+      if (!v && dynamic_cast<LoRAConv2dImpl*>(entry.layer)) {
+        throw PeftError(fmt::format("prepare_for_hotswap: '{}' is a Conv2d LoRA layer holding adapter \"{}\"; "
+                                    "hotswapping covers Linear and Embedding LoRA layers only, so nothing was padded. "
+                                    "Load adapters with load_adapter and switch with set_adapter instead",
+                                    entry.name, name));
+      }
       if (!v && dynamic_cast<LoRAGroupedLayer*>(entry.layer)) {
         throw PeftError(fmt::format("prepare_for_hotswap: '{}' is a grouped expert layer (LoRAGroupedLinear) holding "
                                     "adapter \"{}\"; hotswapping covers Linear and Embedding LoRA layers only, so "
@@ -193,6 +200,12 @@ void hotswap(torch::nn::Module& model, const AdapterTensors& tensors, const Lora
   for (const auto& entry : layers) {
     if (!entry.layer->has_adapter(adapter_name)) continue;
     auto v = lora_view(entry, adapter_name);
+    if (!v && dynamic_cast<LoRAConv2dImpl*>(entry.layer)) {
+      throw PeftError(fmt::format("{}: '{}' is a Conv2d LoRA layer holding adapter \"{}\"; hotswapping covers Linear "
+                                  "and Embedding LoRA layers only. Nothing was swapped; load the new adapter under "
+                                  "another name (load_adapter) and switch with set_adapter",
+                                  what, entry.name, adapter_name));
+    }
     if (!v && dynamic_cast<LoRAGroupedLayer*>(entry.layer)) {
       throw PeftError(fmt::format("{}: '{}' is a grouped expert layer (LoRAGroupedLinear) holding adapter \"{}\"; "
                                   "hotswapping covers Linear and Embedding LoRA layers only. Nothing was swapped; load "

@@ -1,4 +1,5 @@
 // LoRA's part of injection: which layers it wraps, and how.
+#include <d9d/peft/errors.h>
 #include <d9d/peft/inject.h>
 #include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/layer.h>
@@ -26,11 +27,11 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
   t.what = targeting.what;
   t.hint = targeting.hint;
   t.adaptable =
-      "d9d::nn::Linear, d9d::nn::Embedding, d9d::nn::GroupedLinear, and torch::nn::Linear inside Sequential, "
-      "ModuleList or ModuleDict";
+      "d9d::nn::Linear, d9d::nn::Embedding, d9d::nn::GroupedLinear, d9d::nn::Conv2d, and torch::nn::Linear inside "
+      "Sequential, ModuleList or ModuleDict";
   t.adapts = [](const torch::nn::Module& m) {
     return m.as<d9d::nn::LinearImpl>() || m.as<d9d::nn::EmbeddingImpl>() || m.as<d9d::nn::GroupedLinearImpl>() ||
-           m.as<torch::nn::LinearImpl>();
+           m.as<d9d::nn::Conv2dImpl>() || m.as<torch::nn::LinearImpl>();
   };
   // DoRA has no grouped form: refused while selecting, before anything
   // changes, naming the layer (the module tree is read only then).
@@ -39,10 +40,12 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
     auto options = targeting.select(name);
     if (!options) return nullptr;
     options->validate();
-    if (options->use_dora()) {
-      if (!*modules) *modules = module.named_modules();
-      const auto* found = (*modules)->find(name);
-      if (found && is_grouped(**found)) refuse_grouped_dora(name);
+    if (!*modules) *modules = module.named_modules();
+    const auto* found = (*modules)->find(name);
+    if (options->use_dora() && found && is_grouped(**found)) refuse_grouped_dora(name);
+    // A Conv2d LoRA cannot adapt: refused here, naming the layer, before anything changes.
+    if (const auto* conv = found ? (*found)->as<d9d::nn::Conv2dImpl>() : nullptr) {
+      if (auto why = lora_conv2d_refusal(name, conv->options); !why.empty()) throw PeftError(why);
     }
     return std::make_shared<const LoRAParameters>(*options);
   };
@@ -57,6 +60,9 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
     }
     if (auto grouped = std::dynamic_pointer_cast<d9d::nn::GroupedLinearImpl>(m)) {
       return torch::nn::AnyModule(std::make_shared<LoRAGroupedLinearImpl>(grouped, options, name));
+    }
+    if (auto conv = std::dynamic_pointer_cast<d9d::nn::Conv2dImpl>(m)) {
+      return torch::nn::AnyModule(std::make_shared<LoRAConv2dImpl>(conv, options, name));
     }
     if (auto plain = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
       return torch::nn::AnyModule(std::make_shared<LoRALinearImpl>(plain, options, name));

@@ -1,6 +1,7 @@
 // What the LoRA wrappers share: DoRA's magnitude, re-initialisation, printing.
 #include <d9d/peft/detail/adapter_set_impl.h>
 #include <d9d/peft/errors.h>
+#include <d9d/peft/lora/conv2d.h>
 #include <d9d/peft/lora/embedding.h>
 #include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/linear.h>
@@ -53,5 +54,7 @@ template class AdapterSetLayer<LoRAGroupedLinearAdapterImpl>;
 template class LoRALayer<LoRALinearAdapterImpl>;
 template class LoRALayer<LoRAEmbeddingAdapterImpl>;
 template class LoRALayer<LoRAGroupedLinearAdapterImpl>;
+template class AdapterSetLayer<LoRAConv2dAdapterImpl>;
+template class LoRALayer<LoRAConv2dAdapterImpl>;
 
 }  // namespace d9d::peft

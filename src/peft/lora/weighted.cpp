@@ -2,6 +2,7 @@
 // is added to the layers that hold an input and given the combined factors.
 #include <d9d/peft/adapters.h>
 #include <d9d/peft/errors.h>
+#include <d9d/peft/lora/conv2d.h>
 #include <d9d/peft/lora/embedding.h>
 #include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/linear.h>
@@ -41,6 +42,11 @@ LayerInput read_input(const AdapterLayerEntry& entry, const std::string& name, c
     in = {&e->options(), e->lora_embedding_A, e->lora_embedding_B, e->scale()};
     a_key = "lora_embedding_A";
     b_key = "lora_embedding_B";
+  } else if (dynamic_cast<const LoRAConv2dAdapterImpl*>(module.get())) {
+    throw PeftError(fmt::format("{}: adapter \"{}\" on '{}' adapts a Conv2d layer; weighted combinations are built for "
+                                "Linear and Embedding LoRA layers only. Combine adapters that leave the conv layers "
+                                "out, or merge each adapter in turn",
+                                what, name, entry.name));
   } else if (dynamic_cast<const LoRAGroupedLinearAdapterImpl*>(module.get())) {
     throw PeftError(fmt::format("{}: adapter \"{}\" on '{}' adapts grouped expert weights (LoRAGroupedLinear); "
                                 "weighted combinations are built for Linear and Embedding LoRA layers only. Combine "

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""LoRA and DoRA on Conv2d layers: random cases from real PEFT, and PEFT's verdict on d9d-peft's adapters.
+
+  generate_conv.py generate --out DIR [--cases N] [--seed S]   (S: else $D9D_PEFT_SEED, else fresh)
+      N random cases (default 12; DoRA in every other one), each a conv net
+      conv1 -> relu -> conv2 -> relu -> flatten -> head with random channels,
+      kernels, strides and paddings, and a PEFT LoraConfig with random r,
+      lora_alpha, use_rslora, targets (a mix of conv and Linear layers, at
+      least one conv) and in some cases a rank_pattern / alpha_pattern, built
+      with init_lora_weights=False (lora_B is not zero) and, for DoRA, a
+      magnitude moved off its initial norm. Writes DIR/conv_<i>/:
+        net.json               the net's geometry
+        model.safetensors      the base weights
+        adapter/               PEFT's save_pretrained
+        expected.safetensors   x, logits (adapter active), merged_logits (after
+                               merge_and_unload), merged.<key> for each adapted weight
+
+  generate_conv.py check-exports DIR
+      For every DIR/<case>/ that `peft_conv_tool export` wrote (net.json,
+      model.safetensors, adapter/ from hf::save_adapter, cpp.safetensors with x,
+      d9d-peft's logits and merged.<key>): PEFT loads the adapter with
+      PeftModel.from_pretrained; its state dict must be exactly the file's,
+      its logits (which the adapter must change) and merge_and_unload weights
+      d9d-peft's to 1e-5.
+
+Fails (never skips) when torch, peft or safetensors are missing.
+"""
+import argparse
+import json
+import os
+import pathlib
+import random
+import sys
+import warnings
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+TOL = 1e-5
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self, g):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(g["c0"], g["c1"], g["k1"], stride=g["s1"], padding=g["p1"])
+        self.conv2 = torch.nn.Conv2d(g["c1"], g["c2"], g["k2"], stride=g["s2"], padding=g["p2"])
+        self.head = torch.nn.Linear(g["features"], 5)
+
+    def forward(self, x):
+        return self.head(torch.flatten(torch.relu(self.conv2(torch.relu(self.conv1(x)))), 1))
+
+
+def out_size(n, k, s, p):
+    return (n + 2 * p - k) // s + 1
+
+
+def random_geometry(rng):
+    g = dict(c0=rng.choice([1, 3, 4]), c1=rng.choice([4, 6, 8]), c2=rng.choice([4, 5, 8]), size=rng.choice([7, 8, 10]))
+    for i in (1, 2):
+        g[f"k{i}"] = rng.choice([1, 2, 3, 5])
+        g[f"s{i}"] = rng.choice([1, 2])
+        g[f"p{i}"] = rng.choice([0, 1, 2])
+    h = out_size(out_size(g["size"], g["k1"], g["s1"], g["p1"]), g["k2"], g["s2"], g["p2"])
+    if h < 1:
+        return random_geometry(rng)
+    g["features"] = g["c2"] * h * h
+    return g
+
+
+def random_config(rng, dora):
+    targets = rng.choice([["conv1"], ["conv2"], ["conv1", "conv2"], ["conv1", "head"], ["conv1", "conv2", "head"]])
+    r = rng.choice([1, 2, 3, 4, 6])
+    kw = dict(r=r, lora_alpha=rng.choice([1, 2, 4, 8, 16]), use_rslora=rng.random() < 0.4, use_dora=dora,
+              target_modules=targets, init_lora_weights=False)
+    if rng.random() < 0.4:
+        kw["rank_pattern"] = {targets[-1]: rng.choice([1, 2, 5])}
+        kw["alpha_pattern"] = {targets[0]: rng.choice([3, 6])}
+    return LoraConfig(**kw)
+
+
+def merged_keys(model, targets):
+    return {f"merged.{t}.weight": getattr(model, t).weight.detach().clone() for t in targets}
+
+
+def generate(out, cases, seed):
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(cases):
+        rng = random.Random(seed * 1000 + i)
+        torch.manual_seed(seed * 1000 + i)
+        g = random_geometry(rng)
+        base = ConvNet(g).eval()
+        case = out / f"conv_{i}"
+        case.mkdir(parents=True, exist_ok=True)
+        (case / "net.json").write_text(json.dumps(g, indent=2))
+        save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(case / "model.safetensors"))
+        config = random_config(rng, dora=i % 2 == 1)
+        model = get_peft_model(base, config).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(torch.empty_like(p).uniform_(0.7, 1.3))
+        model.save_pretrained(str(case / "adapter"))
+        x = torch.randn(2, g["c0"], g["size"], g["size"])
+        with torch.no_grad():
+            logits = model(x)
+            merged = model.merge_and_unload().eval()
+            expected = dict(x=x, logits=logits, merged_logits=merged(x))
+        expected.update(merged_keys(merged, config.target_modules))
+        save_file({k: v.contiguous() for k, v in expected.items()}, str(case / "expected.safetensors"))
+        print(f"{case.name}: {json.dumps(g)} r={config.r} alpha={config.lora_alpha} rslora={config.use_rslora} "
+              f"dora={config.use_dora} targets={sorted(config.target_modules)} rank_pattern={config.rank_pattern}")
+    print(f"generate_conv: {cases} cases in {out}")
+
+
+def close(failures, what, got, want):
+    diff = (got - want).abs().max().item()
+    if not diff <= TOL * max(1.0, want.abs().max().item()):
+        failures.append(f"{what}: max abs diff {diff:.3g}")
+    return diff
+
+
+def check_exports(root):
+    dirs = sorted(d for d in root.iterdir() if (d / "adapter").is_dir())
+    if not dirs:
+        raise SystemExit(f"generate_conv: no exported cases under {root} (run peft_conv_tool export first)")
+    failed, worst = 0, 0.0
+    for case in dirs:
+        failures = []
+        g = json.loads((case / "net.json").read_text())
+        model = ConvNet(g).eval()
+        model.load_state_dict(load_file(str(case / "model.safetensors")))
+        cpp = load_file(str(case / "cpp.safetensors"))
+        with torch.no_grad():
+            base_logits = model(cpp["x"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(model, str(case / "adapter")).eval()
+        written = load_file(str(case / "adapter" / "adapter_model.safetensors"))
+        state = {"base_model.model." + k if not k.startswith("base_model.model.") else k: v
+                 for k, v in get_peft_model_state_dict(peft_model).items()}
+        if sorted(state) != sorted(written):
+            failures.append(f"PEFT's state dict keys {sorted(state)} differ from the file's {sorted(written)}")
+        else:
+            for k in written:
+                if not torch.equal(state[k], written[k]):
+                    failures.append(f"{k} differs after PEFT loaded it")
+        with torch.no_grad():
+            logits = peft_model(cpp["x"])
+            worst = max(worst, close(failures, "logits", logits, cpp["logits"]))
+            if not (logits - base_logits).abs().max().item() > 1e-3:
+                failures.append("the adapter does not change the logits: nothing was compared")
+            merged = peft_model.merge_and_unload().eval()
+            for k, v in cpp.items():
+                if k.startswith("merged."):
+                    name = k[len("merged."):]
+                    worst = max(worst, close(failures, k, merged.state_dict()[name], v))
+        status = "ok" if not failures else "FAILED: " + "; ".join(failures)
+        print(f"{case.name}: {status}")
+        failed += bool(failures)
+    print(f"peft-reference: conv: {len(dirs)} Conv2d adapters written by d9d-peft loaded by real PEFT, "
+          f"max abs diff {worst:.3g}: {'all passed' if not failed else f'{failed} failed'}")
+    return 1 if failed else 0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate")
+    gen.add_argument("--out", type=pathlib.Path, required=True)
+    gen.add_argument("--cases", type=int, default=12)
+    gen.add_argument("--seed", type=int, default=None,
+                     help="default: $D9D_PEFT_SEED, else a fresh seed (printed)")
+    chk = sub.add_parser("check-exports")
+    chk.add_argument("dir", type=pathlib.Path)
+    a = p.parse_args()
+    if a.command == "generate":
+        seed = a.seed if a.seed is not None else int(os.environ.get("D9D_PEFT_SEED", random.randrange(1 << 30)))
+        print(f"generate_conv: cases from seed {seed} (rerun: generate_conv.py generate --seed {seed})")
+        generate(a.out, a.cases, seed)
+        return 0
+    return check_exports(a.dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
