@@ -11,6 +11,7 @@
 #include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/method.h>
 #include <d9d/peft/registry.h>
+#include <d9d/peft/shared_state.h>
 
 #include <ATen/Functions.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -134,6 +135,41 @@ model_state::StateDict adapter_tensors(const torch::nn::Module& module, const st
 
 std::string shape_str(at::IntArrayRef sizes) { return fmt::format("[{}]", fmt::join(sizes, ", ")); }
 
+/// What the layers holding adapter `adapter` share (`SharesAdapterState`), by
+/// file key (`base_model.vera_A`): one entry per key, with every distinct
+/// tensor the layers hold under it (normally one); they must be equal, since
+/// a file holds the state once.
+struct SharedEntry {
+  std::vector<at::Tensor> tensors;
+  bool in_files = true;
+};
+
+std::map<std::string, SharedEntry> shared_state(const torch::nn::Module& module, const std::string& adapter) {
+  std::map<std::string, SharedEntry> out;
+  std::map<std::string, std::string> first_layer;
+  for (const auto& entry : adapter_layers(module)) {
+    if (!entry.layer->has_adapter(adapter)) continue;
+    const auto* shares = dynamic_cast<const SharesAdapterState*>(entry.layer);
+    if (shares == nullptr) continue;
+    for (const auto& s : shares->shared_adapter_state(adapter)) {
+      const std::string key = "base_model." + s.key;
+      auto [it, fresh] = out.emplace(key, SharedEntry{{}, s.in_files});
+      if (fresh) first_layer[key] = entry.name;
+      auto& held = it->second.tensors;
+      if (std::any_of(held.begin(), held.end(), [&](const at::Tensor& t) { return t.is_same(s.tensor); })) continue;
+      if (!held.empty() && !(held.front().sizes() == s.tensor.sizes() &&
+                             at::equal(held.front(), s.tensor.to(held.front().device(), held.front().scalar_type())))) {
+        throw PeftError(fmt::format("adapter \"{}\": '{}' and '{}' hold different {} tensors, which an adapter file "
+                                    "holds once for the whole model; add the adapter to every layer in one injection "
+                                    "so that they share one",
+                                    adapter, first_layer[key], entry.name, s.key));
+      }
+      held.push_back(s.tensor);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module, const std::string& adapter_name,
@@ -141,6 +177,9 @@ model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module
   const std::string adapter = resolve_adapter(module, adapter_name, "get_peft_model_state_dict");
   model_state::StateDict out;
   for (const auto& [key, tensor] : adapter_tensors(module, adapter)) out.emplace(kPeftKeyPrefix + key, tensor.detach());
+  for (const auto& [key, shared] : shared_state(module, adapter)) {
+    if (shared.in_files) out.emplace(key, shared.tensors.front().detach());
+  }
   for (const auto& slot : detail::grouped_slots(module, adapter)) {
     auto [a, b] = detail::to_peft_factors(slot, experts);
     out.emplace(kPeftKeyPrefix + slot.prefix + "lora_A.weight", a);
@@ -189,6 +228,32 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
     targets.emplace(slot.layer + ".lora_A.weight", slot.adapter->lora_A->weight);
     targets.emplace(slot.layer + ".lora_B.weight", slot.adapter->lora_B->weight);
   }
+  // State the adapter's layers share (VeRA's projections), held once: `base_model.<key>`.
+  const auto shared = shared_state(module, adapter);
+  std::map<std::string, at::Tensor> given_shared;
+  std::vector<std::string> disagreeing;
+  for (const auto& [key, tensor] : state) {
+    const std::string k = shared.count(key) ? key : "base_model." + key;
+    const auto it = shared.find(k);
+    if (it == shared.end()) continue;
+    consumed.insert(key);
+    const at::Tensor& held = it->second.tensors.front();
+    if (tensor.sizes() != held.sizes()) {
+      mismatched.push_back(fmt::format("{}: file {}, model {}", key, shape_str(tensor.sizes()), shape_str(held.sizes())));
+      mismatched_keys.insert(k);
+    } else if (it->second.in_files) {
+      given_shared.emplace(k, tensor);
+    } else if (!at::equal(tensor.to(held.device(), held.scalar_type()), held)) {
+      // The method rebuilt it (VeRA: save_projection false), and PEFT ignores the file's: refuse a disagreement.
+      disagreeing.push_back(key);
+      mismatched_keys.insert(k);
+    }
+  }
+  for (const auto& [key, entry] : shared) {
+    if (entry.in_files && !given_shared.count(key) && !mismatched_keys.count(key)) {
+      missing.push_back(key + " (shared by every layer of the adapter)");
+    }
+  }
   for (const auto& [key, tensor] : state) {
     if (consumed.count(key)) continue;
     std::string k = key.rfind(kPeftKeyPrefix, 0) == 0 ? key.substr(kPeftKeyPrefix.size()) : key;
@@ -207,7 +272,7 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
     if (!given.count(item.first) && !mismatched_keys.count(item.first)) missing.push_back(item.first);
   }
   std::sort(missing.begin(), missing.end());
-  if (!unexpected.empty() || !missing.empty() || !mismatched.empty()) {
+  if (!unexpected.empty() || !missing.empty() || !mismatched.empty() || !disagreeing.empty()) {
     std::string msg = fmt::format("{}: the adapter does not fit the model (nothing was loaded)", source);
     if (!mismatched.empty()) {
       msg += fmt::format("\n  shapes differ (wrong base model?): {}", fmt::join(mismatched, "; "));
@@ -216,12 +281,21 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
       msg += fmt::format("\n  keys with no adapter layer in the model: {}", fmt::join(unexpected, ", "));
     }
     if (!missing.empty()) msg += fmt::format("\n  weights the adapter lacks: {}", fmt::join(missing, ", "));
+    if (!disagreeing.empty()) {
+      msg += fmt::format("\n  state the adapter's config says is rebuilt rather than read (VeRA: save_projection "
+                         "false), whose values in the file differ from the rebuilt ones: {}; set save_projection true "
+                         "to use the file's",
+                         fmt::join(disagreeing, ", "));
+    }
     throw PeftError(msg);
   }
   torch::NoGradGuard no_grad;
   for (const auto& [key, tensor] : given) {
     at::Tensor target = targets.at(key);
     target.copy_(tensor);
+  }
+  for (const auto& [key, tensor] : given_shared) {
+    for (at::Tensor target : shared.at(key).tensors) target.copy_(tensor);
   }
 }
 
