@@ -39,6 +39,7 @@
 #include <d9d/peft/hotswap.h>
 #include <d9d/peft/ia3/method.h>
 #include <d9d/peft/loha/method.h>
+#include <d9d/peft/vera/method.h>
 #include <d9d/peft/inject.h>
 #include <d9d/peft/lora/layer.h>
 #include <d9d/peft/lora/method.h>

@@ -9,6 +9,7 @@
 #include <d9d/peft/loha/config.h>
 #include <d9d/peft/lora/config.h>
 #include <d9d/peft/registry.h>
+#include <d9d/peft/vera/config.h>
 
 #include <nlohmann/json.hpp>
 
@@ -22,12 +23,14 @@ PeftMethodRegistration full_tune_registration();
 PeftMethodRegistration stack_registration();
 PeftMethodRegistration ia3_registration();
 PeftMethodRegistration loha_registration();
+PeftMethodRegistration vera_registration();
 
 /// The d9d JSON readers (the `"kind"` field already checked by the caller).
 LoRAConfig parse_lora_config_json(const nlohmann::json& j, const std::string& path);
 FullTuneConfig parse_full_tune_config_json(const nlohmann::json& j, const std::string& path);
 IA3Config parse_ia3_config_json(const nlohmann::json& j, const std::string& path);
 LoHaConfig parse_loha_config_json(const nlohmann::json& j, const std::string& path);
+VeraConfig parse_vera_config_json(const nlohmann::json& j, const std::string& path);
 
 /// A registration's d9d-config functions, for a config struct `Config` with
 /// `validate(config, path)` and `to_json(ordered_json&, config)`, and a method
