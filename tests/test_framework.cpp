@@ -355,6 +355,7 @@ TEST(Registry, BuiltinKindsAndPeftTypes) {
   const auto types = peft::registered_peft_types();
   EXPECT_NE(std::find(types.begin(), types.end(), "LORA"), types.end());
   EXPECT_NE(std::find(types.begin(), types.end(), "LOHA"), types.end());
+  EXPECT_NE(std::find(types.begin(), types.end(), "VERA"), types.end());
   EXPECT_THAT([] { peft::method_for_peft_type("LOKR", "adapter_config.json"); },
               ::testing::ThrowsMessage<peft::ConfigError>(
                   AllOf(HasSubstr("adapter_config.json: peft_type"), HasSubstr("\"LOKR\" is not supported"))));
