@@ -4,7 +4,7 @@
 Reads what `peft_reference_tool export OUT` wrote (see reference_tool.cpp):
 
 - adapters/<name>/: each adapter (fixtures re-saved, several named adapters
-  saved one by one, IA3 and random LoHa configs made in C++, LoRA and LoHa
+  saved one by one, IA3 and random LoHa and VeRA configs made in C++, LoRA and LoHa
   trained by the C++ test) is loaded with
   PeftModel.from_pretrained onto the toy model's PyTorch twin (twins.py) with
   the fixture's base weights; its logits must equal the C++ logits to 1e-5.
@@ -125,6 +125,11 @@ def main() -> int:
     report.check(len(adapters) >= 10, "toy adapters found", f"{len(adapters)}")
     loha = [a for a in adapters if json.loads((a / "adapter_config.json").read_text())["peft_type"] == "LOHA"]
     report.check(len(loha) >= 10, "LoHa adapters among them (random configs made in C++)", f"{len(loha)}")
+    vera = [json.loads((a / "adapter_config.json").read_text()) for a in adapters]
+    vera = [c for c in vera if c["peft_type"] == "VERA"]
+    report.check(len(vera) >= 10 and any(not c["save_projection"] for c in vera),
+                 "VeRA adapters among them (random configs made in C++, some without projections)",
+                 f"{len(vera)}, {sum(not c['save_projection'] for c in vera)} without")
 
     # Each d9d-peft-train run's adapter (one per method kind), and the merged
     # checkpoints, on the GPT twin.

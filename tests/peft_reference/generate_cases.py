@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PEFT -> d9d-peft, differential: fresh LoRA, IA3 and LoHa adapters written by real Hugging Face PEFT.
+"""PEFT -> d9d-peft, differential: fresh LoRA, IA3, LoHa and VeRA adapters written by real Hugging Face PEFT.
 
 Makes COUNT cases from SEED (case i uses seed SEED + i, so one case is
 reproduced alone with --seed SEED+i --count 1). Each case draws a toy
@@ -12,8 +12,11 @@ without the embedding; feedforward_modules; init_ia3_weights=False so that the
 vectors are not ones) or, for about one case in five and at least MIN_LOHA
 per run, a LoHaConfig (random r and alpha, rank_pattern / alpha_pattern,
 targets and exclusions as for IA3, use_effective_conv2d either way (no effect
-on linear layers), init_weights=False so that w2_b is not zero), applies it
-with get_peft_model and writes, under
+on linear layers), init_weights=False so that w2_b is not zero), and past
+COUNT at least MIN_VERA VeraConfigs (random r, d_initial, projection_prng_key,
+save_projection either way, targets as names or a regex over layers of
+different sizes so the shared projections are sliced, init_weights=False and
+lambda_b moved off ones), applies it with get_peft_model and writes, under
 OUT/case_NNN/:
 
   config.json                 the toy's sizes, the case seed, the PEFT config (for the log)
@@ -37,7 +40,7 @@ import sys
 import warnings
 
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig, get_peft_model
+from peft import IA3Config, LoHaConfig, LoraConfig, VeraConfig, get_peft_model
 from peft.utils.error import NoMatchingPeftModuleError
 from safetensors.torch import save_file
 
@@ -97,7 +100,25 @@ def draw_loha(rng, names):
     return config
 
 
-def draw_case(seed, loha=False):
+MIN_VERA = 10  # VeRA cases per run, drawn past COUNT
+
+
+def draw_vera(rng):
+    """A VeraConfig over linear layers of different sizes (d x d, f x d, d x f, vocab x d): one pair of
+    projections sized for the largest, sliced per layer; save_projection either way."""
+    linear = ATTENTION + MLP + (["lm_head"] if rng.random() < 0.4 else [])
+    if rng.random() < 0.7:
+        targets = sorted(rng.sample(linear, rng.randint(1, len(linear))))
+    else:
+        targets = rng.choice([r"layers\.\d+\.(attention|mlp)\.\w+_proj", r"layers\.0\.attention\.(q|v)_proj|lm_head",
+                              r".*\.mlp\.(up|down)_proj", r".*\.(k_proj|down_proj)"])
+    return {"peft_type": "VERA", "r": rng.randint(1, 16), "target_modules": targets,
+            "projection_prng_key": rng.choice([0, rng.randint(1, 2**31 - 1)]),
+            "save_projection": rng.random() < 0.5, "d_initial": rng.choice([0.1, round(rng.uniform(-1.0, 1.0), 3)]),
+            "vera_dropout": rng.choice([0.0, 0.1]), "init_weights": False}
+
+
+def draw_case(seed, loha=False, vera=False):
     rng = random.Random(seed)
     sizes = {
         "vocab": rng.randint(9, 41),
@@ -107,6 +128,8 @@ def draw_case(seed, loha=False):
     }
     use_dora = rng.random() < 0.3
     names = module_names(sizes["n_layers"])
+    if vera:
+        return sizes, draw_vera(rng), (rng.randint(1, 3), rng.randint(2, 9))
     if loha or rng.random() < 0.2:
         return sizes, draw_loha(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     if rng.random() < 0.25:
@@ -158,8 +181,8 @@ def draw_case(seed, loha=False):
     return sizes, config, (batch, time)
 
 
-def make_case(seed, out_dir, loha=False):
-    sizes, config, (batch, time) = draw_case(seed, loha)
+def make_case(seed, out_dir, loha=False, vera=False):
+    sizes, config, (batch, time) = draw_case(seed, loha, vera)
     torch.manual_seed(seed)
     base = Toy(**sizes)
     with torch.no_grad():
@@ -170,7 +193,8 @@ def make_case(seed, out_dir, loha=False):
     ids = torch.randint(0, sizes["vocab"], (batch, time))
 
     kwargs = {k: v for k, v in config.items() if k != "peft_type"}
-    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LORA": LoraConfig}[config["peft_type"]](**kwargs)
+    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LORA": LoraConfig,
+                   "VERA": VeraConfig}[config["peft_type"]](**kwargs)
     try:
         model = get_peft_model(base, peft_config).eval()
     except (NoMatchingPeftModuleError, ValueError):
@@ -185,6 +209,12 @@ def make_case(seed, out_dir, loha=False):
             for n, p in model.named_parameters():
                 if "lora_magnitude_vector" in n:
                     p.mul_(1.0 + 0.2 * torch.rand_like(p))
+    if config["peft_type"] == "VERA":
+        # init_weights=False leaves lambda_b at ones; move it so that its role shows.
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "vera_lambda_b" in n:
+                    p.mul_(0.5 + torch.rand_like(p))
     with torch.no_grad():
         logits = model(ids)
     case = out_dir / f"case_{seed}"
@@ -215,7 +245,8 @@ def main():
         seed = int(os.environ["D9D_PEFT_SEED"])
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 1_000_000_000
-    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3 and LoHa cases (at least {MIN_LOHA} LoHa) from seed {seed} "
+    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3 and LoHa cases (at least {MIN_LOHA} LoHa) and "
+          f"{MIN_VERA} VeRA cases from seed {seed} "
           f"(reproduce: bash scripts/peft-reference.sh --seed {seed} --count {args.count})", flush=True)
     for old in args.out.glob("case_*"):
         shutil.rmtree(old)
@@ -223,11 +254,13 @@ def main():
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # PEFT's notes on unmatched rank_pattern keys and the like
     made, s = 0, seed
-    counts = {"loha": 0, "loha rank/alpha_pattern": 0, "ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
+    counts = {"vera": 0, "vera without projections": 0, "loha": 0, "loha rank/alpha_pattern": 0, "ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0, "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0,
               "alpha_pattern": 0, "biased": 0}
-    while made < args.count or counts["loha"] < MIN_LOHA:
-        # Past COUNT, only LoHa cases, until there are MIN_LOHA of them.
-        case = make_case(s, args.out, loha=made >= args.count)
+    while made < args.count or counts["loha"] < MIN_LOHA or counts["vera"] < MIN_VERA:
+        # Past COUNT, only LoHa cases until there are MIN_LOHA of them, then MIN_VERA VeRA cases.
+        extra = made >= args.count
+        case = make_case(s, args.out, loha=extra and counts["loha"] < MIN_LOHA,
+                         vera=extra and counts["loha"] >= MIN_LOHA)
         s += 1
         if case is None:
             continue
@@ -235,6 +268,10 @@ def main():
         info = json.loads((case / "config.json").read_text())
         c = info["peft_config"]
         counts["biased"] += any(".mlp." in m for m in info["adapted_modules"])
+        if c["peft_type"] == "VERA":
+            counts["vera"] += 1
+            counts["vera without projections"] += not c["save_projection"]
+            continue
         if c["peft_type"] == "LOHA":
             counts["loha"] += 1
             counts["loha rank/alpha_pattern"] += bool(c["rank_pattern"] or c["alpha_pattern"])
