@@ -11,7 +11,6 @@
 #include <d9d/peft/lora/grouped_linear.h>
 #include <d9d/peft/lora/method.h>
 #include <d9d/peft/registry.h>
-#include <d9d/peft/shared_state.h>
 
 #include <ATen/Functions.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -23,6 +22,7 @@
 #include "../rollback.h"
 #include "config_rules.h"
 #include "grouped_keys.h"
+#include "shared_state.h"
 
 #include <ATen/ATen.h>
 
@@ -135,41 +135,6 @@ model_state::StateDict adapter_tensors(const torch::nn::Module& module, const st
 
 std::string shape_str(at::IntArrayRef sizes) { return fmt::format("[{}]", fmt::join(sizes, ", ")); }
 
-/// What the layers holding adapter `adapter` share (`SharesAdapterState`), by
-/// file key (`base_model.vera_A`): one entry per key, with every distinct
-/// tensor the layers hold under it (normally one); they must be equal, since
-/// a file holds the state once.
-struct SharedEntry {
-  std::vector<at::Tensor> tensors;
-  bool in_files = true;
-};
-
-std::map<std::string, SharedEntry> shared_state(const torch::nn::Module& module, const std::string& adapter) {
-  std::map<std::string, SharedEntry> out;
-  std::map<std::string, std::string> first_layer;
-  for (const auto& entry : adapter_layers(module)) {
-    if (!entry.layer->has_adapter(adapter)) continue;
-    const auto* shares = dynamic_cast<const SharesAdapterState*>(entry.layer);
-    if (shares == nullptr) continue;
-    for (const auto& s : shares->shared_adapter_state(adapter)) {
-      const std::string key = "base_model." + s.key;
-      auto [it, fresh] = out.emplace(key, SharedEntry{{}, s.in_files});
-      if (fresh) first_layer[key] = entry.name;
-      auto& held = it->second.tensors;
-      if (std::any_of(held.begin(), held.end(), [&](const at::Tensor& t) { return t.is_same(s.tensor); })) continue;
-      if (!held.empty() && !(held.front().sizes() == s.tensor.sizes() &&
-                             at::equal(held.front(), s.tensor.to(held.front().device(), held.front().scalar_type())))) {
-        throw PeftError(fmt::format("adapter \"{}\": '{}' and '{}' hold different {} tensors, which an adapter file "
-                                    "holds once for the whole model; add the adapter to every layer in one injection "
-                                    "so that they share one",
-                                    adapter, first_layer[key], entry.name, s.key));
-      }
-      held.push_back(s.tensor);
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
 model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module, const std::string& adapter_name,
@@ -177,7 +142,7 @@ model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module
   const std::string adapter = resolve_adapter(module, adapter_name, "get_peft_model_state_dict");
   model_state::StateDict out;
   for (const auto& [key, tensor] : adapter_tensors(module, adapter)) out.emplace(kPeftKeyPrefix + key, tensor.detach());
-  for (const auto& [key, shared] : shared_state(module, adapter)) {
+  for (const auto& [key, shared] : detail::shared_state(module, adapter)) {
     if (shared.in_files) out.emplace(key, shared.tensors.front().detach());
   }
   for (const auto& slot : detail::grouped_slots(module, adapter)) {
@@ -229,7 +194,7 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
     targets.emplace(slot.layer + ".lora_B.weight", slot.adapter->lora_B->weight);
   }
   // State the adapter's layers share (VeRA's projections), held once: `base_model.<key>`.
-  const auto shared = shared_state(module, adapter);
+  const auto shared = detail::shared_state(module, adapter);
   std::map<std::string, at::Tensor> given_shared;
   std::vector<std::string> disagreeing;
   for (const auto& [key, tensor] : state) {
