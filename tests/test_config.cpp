@@ -87,9 +87,9 @@ TEST(Config, ErrorsNameThePathAndTheRule) {
             "params.r: field required");
   EXPECT_EQ(error_of(R"({"kind":"full_tune"})"), "module_name_pattern: field required");
   EXPECT_EQ(error_of(R"({"module_name_pattern":"x"})"),
-            "kind: field required: one of \"lora\", \"full_tune\", \"stack\", \"ia3\", \"loha\", \"lokr\", \"oft\"");
+            "kind: field required: one of \"lora\", \"full_tune\", \"stack\", \"ia3\", \"loha\", \"lokr\", \"oft\", \"vera\"");
   EXPECT_EQ(error_of(R"({"kind":"lorax"})"),
-            "kind: unknown kind \"lorax\"; expected one of \"lora\", \"full_tune\", \"stack\", \"ia3\", \"loha\", \"lokr\", \"oft\"");
+            "kind: unknown kind \"lorax\"; expected one of \"lora\", \"full_tune\", \"stack\", \"ia3\", \"loha\", \"lokr\", \"oft\", \"vera\"");
   EXPECT_EQ(error_of(R"({"kind":"stack","methods":[]})"), "methods: must hold at least one method");
   EXPECT_EQ(error_of(R"({"kind":"stack","methods":{}})"), "methods: expected a list, got {}");
   EXPECT_EQ(error_of(R"({"kind":"stack","methods":[3]})"), "methods[0]: expected an object, got number 3");

@@ -357,6 +357,7 @@ TEST(Registry, BuiltinKindsAndPeftTypes) {
   EXPECT_NE(std::find(types.begin(), types.end(), "LOHA"), types.end());
   EXPECT_NE(std::find(types.begin(), types.end(), "OFT"), types.end());
   EXPECT_NE(std::find(types.begin(), types.end(), "LOKR"), types.end());
+  EXPECT_NE(std::find(types.begin(), types.end(), "VERA"), types.end());
   EXPECT_THAT([] { peft::method_for_peft_type("ADALORA", "adapter_config.json"); },
               ::testing::ThrowsMessage<peft::ConfigError>(
                   AllOf(HasSubstr("adapter_config.json: peft_type"), HasSubstr("\"ADALORA\" is not supported"))));

@@ -112,13 +112,15 @@ void inspect_adapter(const std::string& dir) {
     for (const auto& item : adapter.config.items()) {
       if (item.key() != "peft_type") fmt::print("  {:<18} {}\n", item.key() + ":", item.value().dump());
     }
-    uint64_t count = 0;
+    uint64_t count = 0, shared = 0;
     fmt::print("\ntensors ({}) in {}:\n", adapter.tensors.size(), adapter.weights_path);
     for (const auto& [key, tensor] : adapter.tensors) {
       fmt::print("  {}  {}  {}\n", key, dtype_str(tensor.scalar_type()), shape_str(tensor.sizes()));
-      count += static_cast<uint64_t>(tensor.numel());
+      // Keys outside base_model.model. are state shared by every layer (VeRA's frozen projections), not trained.
+      (key.rfind(hf::kPeftKeyPrefix, 0) == 0 ? count : shared) += static_cast<uint64_t>(tensor.numel());
     }
     fmt::print("\ntrainable parameters: {}\n", grouped(count));
+    if (shared > 0) fmt::print("frozen shared values: {}\n", grouped(shared));
     return;
   }
   const hf::LoraConfig c = hf::parse_lora_config(adapter.config, adapter.config_path);

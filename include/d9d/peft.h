@@ -42,6 +42,7 @@
 #include <d9d/peft/loha/method.h>
 #include <d9d/peft/oft/method.h>
 #include <d9d/peft/lokr/method.h>
+#include <d9d/peft/vera/method.h>
 #include <d9d/peft/inject.h>
 #include <d9d/peft/lora/layer.h>
 #include <d9d/peft/lora/method.h>

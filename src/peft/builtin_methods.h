@@ -11,6 +11,7 @@
 #include <d9d/peft/lora/config.h>
 #include <d9d/peft/oft/config.h>
 #include <d9d/peft/registry.h>
+#include <d9d/peft/vera/config.h>
 
 #include <nlohmann/json.hpp>
 
@@ -26,6 +27,7 @@ PeftMethodRegistration ia3_registration();
 PeftMethodRegistration loha_registration();
 PeftMethodRegistration oft_registration();
 PeftMethodRegistration lokr_registration();
+PeftMethodRegistration vera_registration();
 
 /// The d9d JSON readers (the `"kind"` field already checked by the caller).
 LoRAConfig parse_lora_config_json(const nlohmann::json& j, const std::string& path);
@@ -34,6 +36,7 @@ IA3Config parse_ia3_config_json(const nlohmann::json& j, const std::string& path
 LoHaConfig parse_loha_config_json(const nlohmann::json& j, const std::string& path);
 OFTConfig parse_oft_config_json(const nlohmann::json& j, const std::string& path);
 LoKrConfig parse_lokr_config_json(const nlohmann::json& j, const std::string& path);
+VeraConfig parse_vera_config_json(const nlohmann::json& j, const std::string& path);
 
 /// A registration's d9d-config functions, for a config struct `Config` with
 /// `validate(config, path)` and `to_json(ordered_json&, config)`, and a method

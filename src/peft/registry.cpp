@@ -18,7 +18,7 @@ namespace {
 
 std::deque<PeftMethodRegistration> builtin_methods() {
   return {lora_registration(), full_tune_registration(), stack_registration(), ia3_registration(),
-          loha_registration(), lokr_registration(), oft_registration()};
+          loha_registration(), lokr_registration(), oft_registration(), vera_registration()};
 }
 
 struct Registry {

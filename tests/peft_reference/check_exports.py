@@ -4,10 +4,8 @@
 Reads what `peft_reference_tool export OUT` wrote (see reference_tool.cpp):
 
 - adapters/<name>/: each adapter (fixtures re-saved, several named adapters
-  saved one by one, IA3 and random LoHa and OFT configs made in C++, LoRA,
-  LoHa and OFT trained by the C++ test) is loaded with
-  saved one by one, IA3 and random LoHa and LoKr configs made in C++, LoRA,
-  LoHa and LoKr trained by the C++ test) is loaded with
+  saved one by one, IA3 and random LoHa, LoKr, OFT and VeRA configs made in
+  C++, LoRA, LoHa, LoKr and OFT trained by the C++ test) is loaded with
   PeftModel.from_pretrained onto the toy model's PyTorch twin (twins.py) with
   the fixture's base weights; its logits must equal the C++ logits to 1e-5.
 - trainer/<run>/: the adapter each d9d-peft-train run wrote (one run per
@@ -131,6 +129,11 @@ def main() -> int:
     report.check(len(oft) >= 10, "OFT adapters among them (random configs made in C++)", f"{len(oft)}")
     lokr = [a for a in adapters if json.loads((a / "adapter_config.json").read_text())["peft_type"] == "LOKR"]
     report.check(len(lokr) >= 10, "LoKr adapters among them (random configs made in C++)", f"{len(lokr)}")
+    vera = [json.loads((a / "adapter_config.json").read_text()) for a in adapters]
+    vera = [c for c in vera if c["peft_type"] == "VERA"]
+    report.check(len(vera) >= 10 and any(not c["save_projection"] for c in vera),
+                 "VeRA adapters among them (random configs made in C++, some without projections)",
+                 f"{len(vera)}, {sum(not c['save_projection'] for c in vera)} without")
 
     # Each d9d-peft-train run's adapter (one per method kind), and the merged
     # checkpoints, on the GPT twin.
@@ -176,7 +179,8 @@ def main() -> int:
                              f"{'bit-identical' if same else 'CHANGED'}")
             except Exception as e:  # noqa: BLE001
                 report.check(False, f"safetensors + PEFT check {name} of {label}", f"{type(e).__name__}: {e}")
-    report.check({"LORA", "IA3", "LOHA", "OFT"} <= kinds, "d9d-peft-train runs cover LoRA, IA3, LoHa and OFT",
+    report.check({"LORA", "IA3", "LOHA", "LOKR", "OFT", "VERA"} <= kinds,
+                 "d9d-peft-train runs cover LoRA, IA3, LoHa, LoKr, OFT and VeRA",
                  ", ".join(sorted(kinds)) or "none")
 
     total = report.passed + report.failed

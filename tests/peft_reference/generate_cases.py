@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PEFT -> d9d-peft, differential: fresh LoRA, IA3, LoHa, LoKr and OFT adapters written by real Hugging Face PEFT.
+"""PEFT -> d9d-peft, differential: fresh LoRA, IA3, LoHa, LoKr, OFT and VeRA adapters written by real Hugging Face PEFT.
 
 Makes COUNT cases from SEED (case i uses seed SEED + i, so one case is
 reproduced alone with --seed SEED+i --count 1). Each case draws a toy
@@ -9,17 +9,21 @@ unbiased layers; rank_pattern / alpha_pattern; target_modules as a list or a
 regex; exclude_modules as a list or a regex; init_lora_weights=False so that B
 is not zero) or, for about one case in four, an IA3Config (targets as above
 without the embedding; feedforward_modules; init_ia3_weights=False so that the
-vectors are not ones) or, for about one case in five and at least MIN_LOHA
+vectors are not ones) or, for about one case in seven and at least MIN_LOHA
 per run, a LoHaConfig (random r and alpha, rank_pattern / alpha_pattern,
 targets and exclusions as for IA3, use_effective_conv2d either way (no effect
 on linear layers), init_weights=False so that w2_b is not zero) or, for
-about one case in five and at least MIN_OFT per run, an OFTConfig (r or
+about one case in seven and at least MIN_OFT per run, an OFTConfig (r or
 oft_block_size, sizes that PEFT must adjust included, coft with several eps,
 block_share, the Cayley-Neumann series with 1 to 8 terms or the exact inverse,
 init_weights=False so that R is not the identity) or, for about one case in
-five and at least MIN_LOKR per run, a LoKrConfig (random r, so that w1/w2 are
+seven and at least MIN_LOKR per run, a LoKrConfig (random r, so that w1/w2 are
 whole or factored, decompose_both, decompose_factor, patterns, targets as for
-LoHa, init_weights=False so that w1 is not zero), applies it with
+LoHa, init_weights=False so that w1 is not zero) or, for about one case in
+seven and at least MIN_VERA per run, a VeraConfig (random r, d_initial,
+projection_prng_key, save_projection either way, targets as names or a regex
+over layers of different sizes so the shared projections are sliced,
+init_weights=False and lambda_b moved off ones), applies it with
 get_peft_model and writes, under
 OUT/case_NNN/:
 
@@ -44,7 +48,7 @@ import sys
 import warnings
 
 import torch
-from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, get_peft_model
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig, get_peft_model
 from peft.utils.error import NoMatchingPeftModuleError
 from safetensors.torch import save_file
 
@@ -144,9 +148,27 @@ def draw_lokr(rng, names):
     return config
 
 
+MIN_VERA = 10  # VeRA cases per run, whatever the draws
+
+
+def draw_vera(rng):
+    """A VeraConfig over linear layers of different sizes (d x d, f x d, d x f, vocab x d): one pair of
+    projections sized for the largest, sliced per layer; save_projection either way."""
+    linear = ATTENTION + MLP + (["lm_head"] if rng.random() < 0.4 else [])
+    if rng.random() < 0.7:
+        targets = sorted(rng.sample(linear, rng.randint(1, len(linear))))
+    else:
+        targets = rng.choice([r"layers\.\d+\.(attention|mlp)\.\w+_proj", r"layers\.0\.attention\.(q|v)_proj|lm_head",
+                              r".*\.mlp\.(up|down)_proj", r".*\.(k_proj|down_proj)"])
+    return {"peft_type": "VERA", "r": rng.randint(1, 16), "target_modules": targets,
+            "projection_prng_key": rng.choice([0, rng.randint(1, 2**31 - 1)]),
+            "save_projection": rng.random() < 0.5, "d_initial": rng.choice([0.1, round(rng.uniform(-1.0, 1.0), 3)]),
+            "vera_dropout": rng.choice([0.0, 0.1]), "init_weights": False}
+
+
 # Methods with a per-run minimum: past COUNT, cases of the first one short of its minimum.
-MINIMUMS = {"LOHA": MIN_LOHA, "LOKR": MIN_LOKR, "OFT": MIN_OFT}
-DRAWS = {"LOHA": draw_loha, "LOKR": draw_lokr, "OFT": draw_oft}
+MINIMUMS = {"LOHA": MIN_LOHA, "LOKR": MIN_LOKR, "OFT": MIN_OFT, "VERA": MIN_VERA}
+DRAWS = {"LOHA": draw_loha, "LOKR": draw_lokr, "OFT": draw_oft, "VERA": lambda rng, names: draw_vera(rng)}
 
 
 def draw_case(seed, force=None):
@@ -161,8 +183,8 @@ def draw_case(seed, force=None):
     names = module_names(sizes["n_layers"])
     if force:
         return sizes, DRAWS[force](rng, names), (rng.randint(1, 3), rng.randint(2, 9))
-    for peft_type in MINIMUMS:  # about one case in five each, in turn
-        if rng.random() < 0.2:
+    for peft_type in MINIMUMS:  # 15% each, in turn: about one case in seven or eight
+        if rng.random() < 0.15:
             return sizes, DRAWS[peft_type](rng, names), (rng.randint(1, 3), rng.randint(2, 9))
     if rng.random() < 0.25:
         return sizes, draw_ia3(rng, names), (rng.randint(1, 3), rng.randint(2, 9))
@@ -225,7 +247,8 @@ def make_case(seed, out_dir, force=None):
     ids = torch.randint(0, sizes["vocab"], (batch, time))
 
     kwargs = {k: v for k, v in config.items() if k != "peft_type"}
-    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LOKR": LoKrConfig, "LORA": LoraConfig, "OFT": OFTConfig}[config["peft_type"]](**kwargs)
+    peft_config = {"IA3": IA3Config, "LOHA": LoHaConfig, "LOKR": LoKrConfig, "LORA": LoraConfig, "OFT": OFTConfig,
+                   "VERA": VeraConfig}[config["peft_type"]](**kwargs)
     try:
         model = get_peft_model(base, peft_config).eval()
     except (NoMatchingPeftModuleError, ValueError):
@@ -243,6 +266,12 @@ def make_case(seed, out_dir, force=None):
             for n, p in model.named_parameters():
                 if "lora_magnitude_vector" in n:
                     p.mul_(1.0 + 0.2 * torch.rand_like(p))
+    if config["peft_type"] == "VERA":
+        # init_weights=False leaves lambda_b at ones; move it so that its role shows.
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "vera_lambda_b" in n:
+                    p.mul_(0.5 + torch.rand_like(p))
     with torch.no_grad():
         logits = model(ids)
     case = out_dir / f"case_{seed}"
@@ -273,7 +302,7 @@ def main():
         seed = int(os.environ["D9D_PEFT_SEED"])
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") % 1_000_000_000
-    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3, LoHa, LoKr and OFT cases (at least "
+    print(f"peft-reference: generating {args.count} PEFT LoRA, IA3, LoHa, LoKr, OFT and VeRA cases (at least "
           + ", ".join(f"{n} {t}" for t, n in MINIMUMS.items()) + f") from seed {seed} "
           f"(reproduce: bash scripts/peft-reference.sh --seed {seed} --count {args.count})", flush=True)
     for old in args.out.glob("case_*"):
@@ -282,7 +311,7 @@ def main():
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # PEFT's notes on unmatched rank_pattern keys and the like
     made, s = 0, seed
-    counts = {"oft": 0, "oft r": 0, "oft coft": 0, "oft block_share": 0, "oft exact": 0,
+    counts = {"vera": 0, "vera without projections": 0, "oft": 0, "oft r": 0, "oft coft": 0, "oft block_share": 0, "oft exact": 0,
               "lokr": 0, "lokr factored w2": 0, "lokr factored w1": 0, "lokr decompose_factor": 0,
               "loha": 0, "loha rank/alpha_pattern": 0, "ia3": 0, "ia3 feed-forward": 0, "dora": 0, "rslora": 0,
               "embedding": 0, "regex": 0, "exclude": 0, "rank_pattern": 0, "alpha_pattern": 0, "biased": 0}
@@ -301,6 +330,10 @@ def main():
         info = json.loads((case / "config.json").read_text())
         c = info["peft_config"]
         counts["biased"] += any(".mlp." in m for m in info["adapted_modules"])
+        if c["peft_type"] == "VERA":
+            counts["vera"] += 1
+            counts["vera without projections"] += not c["save_projection"]
+            continue
         if c["peft_type"] == "OFT":
             counts["oft"] += 1
             counts["oft r"] += c["r"] != 0

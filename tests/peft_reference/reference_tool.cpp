@@ -466,6 +466,52 @@ int export_all(const fs::path& out, const fs::path& fixtures, const std::vector<
     ++count;
   }
 
+  // 4d. VeRA: PEFT's fixture re-saved, and kVeraExports random configs made
+  //     here (r, projection_prng_key, save_projection either way, d_initial,
+  //     targets as names or a regex over layers of different sizes, random
+  //     λ vectors), from the same seed. PEFT must read each as a VeRA adapter
+  //     (drawing the projections itself where the file has none) with the
+  //     same numbers.
+  {
+    toy::Toy fixture_model = toy_base();
+    peft::hf::load_adapter(*fixture_model, (toy_dir / "tuners" / "vera").string());
+    export_adapter(fixture_model, out / "adapters" / "resaved_vera", ids);
+    ++count;
+    const char* env = std::getenv("D9D_PEFT_SEED");
+    const unsigned seed = env && *env ? static_cast<unsigned>(std::stoul(env)) : std::random_device{}();
+    std::printf("peft-reference: VeRA exports from seed %u\n", seed);
+    std::mt19937 rng(seed ^ 0x5eedu);
+    auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+    const std::vector<std::string> linear = {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"};
+    constexpr int kVeraExports = 10;
+    for (int i = 0; i < kVeraExports; ++i) {
+      peft::hf::VeraConfig config;
+      config.r = uniform(1, 16);
+      config.projection_prng_key = uniform(0, 1) ? 0 : uniform(1, 1 << 30);
+      config.save_projection = i % 2 == 0;
+      config.d_initial = uniform(-100, 100) / 100.0;
+      config.init_weights = uniform(0, 1) == 0;
+      if (uniform(0, 3) == 0) {
+        config.target_modules.regex = uniform(0, 1) ? R"(layers\.\d+\.(attention|mlp)\.\w+_proj)" : R"(.*\.(k|up)_proj|lm_head)";
+      } else {
+        for (const auto& name : linear) {
+          if (uniform(0, 1)) config.target_modules.names.push_back(name);
+        }
+        if (config.target_modules.names.empty()) config.target_modules.names.push_back(linear[uniform(0, 6)]);
+      }
+      toy::Toy model = toy_base();
+      torch::manual_seed(seed + i);
+      peft::Vera vera(config);
+      peft::inject_peft_and_freeze(vera, model);
+      {
+        torch::NoGradGuard no_grad;
+        for (auto& p : peft::trainable_parameters(*model)) p.copy_(torch::randn_like(p));  // every λ away from its init
+      }
+      export_adapter(model, out / "adapters" / fmt::format("vera_random_{}", i), ids);
+      ++count;
+    }
+  }
+
   // 5. One trained here: LoRA with dropout on every projection, a few SGD steps.
   {
     toy::Toy model = toy_base();
@@ -544,7 +590,7 @@ int export_all(const fs::path& out, const fs::path& fixtures, const std::vector<
     if (run(cmd) != 0) throw std::runtime_error("d9d-peft merge failed: " + cmd);
     count += 1;
   }
-  std::printf("peft-reference: exported %d adapters (fixtures re-saved, named, IA3, LoHa, LoKr and OFT made here, trained here, "
+  std::printf("peft-reference: exported %d adapters (fixtures re-saved, named, IA3, LoHa, LoKr, OFT and VeRA made here, trained here, "
               "trained by d9d-peft-train, one per run), a sharded checkpoint and d9d-peft merge output to %s\n",
               count, out.string().c_str());
   return 0;

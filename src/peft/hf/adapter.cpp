@@ -22,6 +22,7 @@
 #include "../rollback.h"
 #include "config_rules.h"
 #include "grouped_keys.h"
+#include "shared_state.h"
 
 #include <ATen/ATen.h>
 
@@ -141,6 +142,9 @@ model_state::StateDict get_peft_model_state_dict(const torch::nn::Module& module
   const std::string adapter = resolve_adapter(module, adapter_name, "get_peft_model_state_dict");
   model_state::StateDict out;
   for (const auto& [key, tensor] : adapter_tensors(module, adapter)) out.emplace(kPeftKeyPrefix + key, tensor.detach());
+  for (const auto& [key, shared] : detail::shared_state(module, adapter)) {
+    if (shared.in_files) out.emplace(key, shared.tensors.front().detach());
+  }
   for (const auto& slot : detail::grouped_slots(module, adapter)) {
     auto [a, b] = detail::to_peft_factors(slot, experts);
     out.emplace(kPeftKeyPrefix + slot.prefix + "lora_A.weight", a);
@@ -189,6 +193,32 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
     targets.emplace(slot.layer + ".lora_A.weight", slot.adapter->lora_A->weight);
     targets.emplace(slot.layer + ".lora_B.weight", slot.adapter->lora_B->weight);
   }
+  // State the adapter's layers share (VeRA's projections), held once: `base_model.<key>`.
+  const auto shared = detail::shared_state(module, adapter);
+  std::map<std::string, at::Tensor> given_shared;
+  std::vector<std::string> disagreeing;
+  for (const auto& [key, tensor] : state) {
+    const std::string k = shared.count(key) ? key : "base_model." + key;
+    const auto it = shared.find(k);
+    if (it == shared.end()) continue;
+    consumed.insert(key);
+    const at::Tensor& held = it->second.tensors.front();
+    if (tensor.sizes() != held.sizes()) {
+      mismatched.push_back(fmt::format("{}: file {}, model {}", key, shape_str(tensor.sizes()), shape_str(held.sizes())));
+      mismatched_keys.insert(k);
+    } else if (it->second.in_files) {
+      given_shared.emplace(k, tensor);
+    } else if (!at::equal(tensor.to(held.device(), held.scalar_type()), held)) {
+      // The method rebuilt it (VeRA: save_projection false), and PEFT ignores the file's: refuse a disagreement.
+      disagreeing.push_back(key);
+      mismatched_keys.insert(k);
+    }
+  }
+  for (const auto& [key, entry] : shared) {
+    if (entry.in_files && !given_shared.count(key) && !mismatched_keys.count(key)) {
+      missing.push_back(key + " (shared by every layer of the adapter)");
+    }
+  }
   for (const auto& [key, tensor] : state) {
     if (consumed.count(key)) continue;
     std::string k = key.rfind(kPeftKeyPrefix, 0) == 0 ? key.substr(kPeftKeyPrefix.size()) : key;
@@ -207,7 +237,7 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
     if (!given.count(item.first) && !mismatched_keys.count(item.first)) missing.push_back(item.first);
   }
   std::sort(missing.begin(), missing.end());
-  if (!unexpected.empty() || !missing.empty() || !mismatched.empty()) {
+  if (!unexpected.empty() || !missing.empty() || !mismatched.empty() || !disagreeing.empty()) {
     std::string msg = fmt::format("{}: the adapter does not fit the model (nothing was loaded)", source);
     if (!mismatched.empty()) {
       msg += fmt::format("\n  shapes differ (wrong base model?): {}", fmt::join(mismatched, "; "));
@@ -216,12 +246,21 @@ void set_peft_model_state_dict(torch::nn::Module& module, const model_state::Sta
       msg += fmt::format("\n  keys with no adapter layer in the model: {}", fmt::join(unexpected, ", "));
     }
     if (!missing.empty()) msg += fmt::format("\n  weights the adapter lacks: {}", fmt::join(missing, ", "));
+    if (!disagreeing.empty()) {
+      msg += fmt::format("\n  state the adapter's config says is rebuilt rather than read (VeRA: save_projection "
+                         "false), whose values in the file differ from the rebuilt ones: {}; set save_projection true "
+                         "to use the file's",
+                         fmt::join(disagreeing, ", "));
+    }
     throw PeftError(msg);
   }
   torch::NoGradGuard no_grad;
   for (const auto& [key, tensor] : given) {
     at::Tensor target = targets.at(key);
     target.copy_(tensor);
+  }
+  for (const auto& [key, tensor] : given_shared) {
+    for (at::Tensor target : shared.at(key).tensors) target.copy_(tensor);
   }
 }
 
