@@ -7,6 +7,7 @@
 #include <d9d/peft/ia3/math.h>
 #include <d9d/peft/ia3/method.h>
 #include <d9d/peft/inject.h>
+#include <d9d/peft/linear_targeting.h>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -30,30 +31,9 @@ IA3 IA3::from_config(const IA3Config& config) {
 }
 
 PeftInjectionResult IA3::inject(torch::nn::Module& module) {
-  AdapterTargeting t;
-  t.method = "IA3";
-  t.peft_type = "IA3";
-  t.adapter_name = adapter_name_;
-  t.what = fmt::format("target_modules {}", config_.target_modules.describe());
-  t.hint = "a target name matches a whole module name or its last dotted parts, a regex the whole name";
-  t.adaptable = "d9d::nn::Linear, and torch::nn::Linear inside Sequential, ModuleList or ModuleDict";
-  t.adapts = [](const torch::nn::Module& m) { return m.as<d9d::nn::LinearImpl>() || m.as<torch::nn::LinearImpl>(); };
-  t.select = [this](const std::string& name) -> std::shared_ptr<const AdapterOptions> {
-    auto options = config_.select(name);
-    return options ? std::make_shared<const IA3Parameters>(*options) : nullptr;
-  };
-  t.wrap = [](const std::shared_ptr<torch::nn::Module>& m, const AdapterOptions& o,
-              const std::string& name) -> torch::nn::AnyModule {
-    const auto& options = static_cast<const IA3Parameters&>(o);
-    if (auto linear = std::dynamic_pointer_cast<d9d::nn::LinearImpl>(m)) {
-      return torch::nn::AnyModule(std::make_shared<IA3LinearImpl>(linear, options, name));
-    }
-    if (auto plain = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
-      return torch::nn::AnyModule(std::make_shared<IA3LinearImpl>(plain, options, name));
-    }
-    return {};
-  };
-  return inject_adapters(module, t);
+  return inject_adapters(module, linear_targeting<IA3LinearImpl, IA3Parameters>(
+                                     "IA3", "IA3", adapter_name_, config_.target_modules,
+                                     [this](const std::string& name) { return config_.select(name); }));
 }
 
 void IA3::merge(torch::nn::Module& module) {

@@ -5,6 +5,7 @@
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/merge.h>
 #include <d9d/peft/inject.h>
+#include <d9d/peft/linear_targeting.h>
 #include <d9d/peft/oft/math.h>
 #include <d9d/peft/oft/method.h>
 
@@ -32,30 +33,9 @@ OFT OFT::from_config(const OFTConfig& config) {
 }
 
 PeftInjectionResult OFT::inject(torch::nn::Module& module) {
-  AdapterTargeting t;
-  t.method = "OFT";
-  t.peft_type = "OFT";
-  t.adapter_name = adapter_name_;
-  t.what = fmt::format("target_modules {}", config_.target_modules.describe());
-  t.hint = "a target name matches a whole module name or its last dotted parts, a regex the whole name";
-  t.adaptable = "d9d::nn::Linear, and torch::nn::Linear inside Sequential, ModuleList or ModuleDict";
-  t.adapts = [](const torch::nn::Module& m) { return m.as<d9d::nn::LinearImpl>() || m.as<torch::nn::LinearImpl>(); };
-  t.select = [this](const std::string& name) -> std::shared_ptr<const AdapterOptions> {
-    auto options = config_.select(name);
-    return options ? std::make_shared<const OFTParameters>(*options) : nullptr;
-  };
-  t.wrap = [](const std::shared_ptr<torch::nn::Module>& m, const AdapterOptions& o,
-              const std::string& name) -> torch::nn::AnyModule {
-    const auto& options = static_cast<const OFTParameters&>(o);
-    if (auto linear = std::dynamic_pointer_cast<d9d::nn::LinearImpl>(m)) {
-      return torch::nn::AnyModule(std::make_shared<OFTLinearImpl>(linear, options, name));
-    }
-    if (auto plain = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
-      return torch::nn::AnyModule(std::make_shared<OFTLinearImpl>(plain, options, name));
-    }
-    return {};
-  };
-  return inject_adapters(module, t);
+  return inject_adapters(module, linear_targeting<OFTLinearImpl, OFTParameters>(
+                                     "OFT", "OFT", adapter_name_, config_.target_modules,
+                                     [this](const std::string& name) { return config_.select(name); }));
 }
 
 void OFT::merge(torch::nn::Module& module) {

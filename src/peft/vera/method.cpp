@@ -5,6 +5,7 @@
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/merge.h>
 #include <d9d/peft/inject.h>
+#include <d9d/peft/linear_targeting.h>
 #include <d9d/peft/module_tree.h>
 #include <d9d/peft/vera/math.h>
 #include <d9d/peft/vera/method.h>
@@ -67,31 +68,14 @@ PeftInjectionResult Vera::inject(torch::nn::Module& module) {
     vera_A = vera_A.to(like);
     vera_B = vera_B.to(like);
   }
-  AdapterTargeting t;
-  t.method = "VeRA";
-  t.peft_type = "VERA";
-  t.adapter_name = adapter_name_;
-  t.what = fmt::format("target_modules {}", config_.target_modules.describe());
-  t.hint = "a target name matches a whole module name or its last dotted parts, a regex the whole name";
-  t.adaptable = "d9d::nn::Linear, and torch::nn::Linear inside Sequential, ModuleList or ModuleDict";
-  t.adapts = [](const torch::nn::Module& m) { return m.as<d9d::nn::LinearImpl>() || m.as<torch::nn::LinearImpl>(); };
-  t.select = [this, vera_A, vera_B](const std::string& name) -> std::shared_ptr<const AdapterOptions> {
-    auto options = config_.select(name);
-    if (!options) return nullptr;
-    return std::make_shared<const VeraParameters>(options->vera_A(vera_A).vera_B(vera_B));
-  };
-  t.wrap = [](const std::shared_ptr<torch::nn::Module>& m, const AdapterOptions& o,
-              const std::string& name) -> torch::nn::AnyModule {
-    const auto& options = static_cast<const VeraParameters&>(o);
-    if (auto linear = std::dynamic_pointer_cast<d9d::nn::LinearImpl>(m)) {
-      return torch::nn::AnyModule(std::make_shared<VeraLinearImpl>(linear, options, name));
-    }
-    if (auto plain = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
-      return torch::nn::AnyModule(std::make_shared<VeraLinearImpl>(plain, options, name));
-    }
-    return {};
-  };
-  return inject_adapters(module, t);
+  return inject_adapters(
+      module, linear_targeting<VeraLinearImpl, VeraParameters>(
+                  "VeRA", "VERA", adapter_name_, config_.target_modules,
+                  [this, vera_A, vera_B](const std::string& name) -> std::optional<VeraParameters> {
+                    auto options = config_.select(name);
+                    if (!options) return std::nullopt;
+                    return options->vera_A(vera_A).vera_B(vera_B);
+                  }));
 }
 
 void Vera::merge(torch::nn::Module& module) {

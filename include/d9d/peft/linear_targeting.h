@@ -1,0 +1,60 @@
+#pragma once
+
+#include <d9d/nn/linear.h>
+#include <d9d/peft/hf/module_selector.h>
+#include <d9d/peft/inject.h>
+
+#include <torch/nn/modules/linear.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+namespace d9d::peft {
+
+/// The `AdapterTargeting` of a method whose layers wrap linear layers chosen
+/// by a Hugging Face PEFT config's `target_modules` (IA3, LoHa, LoKr, OFT,
+/// VeRA): it adapts `d9d::nn::Linear`, and `torch::nn::Linear` inside
+/// `Sequential`, `ModuleList` or `ModuleDict`, with `Layer`, constructible
+/// from either layer's `shared_ptr`, the adapter's `Options` and its name.
+/// `select(qualified_name)` gives the layer's `std::optional<Options>`
+/// (nothing: leave it alone). A new method on linear layers is then
+///
+/// ```
+/// PeftInjectionResult Foo::inject(torch::nn::Module& module) {
+///   return inject_adapters(module, linear_targeting<FooLinearImpl, FooParameters>(
+///       "Foo", "FOO", adapter_name_, config_.target_modules,
+///       [this](const std::string& name) { return config_.select(name); }));
+/// }
+/// ```
+template <typename Layer, typename Options, typename Select>
+AdapterTargeting linear_targeting(std::string method, std::string peft_type, std::string adapter_name,
+                                  const hf::ModuleSelector& target_modules, Select select) {
+  AdapterTargeting t;
+  t.method = std::move(method);
+  t.peft_type = std::move(peft_type);
+  t.adapter_name = std::move(adapter_name);
+  t.what = "target_modules " + target_modules.describe();
+  t.hint = "a target name matches a whole module name or its last dotted parts, a regex the whole name";
+  t.adaptable = "d9d::nn::Linear, and torch::nn::Linear inside Sequential, ModuleList or ModuleDict";
+  t.adapts = [](const torch::nn::Module& m) { return m.as<d9d::nn::LinearImpl>() || m.as<torch::nn::LinearImpl>(); };
+  t.select = [select = std::move(select)](const std::string& name) -> std::shared_ptr<const AdapterOptions> {
+    std::optional<Options> options = select(name);
+    return options ? std::make_shared<const Options>(std::move(*options)) : nullptr;
+  };
+  t.wrap = [](const std::shared_ptr<torch::nn::Module>& m, const AdapterOptions& o,
+              const std::string& name) -> torch::nn::AnyModule {
+    const auto& options = static_cast<const Options&>(o);
+    if (auto linear = std::dynamic_pointer_cast<d9d::nn::LinearImpl>(m)) {
+      return torch::nn::AnyModule(std::make_shared<Layer>(linear, options, name));
+    }
+    if (auto plain = std::dynamic_pointer_cast<torch::nn::LinearImpl>(m)) {
+      return torch::nn::AnyModule(std::make_shared<Layer>(plain, options, name));
+    }
+    return {};
+  };
+  return t;
+}
+
+}  // namespace d9d::peft
