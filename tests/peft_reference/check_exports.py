@@ -7,7 +7,8 @@ Reads what `peft_reference_tool export OUT` wrote (see reference_tool.cpp):
   saved one by one, IA3 and random LoHa, LoKr, OFT and VeRA configs made in
   C++, LoRA, LoHa, LoKr and OFT trained by the C++ test) is loaded with
   PeftModel.from_pretrained onto the toy model's PyTorch twin (twins.py) with
-  the fixture's base weights; its logits must equal the C++ logits to 1e-5.
+  the fixture's base weights; its logits must equal the C++ logits to 1e-5
+  (relative above logits of 1, see TOLERANCE).
 - trainer/<run>/: the adapter each d9d-peft-train run wrote (one run per
   method kind: LoRA, IA3, LoHa, ...), loaded onto the trainer GPT's twin built
   from the sharded checkpoint the C++ side saved; logits to 1e-5.
@@ -37,7 +38,15 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from twins import Gpt, Toy  # noqa: E402
 
+# 1e-5 * max(1, max |reference logits|): 1e-5 absolute for logits up to 1, and
+# relative above (random LoKr or LoHa factors with a large alpha / r give logits
+# of tens, where float32 rounding of the two evaluation orders alone exceeds
+# 1e-5), as the PEFT -> d9d direction (reference_tool.cpp) compares.
 TOLERANCE = 1e-5
+
+
+def within(diff: float, reference: torch.Tensor) -> bool:
+    return diff <= TOLERANCE * max(1.0, reference.abs().max().item())
 
 
 class Report:
@@ -119,7 +128,8 @@ def main() -> int:
         try:
             model = PeftModel.from_pretrained(base, str(adapter)).eval()
             diff = logits_diff(model, expected["input_ids"], expected["logits"])
-            report.check(diff <= TOLERANCE, f"PEFT loads adapters/{adapter.name}", f"max |peft - d9d| logits {diff:.2e}")
+            report.check(within(diff, expected["logits"]), f"PEFT loads adapters/{adapter.name}",
+                         f"max |peft - d9d| logits {diff:.2e} (max |logits| {expected['logits'].abs().max().item():.3g})")
         except Exception as e:  # noqa: BLE001
             report.check(False, f"PEFT loads adapters/{adapter.name}", f"{type(e).__name__}: {e}")
     report.check(len(adapters) >= 10, "toy adapters found", f"{len(adapters)}")
@@ -155,7 +165,8 @@ def main() -> int:
         ids = expected["input_ids"]
         peft_model = PeftModel.from_pretrained(gpt_from(base_state), str(run / "adapter")).eval()
         diff = logits_diff(peft_model, ids, expected["logits"])
-        report.check(diff <= TOLERANCE, f"PEFT loads the adapter of {label}", f"max |peft - d9d| logits {diff:.2e}")
+        report.check(within(diff, expected["logits"]), f"PEFT loads the adapter of {label}",
+                     f"max |peft - d9d| logits {diff:.2e}")
         adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
                    if isinstance(m, BaseTunerLayer)}
         merged_by_peft = peft_model.merge_and_unload().eval()
@@ -172,7 +183,7 @@ def main() -> int:
                 same = all(torch.equal(state[k], base_state[k]) for k in untouched)
                 merged_weights = [k for k in base_state if k.endswith(".weight") and k.rsplit(".", 1)[0] in adapted]
                 changed = sum(not torch.equal(state[k], base_state[k]) for k in merged_weights)
-                report.check(diff <= TOLERANCE and same and changed == len(merged_weights) > 0,
+                report.check(within(diff, peft_merged_logits) and same and changed == len(merged_weights) > 0,
                              f"safetensors + PEFT check {name} of {label}",
                              f"max |PEFT merge_and_unload - d9d| logits {diff:.2e}; {changed} of {len(merged_weights)} "
                              f"adapted weights changed; {len(untouched)} untouched tensors "
