@@ -418,6 +418,32 @@ TEST(VeraFiles, SavingWithoutProjectionsThatTheKeyDoesNotGiveIsRefused) {
   EXPECT_FALSE(fs::exists(dir / "out/adapter_model.safetensors"));
 }
 
+TEST(VeraFiles, ABfloat16ModelSavesWithoutProjections) {
+  // The projections are drawn in float32 and cast to the layers' dtype (as
+  // PEFT's loader casts them), so the key still gives them in bfloat16.
+  toy::Toy model = toy_base();
+  model->to(at::kBFloat16);
+  auto config = config_of({"q_proj", "up_proj"}, 4);
+  config.save_projection = false;
+  peft::Vera vera(config);
+  peft::inject_peft_and_freeze(vera, model);
+  auto* q = vera_layer(model, "layers.0.attention.q_proj");
+  ASSERT_NE(q, nullptr);
+  ASSERT_EQ(q->vera_A.scalar_type(), at::kBFloat16);
+  TempDir dir;
+  peft::hf::save_adapter(*model, dir / "out");
+  const auto weights = ms::SafetensorsFile::open(dir / "out/adapter_model.safetensors");
+  for (const auto& key : weights->keys()) EXPECT_EQ(key.find("base_model.vera_"), std::string::npos) << key;
+
+  toy::Toy again = toy_base();
+  again->to(at::kBFloat16);
+  peft::hf::load_adapter(*again, dir / "out");
+  auto* q2 = vera_layer(again, "layers.0.attention.q_proj");
+  ASSERT_NE(q2, nullptr);
+  EXPECT_TRUE(torch::equal(q2->vera_A, q->vera_A));
+  EXPECT_TRUE(torch::equal(q2->vera_B, q->vera_B));
+}
+
 TEST(VeraMethod, MergeRefusesNaNAndLeavesTheModel) {
   toy::Toy model = toy_base();
   peft::Vera vera(config_of({"q_proj"}));

@@ -129,7 +129,10 @@ void check_projections_regenerate(const torch::nn::Module& module, const std::st
     if (!entry.layer->has_adapter(adapter_name)) continue;
     const auto& a = dynamic_cast<const VeraLinearImpl&>(*entry.layer).adapter(adapter_name);
     const auto [A, B] = vera::projections(config.r, a.vera_B.size(0), a.vera_A.size(1), config.projection_prng_key);
-    if (!at::equal(A, a.vera_A.to(at::kCPU, at::kFloat)) || !at::equal(B, a.vera_B.to(at::kCPU, at::kFloat))) {
+    // Drawn in float32 and cast to the layer's dtype, as inject and PEFT's loader do.
+    const auto held = [](const at::Tensor& t) { return t.to(at::kCPU); };
+    if (!at::equal(A.to(a.vera_A.scalar_type()), held(a.vera_A)) ||
+        !at::equal(B.to(a.vera_B.scalar_type()), held(a.vera_B))) {
       throw PeftError(fmt::format("save_adapter: adapter \"{}\" has save_projection false, but its projections are "
                                   "not the ones projection_prng_key {} draws (they were loaded from a file or "
                                   "changed), so a file without them would load other numbers. Nothing was written; "
