@@ -337,6 +337,39 @@ TEST(LoRAConv2dMethod, RefusalsNameTheLayerAndLeaveTheModel) {
 
 namespace {
 
+struct LinearThenConvImpl : torch::nn::Module {
+  LinearThenConvImpl()
+      : lin(register_module("lin", d9d::nn::Linear(4, 4))), conv(register_module("conv", d9d::nn::Conv2d(4, 4, 3))) {}
+  d9d::nn::Linear lin;
+  d9d::nn::Conv2d conv;
+};
+TORCH_MODULE(LinearThenConv);
+
+}  // namespace
+
+TEST(LoRAConv2dMethod, PissaOnAConvLayerIsRefusedBeforeAnyLayerChanges) {
+  // conv already holds a LoRA adapter; a PiSSA adapter over lin and conv must
+  // be refused while selecting, before lin's weight becomes a residual.
+  LinearThenConv model;
+  peft::hf::LoraConfig plain;
+  plain.r = 2;
+  plain.target_modules.names = {"conv"};
+  peft::hf::add_adapter(*model, "default", plain);
+  const auto w = model->lin->weight.clone();
+  peft::hf::LoraConfig pissa = plain;
+  pissa.target_modules.names = {"lin", "conv"};
+  pissa.init = peft::LoRAInit::PiSSA;
+  EXPECT_THAT([&] { peft::hf::add_adapter(*model, "p", pissa); },
+              ::testing::ThrowsMessage<peft::PeftError>(::testing::AllOf(HasSubstr("'conv'"), HasSubstr("pissa"))));
+  EXPECT_TRUE(torch::equal(model->lin->weight, w));
+  EXPECT_FALSE(model->lin->has_override());
+  const auto* conv = model->named_modules()["conv"]->as<peft::LoRAConv2dImpl>();
+  ASSERT_NE(conv, nullptr);
+  EXPECT_EQ(conv->adapter_names(), std::vector<std::string>{"default"});
+}
+
+namespace {
+
 struct TwoConvImpl : torch::nn::Module {
   TwoConvImpl()
       : a(register_module("a", d9d::nn::Conv2d(torch::nn::Conv2dOptions(4, 4, 3).padding(1)))),

@@ -7,6 +7,8 @@
 
 #include <torch/nn/module.h>
 
+#include <fmt/format.h>
+
 #include <optional>
 
 namespace d9d::peft {
@@ -46,6 +48,18 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
     // A Conv2d LoRA cannot adapt: refused here, naming the layer, before anything changes.
     if (const auto* conv = found ? (*found)->as<d9d::nn::Conv2dImpl>() : nullptr) {
       if (auto why = lora_conv2d_refusal(name, conv->options); !why.empty()) throw PeftError(why);
+    }
+    // PiSSA and OLoRA factor a Linear weight matrix: refused here for the other
+    // layer types, also when the layer already holds adapters (whose add_adapter
+    // would refuse only once other layers were changed).
+    if (found && (options->init() == LoRAInit::PiSSA || options->init() == LoRAInit::OLoRA)) {
+      const torch::nn::Module& m = **found;
+      if (is_grouped(m) || m.as<d9d::nn::Conv2dImpl>() || m.as<LoRAConv2dImpl>() || m.as<d9d::nn::EmbeddingImpl>() ||
+          m.as<LoRAEmbeddingImpl>()) {
+        throw PeftError(fmt::format("LoRA: '{}' is a {}; the {} initialisation starts from a Linear layer's weight "
+                                    "matrix (as in PEFT). Use it on Linear layers only, or \"default\" here",
+                                    name, m.name(), lora_init_name(*options)));
+      }
     }
     return std::make_shared<const LoRAParameters>(*options);
   };
