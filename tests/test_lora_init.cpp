@@ -246,3 +246,34 @@ TEST(LoRAInit, RefusalsNameTheLayerOrField) {
                                         "cfg").init,
             peft::LoRAInit::OLoRA);
 }
+
+namespace {
+
+struct LinearAndTypedImpl : torch::nn::Module {
+  LinearAndTypedImpl() : a(register_module("a", d9d::nn::Linear(6, 6))), b(register_module("b", torch::nn::Linear(6, 6))) {}
+  torch::Tensor forward(const torch::Tensor& x) { return b(a(x)); }
+  d9d::nn::Linear a;
+  torch::nn::Linear b;  // a typed member: calls to it cannot be redirected
+};
+TORCH_MODULE(LinearAndTyped);
+
+}  // namespace
+
+TEST(LoRAInit, APlanThatFailsAfterBuildingAPissaLayerPutsItsBaseBack) {
+  // 'a' is built (its base becomes the residual) before 'b' is refused; the
+  // failed injection must give 'a' its weight back and leave it unwrapped.
+  torch::manual_seed(9);
+  LinearAndTyped model;
+  const auto w = model->a->weight.detach().clone(), wb = model->b->weight.detach().clone();
+  const auto x = torch::randn({3, 6});
+  const auto before = model->forward(x).detach();
+  peft::LoRA pissa({"a|b", peft::LoRAParameters().r(2).alpha(4).init(peft::LoRAInit::PiSSA)});
+  EXPECT_THAT([&] { peft::inject_peft_and_freeze(pissa, model); },
+              ::testing::ThrowsMessage<peft::PeftError>(HasSubstr("cannot adapt 'b'")));
+  EXPECT_LE(max_diff(model->a->weight, w), 1e-6) << "the residual was put back";
+  EXPECT_LE(max_diff(model->b->weight, wb), 1e-6) << "'b' was built too, before its refusal";
+  EXPECT_FALSE(model->a->has_override());
+  EXPECT_TRUE(peft::adapter_names(*model).empty());
+  torch::NoGradGuard g;
+  EXPECT_LE(max_diff(model->forward(x), before), 1e-5);
+}

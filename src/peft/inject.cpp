@@ -50,54 +50,79 @@ PeftInjectionResult inject_adapters(torch::nn::Module& module, const AdapterTarg
   std::vector<Plan> plans;
   std::vector<std::string> matched;
   const auto modules = list_modules(module, /*enter_adapters=*/false);
+  // Every layer's options first: a refusal while selecting comes before any
+  // new layer is built (building one may already change its base: PiSSA and
+  // OLoRA leave the residual there).
+  std::vector<std::pair<const ModuleEntry*, std::shared_ptr<const AdapterOptions>>> selected;
   for (const auto& entry : modules) {
-    const auto options = t.select(entry.name);
-    if (!options) continue;
-    matched.push_back("'" + entry.name + "'");
-    Plan plan{entry, nullptr, dynamic_cast<AdapterLayer*>(entry.module.get()), true, options, {}};
-    if (plan.layer) {
-      if (plan.layer->peft_type() != t.peft_type) {
-        throw PeftError(fmt::format("{}: '{}' is already a {} adapter layer; one layer holds one method's adapters. "
-                                    "Narrow {} to exclude it",
-                                    t.method, entry.name, plan.layer->peft_type(), t.what));
+    if (auto options = t.select(entry.name)) selected.emplace_back(&entry, std::move(options));
+  }
+  // New layers built while planning, not yet in the tree: when planning fails
+  // later they are unwrapped, which puts their bases back (a PiSSA or OLoRA
+  // residual to float rounding).
+  std::vector<std::shared_ptr<torch::nn::Module>> built;
+  try {
+    for (const auto& [entry_ptr, options] : selected) {
+      const ModuleEntry& entry = *entry_ptr;
+      matched.push_back("'" + entry.name + "'");
+      Plan plan{entry, nullptr, dynamic_cast<AdapterLayer*>(entry.module.get()), true, options, {}};
+      if (plan.layer) {
+        if (plan.layer->peft_type() != t.peft_type) {
+          throw PeftError(fmt::format("{}: '{}' is already a {} adapter layer; one layer holds one method's adapters. "
+                                      "Narrow {} to exclude it",
+                                      t.method, entry.name, plan.layer->peft_type(), t.what));
+        }
+        if (plan.layer->has_adapter(adapter)) {
+          throw PeftError(fmt::format("{}: '{}' already holds an adapter \"{}\"; give the new adapter another name, or "
+                                      "delete_adapter(\"{}\") first",
+                                      t.method, entry.name, adapter, adapter));
+        }
+        plan.layer_module = entry.module;
+        plan.fresh = false;
+      } else {
+        plan.any = t.wrap(entry.module, *options, adapter);
+        if (plan.any.is_empty()) {
+          if (!entry.module->children().empty()) continue;  // a container: its children are visited
+          const bool torch_layer = entry.module->name().rfind("torch::nn::", 0) == 0;
+          throw PeftError(fmt::format("{}: {} matches '{}' of type {}, which {} cannot adapt (it adapts {}). {}",
+                                      t.method, t.what, entry.name, type_name(*entry.module), t.method, t.adaptable,
+                                      torch_layer ? "Declare the layer as its d9d::nn drop-in (same options, keys and "
+                                                    "numerics), or narrow the pattern to exclude it."
+                                                  : "Narrow the pattern to exclude it."));
+        }
+        plan.layer_module = plan.any.ptr();
+        plan.layer = dynamic_cast<AdapterLayer*>(plan.layer_module.get());
+        if (!plan.layer) {
+          throw PeftError(fmt::format("{}: the layer built for '{}' is no AdapterLayer", t.method, entry.name));
+        }
+        built.push_back(plan.layer_module);
+        if (!dynamic_cast<d9d::nn::Adaptable*>(entry.module.get()) && !is_synced_container(*entry.parent)) {
+          throw PeftError(fmt::format(
+              "{}: cannot adapt '{}' ({}): its parent {} holds it as a typed member, and LibTorch's replace_module "
+              "cannot redirect calls made through a member. Declare the layer as d9d::nn::Linear (the drop-in with the "
+              "same options, keys and numerics), or narrow {} to exclude it.",
+              t.method, entry.name, type_name(*entry.module), type_name(*entry.parent), t.what));
+        }
       }
-      if (plan.layer->has_adapter(adapter)) {
-        throw PeftError(fmt::format("{}: '{}' already holds an adapter \"{}\"; give the new adapter another name, or "
-                                    "delete_adapter(\"{}\") first",
-                                    t.method, entry.name, adapter, adapter));
-      }
-      plan.layer_module = entry.module;
-      plan.fresh = false;
-    } else {
-      plan.any = t.wrap(entry.module, *options, adapter);
-      if (plan.any.is_empty()) {
-        if (!entry.module->children().empty()) continue;  // a container: its children are visited
-        const bool torch_layer = entry.module->name().rfind("torch::nn::", 0) == 0;
-        throw PeftError(fmt::format("{}: {} matches '{}' of type {}, which {} cannot adapt (it adapts {}). {}",
-                                    t.method, t.what, entry.name, type_name(*entry.module), t.method, t.adaptable,
-                                    torch_layer ? "Declare the layer as its d9d::nn drop-in (same options, keys and "
-                                                  "numerics), or narrow the pattern to exclude it."
-                                                : "Narrow the pattern to exclude it."));
-      }
-      plan.layer_module = plan.any.ptr();
-      plan.layer = dynamic_cast<AdapterLayer*>(plan.layer_module.get());
-      if (!plan.layer) throw PeftError(fmt::format("{}: the layer built for '{}' is no AdapterLayer", t.method, entry.name));
-      if (!dynamic_cast<d9d::nn::Adaptable*>(entry.module.get()) && !is_synced_container(*entry.parent)) {
+      if (!entry.aliases.empty()) {
         throw PeftError(fmt::format(
-            "{}: cannot adapt '{}' ({}): its parent {} holds it as a typed member, and LibTorch's replace_module "
-            "cannot redirect calls made through a member. Declare the layer as d9d::nn::Linear (the drop-in with the "
-            "same options, keys and numerics), or narrow {} to exclude it.",
-            t.method, entry.name, type_name(*entry.module), type_name(*entry.parent), t.what));
+            "{}: {} selects '{}', which is also registered as '{}' (a shared or tied module). A wrapper at one path "
+            "would leave the other path's keys and calls out of step; untie the module (give each path its own layer) "
+            "or narrow {} to exclude it",
+            t.method, t.what, entry.name, fmt::join(entry.aliases, "', '"), t.what));
+      }
+      plans.push_back(std::move(plan));
+    }
+  } catch (...) {
+    for (auto it = built.rbegin(); it != built.rend(); ++it) {
+      try {
+        dynamic_cast<AdapterLayer&>(**it).unwrap();
+      } catch (...) {
+        // Only a base of factors loaded from a file cannot be restored, and
+        // a layer built here holds none; the first error is the one to report.
       }
     }
-    if (!entry.aliases.empty()) {
-      throw PeftError(fmt::format(
-          "{}: {} selects '{}', which is also registered as '{}' (a shared or tied module). A wrapper at one path "
-          "would leave the other path's keys and calls out of step; untie the module (give each path its own layer) "
-          "or narrow {} to exclude it",
-          t.method, t.what, entry.name, fmt::join(entry.aliases, "', '"), t.what));
-    }
-    plans.push_back(std::move(plan));
+    throw;
   }
   if (plans.empty()) {
     if (matched.empty()) {

@@ -56,8 +56,9 @@ PeftInjectionResult inject_lora(torch::nn::Module& module, const LoRATargeting& 
       const torch::nn::Module& m = **found;
       if (is_grouped(m) || m.as<d9d::nn::Conv2dImpl>() || m.as<LoRAConv2dImpl>() || m.as<d9d::nn::EmbeddingImpl>() ||
           m.as<LoRAEmbeddingImpl>()) {
-        throw PeftError(fmt::format("LoRA: '{}' is a {}; the {} initialisation starts from a Linear layer's weight "
-                                    "matrix (as in PEFT). Use it on Linear layers only, or \"default\" here",
+        throw PeftError(fmt::format("LoRA: '{}' is a {}; the {} initialisation is for Linear layers (it factors a "
+                                    "Linear weight matrix, as in PEFT). Exclude the layer from the pattern, or use "
+                                    "another initialisation",
                                     name, m.name(), lora_init_name(*options)));
       }
     }
