@@ -1,5 +1,6 @@
 #pragma once
 
+#include <d9d/nn/conv2d.h>
 #include <d9d/nn/linear.h>
 #include <d9d/peft/hf/module_selector.h>
 #include <d9d/peft/inject.h>
@@ -53,6 +54,29 @@ AdapterTargeting linear_targeting(std::string method, std::string peft_type, std
       return torch::nn::AnyModule(std::make_shared<Layer>(plain, options, name));
     }
     return {};
+  };
+  return t;
+}
+
+/// `t`, which also adapts `d9d::nn::Conv2d` with `ConvLayer`, constructible
+/// from a `shared_ptr<d9d::nn::Conv2dImpl>`, the adapter's `Options` and its
+/// name (IA3 on Conv2d):
+///
+/// ```
+/// with_conv2d<FooConv2dImpl, FooParameters>(linear_targeting<FooLinearImpl, FooParameters>(...))
+/// ```
+template <typename ConvLayer, typename Options>
+AdapterTargeting with_conv2d(AdapterTargeting t) {
+  t.adaptable = "d9d::nn::Linear, d9d::nn::Conv2d, and torch::nn::Linear inside Sequential, ModuleList or ModuleDict";
+  t.adapts = [adapts = std::move(t.adapts)](const torch::nn::Module& m) {
+    return m.as<d9d::nn::Conv2dImpl>() != nullptr || adapts(m);
+  };
+  t.wrap = [wrap = std::move(t.wrap)](const std::shared_ptr<torch::nn::Module>& m, const AdapterOptions& o,
+                                      const std::string& name) -> torch::nn::AnyModule {
+    if (auto conv = std::dynamic_pointer_cast<d9d::nn::Conv2dImpl>(m)) {
+      return torch::nn::AnyModule(std::make_shared<ConvLayer>(conv, static_cast<const Options&>(o), name));
+    }
+    return wrap(m, o, name);
   };
   return t;
 }

@@ -31,9 +31,9 @@ IA3 IA3::from_config(const IA3Config& config) {
 }
 
 PeftInjectionResult IA3::inject(torch::nn::Module& module) {
-  return inject_adapters(module, linear_targeting<IA3LinearImpl, IA3Parameters>(
+  return inject_adapters(module, with_conv2d<IA3Conv2dImpl, IA3Parameters>(linear_targeting<IA3LinearImpl, IA3Parameters>(
                                      "IA3", "IA3", adapter_name_, config_.target_modules,
-                                     [this](const std::string& name) { return config_.select(name); }));
+                                     [this](const std::string& name) { return config_.select(name); })));
 }
 
 void IA3::merge(torch::nn::Module& module) {
@@ -45,14 +45,15 @@ hf::IA3Config ia3_config_of(const torch::nn::Module& module, const std::string& 
   hf::IA3Config config;
   for (const auto& entry : adapter_layers(module)) {
     if (!entry.layer->has_adapter(adapter_name)) continue;
-    const auto* layer = dynamic_cast<const IA3LinearImpl*>(entry.layer);
-    if (!layer) {
+    const auto* linear = dynamic_cast<const IA3LinearImpl*>(entry.layer);
+    const auto* conv = dynamic_cast<const IA3Conv2dImpl*>(entry.layer);
+    if (!linear && !conv) {
       throw PeftError(fmt::format("save_adapter: '{}' holds adapter \"{}\" of another method ({})", entry.name,
                                   adapter_name, entry.layer->peft_type()));
     }
     config.target_modules.names.push_back(entry.name);
     // Whole names: PEFT's suffix rule then matches exactly these layers.
-    if (layer->feedforward()) config.feedforward_modules.names.push_back(entry.name);
+    if (linear ? linear->feedforward() : conv->feedforward()) config.feedforward_modules.names.push_back(entry.name);
   }
   if (config.target_modules.names.empty()) {
     throw PeftError(fmt::format("save_adapter: no layer holds adapter \"{}\"", adapter_name));
@@ -106,14 +107,23 @@ class IA3OfflineMerge : public hf::OfflineMerge {
                                   key, c10::toString(base.scalar_type())));
     }
     if (key == path + ".weight") {
-      const std::vector<int64_t> expected =
-          m.feedforward ? std::vector<int64_t>{1, base.dim() == 2 ? base.size(1) : -1}
-                        : std::vector<int64_t>{base.dim() == 2 ? base.size(0) : -1, 1};
-      if (base.dim() != 2 || m.l.sizes().vec() != expected) {
-        throw PeftError(fmt::format("'{}' has shape [{}] but '{}' has shape [{}] ({}; wrong base model?)", m.key,
-                                    fmt::join(m.l.sizes(), ", "), key, fmt::join(base.sizes(), ", "),
-                                    m.feedforward ? "a feed-forward vector scales the input" : "a vector scales the "
-                                                                                               "output"));
+      bool fits = false;
+      if (base.dim() == 2) {
+        const std::vector<int64_t> expected =
+            m.feedforward ? std::vector<int64_t>{1, base.size(1)} : std::vector<int64_t>{base.size(0), 1};
+        fits = m.l.sizes().vec() == expected;
+      } else if (base.dim() == 4) {
+        fits = conv_groups(m, base) > 0;
+      }
+      if (!fits) {
+        throw PeftError(fmt::format(
+            "'{}' has shape [{}] but '{}' has shape [{}] ({}; wrong base model?)", m.key, fmt::join(m.l.sizes(), ", "),
+            key, fmt::join(base.sizes(), ", "),
+            base.dim() == 4 ? (m.feedforward ? "on a Conv2d weight [out, in / groups, kh, kw] a feed-forward vector "
+                                               "is [1, in, 1, 1]"
+                                             : "on a Conv2d weight [out, in / groups, kh, kw] a vector is [1, out, 1, 1]")
+                            : (m.feedforward ? "on a Linear weight [out, in] a feed-forward vector is [1, in]"
+                                             : "on a Linear weight [out, in] a vector is [out, 1]")));
       }
     }
     if (!allow_non_finite && detail::count_non_finite(m.l) > 0) {
@@ -125,7 +135,14 @@ class IA3OfflineMerge : public hf::OfflineMerge {
 
   at::Tensor merge(const std::string& key, const at::Tensor& base, bool allow_non_finite) const override {
     const auto& [path, m] = module_of(key);
-    const at::Tensor out = key == path + ".weight" ? ia3::merged_weight(base, m.l) : ia3::merged_bias(base, m.l);
+    at::Tensor out;
+    if (key != path + ".weight") {
+      out = ia3::merged_bias(base, m.l);
+    } else if (base.dim() == 4) {
+      out = ia3::merged_weight(base, ia3::conv_weight_scale(m.l, m.feedforward, conv_groups(m, base), base.size(0)));
+    } else {
+      out = ia3::merged_weight(base, m.l);
+    }
     if (!allow_non_finite && detail::count_non_finite(out) > 0) {
       throw PeftError(fmt::format("merging into '{}' gives NaN or Inf values (the product overflows {}). Nothing was "
                                   "written; merge anyway with --allow-non-finite",
@@ -140,6 +157,17 @@ class IA3OfflineMerge : public hf::OfflineMerge {
     at::Tensor l;
     bool feedforward = false;
   };
+  /// The groups of the Conv2d weight `base` `[out, in / groups, kh, kw]` that
+  /// `m.l` `[1, F, 1, 1]` fits (F = out; or in, with groups = in / base.size(1),
+  /// on a feed-forward layer), or 0 when it does not fit.
+  static int64_t conv_groups(const Module& m, const at::Tensor& base) {
+    if (m.l.dim() != 4 || m.l.size(0) != 1 || m.l.size(2) != 1 || m.l.size(3) != 1) return 0;
+    if (!m.feedforward) return m.l.size(1) == base.size(0) ? 1 : 0;
+    const int64_t in = m.l.size(1), per_group = base.size(1);
+    if (per_group == 0 || in % per_group != 0) return 0;
+    const int64_t groups = in / per_group;
+    return base.size(0) % groups == 0 ? groups : 0;
+  }
   std::pair<std::string, const Module&> module_of(const std::string& key) const {
     const std::string path = key.substr(0, key.rfind('.'));
     return {path, modules_.at(path)};

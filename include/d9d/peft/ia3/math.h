@@ -17,4 +17,11 @@ at::Tensor merged_bias(const at::Tensor& bias, const at::Tensor& l);
 at::Tensor unmerged_weight(const at::Tensor& weight, const at::Tensor& l);
 at::Tensor unmerged_bias(const at::Tensor& bias, const at::Tensor& l);
 
+/// What a Conv2d weight `[out, in / groups, kh, kw]` is multiplied by to merge
+/// `l` `[1, F, 1, 1]`, as PEFT's `_get_ia3_scaling_for_weight`: `l` laid
+/// along the output channels (`[out, 1, 1, 1]`), or for a feed-forward layer
+/// (`F` = in) along the input channels, each group's slice of `l` repeated
+/// for the group's output channels (`[out, in / groups, 1, 1]`).
+at::Tensor conv_weight_scale(const at::Tensor& l, bool feedforward, int64_t groups, int64_t out_channels);
+
 }  // namespace d9d::peft::ia3

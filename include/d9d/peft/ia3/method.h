@@ -2,6 +2,7 @@
 
 #include <d9d/peft/base.h>
 #include <d9d/peft/ia3/config.h>
+#include <d9d/peft/ia3/conv2d.h>
 #include <d9d/peft/ia3/linear.h>
 
 #include <string>
@@ -9,10 +10,11 @@
 namespace d9d::peft {
 
 /// (IA)³, as Hugging Face PEFT's IA3: a learned vector per selected linear
-/// layer that rescales its output, or its input on feed-forward layers. Adds
-/// adapter `adapter_name`; wraps `d9d::nn::Linear` anywhere and
-/// `torch::nn::Linear` inside `Sequential`, `ModuleList` or `ModuleDict` in an
-/// `IA3LinearImpl`, and emits `x.weight -> x.base.weight` (and bias) renames so
+/// or convolution layer that rescales its output, or its input on
+/// feed-forward layers. Adds adapter `adapter_name`; wraps `d9d::nn::Linear`
+/// anywhere and `torch::nn::Linear` inside `Sequential`, `ModuleList` or
+/// `ModuleDict` in an `IA3LinearImpl`, `d9d::nn::Conv2d` (any groups,
+/// dilation, padding mode) in an `IA3Conv2dImpl`, and emits `x.weight -> x.base.weight` (and bias) renames so
 /// a standard checkpoint still loads. `merge` folds the vectors into the
 /// weights (and biases) and puts the base layers back. Registered under
 /// `peft_type` `"IA3"`, so `hf::load_adapter`, `hf::save_adapter` and
