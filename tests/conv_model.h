@@ -14,11 +14,11 @@
 
 namespace convnet {
 
-/// Channels, kernels, strides, paddings; `features` = conv2's outputs per sample.
+/// Channels, kernels, strides, paddings, conv2's groups; `features` = conv2's outputs per sample.
 struct Geometry {
   int64_t c0 = 3, c1 = 8, c2 = 8;
   int64_t k1 = 3, s1 = 1, p1 = 1;
-  int64_t k2 = 3, s2 = 2, p2 = 0;
+  int64_t k2 = 3, s2 = 2, p2 = 0, g2 = 1;  // g2: conv2's groups
   int64_t features = 72;
 };
 
@@ -26,7 +26,7 @@ template <typename Conv, typename Linear>
 struct NetImpl : torch::nn::Module {
   explicit NetImpl(const Geometry& g = {})
       : conv1(register_module("conv1", Conv(torch::nn::Conv2dOptions(g.c0, g.c1, g.k1).stride(g.s1).padding(g.p1)))),
-        conv2(register_module("conv2", Conv(torch::nn::Conv2dOptions(g.c1, g.c2, g.k2).stride(g.s2).padding(g.p2)))),
+        conv2(register_module("conv2", Conv(torch::nn::Conv2dOptions(g.c1, g.c2, g.k2).stride(g.s2).padding(g.p2).groups(g.g2)))),
         head(register_module("head", Linear(g.features, 5))) {}
 
   torch::Tensor forward(const torch::Tensor& x) {

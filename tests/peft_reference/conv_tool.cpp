@@ -1,4 +1,4 @@
-// LoRA and DoRA on Conv2d layers against real Hugging Face PEFT, both ways.
+// LoRA, DoRA and IA3 on Conv2d layers against real Hugging Face PEFT, both ways.
 //
 //   peft_conv_tool check CASES [--cli D9D_PEFT]
 //       every CASES/conv_* case generate_conv.py wrote is loaded into the C++
@@ -7,7 +7,8 @@
 //       library's, and `d9d-peft merge` when --cli is given) against PEFT's.
 //   peft_conv_tool export OUT --cases CASES
 //       for every case, a new adapter with the case's adapter_config.json and
-//       weights drawn here (DoRA's magnitude moved off its norm) is saved with
+//       weights drawn here (DoRA's magnitude moved off its norm, IA3's vectors
+//       around 1) is saved with
 //       hf::save_adapter into OUT/<case>/ with d9d-peft's logits and merged
 //       weights (cpp.safetensors), for `generate_conv.py check-exports OUT`.
 #include "../conv_model.h"
@@ -49,7 +50,7 @@ convnet::Geometry geometry(const fs::path& case_dir) {
   convnet::Geometry g;
   g.c0 = j.at("c0"), g.c1 = j.at("c1"), g.c2 = j.at("c2");
   g.k1 = j.at("k1"), g.s1 = j.at("s1"), g.p1 = j.at("p1");
-  g.k2 = j.at("k2"), g.s2 = j.at("s2"), g.p2 = j.at("p2");
+  g.k2 = j.at("k2"), g.s2 = j.at("s2"), g.p2 = j.at("p2"), g.g2 = j.value("g2", 1);
   g.features = j.at("features");
   return g;
 }
@@ -147,15 +148,22 @@ int export_cases(const fs::path& out, const fs::path& cases) {
     fs::copy_file(dir / "net.json", target / "net.json", fs::copy_options::overwrite_existing);
     fs::copy_file(dir / "model.safetensors", target / "model.safetensors", fs::copy_options::overwrite_existing);
     convnet::ConvNet net = load_twin(dir);
-    const auto config =
-        peft::hf::parse_lora_config(read_json(dir / "adapter/adapter_config.json"), (dir / "adapter").string());
+    const json config_json = read_json(dir / "adapter/adapter_config.json");
+    const std::string source = (dir / "adapter").string();
     torch::manual_seed(static_cast<uint64_t>(1000 + index++));
-    auto method = peft::hf::add_adapter(*net, peft::kDefaultAdapterName, config);
+    std::unique_ptr<peft::PeftMethodBase> method;
+    if (config_json.at("peft_type") == "IA3") {
+      method = std::make_unique<peft::IA3>(peft::hf::parse_ia3_config(config_json, source));
+      peft::inject_peft_and_freeze(*method, net);
+    } else {
+      method = peft::hf::add_adapter(*net, peft::kDefaultAdapterName, peft::hf::parse_lora_config(config_json, source));
+    }
     {
       torch::NoGradGuard no_grad;
       for (auto& p : net->named_parameters()) {
         if (p.key().find(".lora_magnitude_vector") != std::string::npos) p.value().mul_(torch::rand_like(p.value()) * 0.6 + 0.7);
         else if (p.key().find(".lora_") != std::string::npos) p.value().normal_(0.0, 0.3);
+        else if (p.key().find("ia3_l") != std::string::npos) p.value().normal_(1.0, 0.3);
       }
     }
     peft::hf::save_adapter(*net, (target / "adapter").string());
@@ -166,7 +174,7 @@ int export_cases(const fs::path& out, const fs::path& cases) {
     written["logits"] = net->forward(x);
     peft::merge_peft(*method, net);
     for (const auto& [key, value] : ms::module_state_dict(*net)) {
-      if (key.size() > 7 && key.compare(key.size() - 7, 7, ".weight") == 0) written["merged." + key] = value;
+      written["merged." + key] = value;  // every weight and bias, adapted or not
     }
     ms::save_safetensors((target / "cpp.safetensors").string(), written);
   }

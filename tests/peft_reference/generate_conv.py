@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""LoRA and DoRA on Conv2d layers: random cases from real PEFT, and PEFT's verdict on d9d-peft's adapters.
+"""LoRA, DoRA and IA3 on Conv2d layers: random cases from real PEFT, and PEFT's verdict on d9d-peft's adapters.
 
-  generate_conv.py generate --out DIR [--cases N] [--seed S]   (S: else $D9D_PEFT_SEED, else fresh)
-      N random cases (default 12; DoRA in every other one), each a conv net
+  generate_conv.py generate --out DIR [--cases N] [--ia3-cases M] [--seed S]
+                                       (S: else $D9D_PEFT_SEED, else fresh)
+      N random LoRA cases (default 12; DoRA in every other one), each a conv net
       conv1 -> relu -> conv2 -> relu -> flatten -> head with random channels,
       kernels, strides and paddings, and a PEFT LoraConfig with random r,
       lora_alpha, use_rslora, targets (a mix of conv and Linear layers, at
@@ -13,7 +14,11 @@
         model.safetensors      the base weights
         adapter/               PEFT's save_pretrained
         expected.safetensors   x, logits (adapter active), merged_logits (after
-                               merge_and_unload), merged.<key> for each adapted weight
+                               merge_and_unload), merged.<key> for each adapted
+                               layer's weight and bias
+      and M random IA3 cases (default 10) in DIR/conv_ia3_<j>/, laid out the
+      same but conv2 grouped (groups 2 or 4), an IA3Config with random
+      targets and feedforward_modules among them, its vectors drawn around 1.
 
   generate_conv.py check-exports DIR
       For every DIR/<case>/ that `peft_conv_tool export` wrote (net.json,
@@ -34,7 +39,7 @@ import sys
 import warnings
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 TOL = 1e-5
@@ -44,7 +49,8 @@ class ConvNet(torch.nn.Module):
     def __init__(self, g):
         super().__init__()
         self.conv1 = torch.nn.Conv2d(g["c0"], g["c1"], g["k1"], stride=g["s1"], padding=g["p1"])
-        self.conv2 = torch.nn.Conv2d(g["c1"], g["c2"], g["k2"], stride=g["s2"], padding=g["p2"])
+        self.conv2 = torch.nn.Conv2d(g["c1"], g["c2"], g["k2"], stride=g["s2"], padding=g["p2"],
+                                     groups=g.get("g2", 1))
         self.head = torch.nn.Linear(g["features"], 5)
 
     def forward(self, x):
@@ -55,15 +61,18 @@ def out_size(n, k, s, p):
     return (n + 2 * p - k) // s + 1
 
 
-def random_geometry(rng):
+def random_geometry(rng, grouped=False):
     g = dict(c0=rng.choice([1, 3, 4]), c1=rng.choice([4, 6, 8]), c2=rng.choice([4, 5, 8]), size=rng.choice([7, 8, 10]))
+    if grouped:  # conv2 in 2 or 4 groups
+        g["c2"] = rng.choice([4, 6, 8])
+        g["g2"] = rng.choice([d for d in (2, 4) if g["c1"] % d == 0 and g["c2"] % d == 0])
     for i in (1, 2):
         g[f"k{i}"] = rng.choice([1, 2, 3, 5])
         g[f"s{i}"] = rng.choice([1, 2])
         g[f"p{i}"] = rng.choice([0, 1, 2])
     h = out_size(out_size(g["size"], g["k1"], g["s1"], g["p1"]), g["k2"], g["s2"], g["p2"])
     if h < 1:
-        return random_geometry(rng)
+        return random_geometry(rng, grouped)
     g["features"] = g["c2"] * h * h
     return g
 
@@ -79,38 +88,63 @@ def random_config(rng, dora):
     return LoraConfig(**kw)
 
 
+def random_ia3_config(rng):
+    # conv2 (grouped) in most; feed-forward there in most, where the merge
+    # scales each group's input channels.
+    targets = rng.choice([["conv1"], ["conv2"], ["conv1", "conv2"], ["conv2", "head"], ["conv1", "conv2", "head"]])
+    feedforward = [t for t in targets if rng.random() < (0.7 if t == "conv2" else 0.5)]
+    return IA3Config(target_modules=targets, feedforward_modules=feedforward, init_ia3_weights=False)
+
+
 def merged_keys(model, targets):
-    return {f"merged.{t}.weight": getattr(model, t).weight.detach().clone() for t in targets}
+    keys = {}
+    for t in targets:
+        for name, tensor in getattr(model, t).state_dict().items():
+            keys[f"merged.{t}.{name}"] = tensor.detach().clone()
+    return keys
 
 
-def generate(out, cases, seed):
+def write_case(case, g, base, config):
+    """PEFT's adapter of `config` on `base`, saved with its logits and merged weights."""
+    case.mkdir(parents=True, exist_ok=True)
+    (case / "net.json").write_text(json.dumps(g, indent=2))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(case / "model.safetensors"))
+    model = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.empty_like(p).uniform_(0.7, 1.3))
+            elif "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    model.save_pretrained(str(case / "adapter"))
+    x = torch.randn(2, g["c0"], g["size"], g["size"])
+    with torch.no_grad():
+        logits = model(x)
+        merged = model.merge_and_unload().eval()
+        expected = dict(x=x, logits=logits, merged_logits=merged(x))
+    expected.update(merged_keys(merged, config.target_modules))
+    save_file({k: v.contiguous() for k, v in expected.items()}, str(case / "expected.safetensors"))
+
+
+def generate(out, cases, ia3_cases, seed):
     out.mkdir(parents=True, exist_ok=True)
     for i in range(cases):
         rng = random.Random(seed * 1000 + i)
         torch.manual_seed(seed * 1000 + i)
         g = random_geometry(rng)
-        base = ConvNet(g).eval()
-        case = out / f"conv_{i}"
-        case.mkdir(parents=True, exist_ok=True)
-        (case / "net.json").write_text(json.dumps(g, indent=2))
-        save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(case / "model.safetensors"))
         config = random_config(rng, dora=i % 2 == 1)
-        model = get_peft_model(base, config).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_magnitude_vector" in name:
-                    p.mul_(torch.empty_like(p).uniform_(0.7, 1.3))
-        model.save_pretrained(str(case / "adapter"))
-        x = torch.randn(2, g["c0"], g["size"], g["size"])
-        with torch.no_grad():
-            logits = model(x)
-            merged = model.merge_and_unload().eval()
-            expected = dict(x=x, logits=logits, merged_logits=merged(x))
-        expected.update(merged_keys(merged, config.target_modules))
-        save_file({k: v.contiguous() for k, v in expected.items()}, str(case / "expected.safetensors"))
-        print(f"{case.name}: {json.dumps(g)} r={config.r} alpha={config.lora_alpha} rslora={config.use_rslora} "
+        write_case(out / f"conv_{i}", g, ConvNet(g).eval(), config)
+        print(f"conv_{i}: {json.dumps(g)} r={config.r} alpha={config.lora_alpha} rslora={config.use_rslora} "
               f"dora={config.use_dora} targets={sorted(config.target_modules)} rank_pattern={config.rank_pattern}")
-    print(f"generate_conv: {cases} cases in {out}")
+    for j in range(ia3_cases):
+        rng = random.Random(seed * 1000 + 500 + j)
+        torch.manual_seed(seed * 1000 + 500 + j)
+        g = random_geometry(rng, grouped=True)
+        config = random_ia3_config(rng)
+        write_case(out / f"conv_ia3_{j}", g, ConvNet(g).eval(), config)
+        print(f"conv_ia3_{j}: {json.dumps(g)} targets={sorted(config.target_modules)} "
+              f"feedforward={sorted(config.feedforward_modules)}")
+    print(f"generate_conv: {cases + ia3_cases} cases in {out}")
 
 
 def close(failures, what, got, want):
@@ -158,7 +192,7 @@ def check_exports(root):
         status = "ok" if not failures else "FAILED: " + "; ".join(failures)
         print(f"{case.name}: {status}")
         failed += bool(failures)
-    print(f"peft-reference: conv: {len(dirs)} Conv2d adapters written by d9d-peft loaded by real PEFT, "
+    print(f"peft-reference: conv: {len(dirs)} Conv2d adapters (LoRA, DoRA, IA3) written by d9d-peft loaded by real PEFT, "
           f"max abs diff {worst:.3g}: {'all passed' if not failed else f'{failed} failed'}")
     return 1 if failed else 0
 
@@ -169,6 +203,7 @@ def main():
     gen = sub.add_parser("generate")
     gen.add_argument("--out", type=pathlib.Path, required=True)
     gen.add_argument("--cases", type=int, default=12)
+    gen.add_argument("--ia3-cases", type=int, default=10)
     gen.add_argument("--seed", type=int, default=None,
                      help="default: $D9D_PEFT_SEED, else a fresh seed (printed)")
     chk = sub.add_parser("check-exports")
@@ -177,7 +212,7 @@ def main():
     if a.command == "generate":
         seed = a.seed if a.seed is not None else int(os.environ.get("D9D_PEFT_SEED", random.randrange(1 << 30)))
         print(f"generate_conv: cases from seed {seed} (rerun: generate_conv.py generate --seed {seed})")
-        generate(a.out, a.cases, seed)
+        generate(a.out, a.cases, a.ia3_cases, seed)
         return 0
     return check_exports(a.dir)
 
