@@ -2,8 +2,7 @@
 // against PEFT's formulas and PEFT's fixture (tests/fixtures/hf_peft/conv),
 // training, the offline merge and the command line. Random PEFT configs both
 // ways are in tests/peft_reference (generate_conv.py, conv_tool.cpp).
-#include "conv_model.h"
-#include "test_util.h"
+#include "conv_fixture.h"
 
 #include <d9d/peft.h>
 
@@ -25,18 +24,7 @@ using namespace d9d_test;
 
 namespace {
 
-const std::string kConv = std::string(D9D_FIXTURES_DIR) + "/hf_peft/conv";
-
 double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
-
-convnet::ConvNet conv_base() {
-  convnet::ConvNet model;
-  ms::load_model_state(kConv + "/model.safetensors", *ms::identity_mapper_from_module(*model), *model, quiet());
-  model->eval();
-  return model;
-}
-
-at::Tensor conv_x() { return ms::SafetensorsFile::open(kConv + "/inputs.safetensors")->get("x"); }
 
 /// PEFT's conv ΔW written as a product of the flattened factors (an
 /// independent route to PEFT's conv2d(A^T, B)^T): `scale * B[out, r] @ A[r, in*kh*kw]`.

@@ -3,8 +3,7 @@
 // and padded convolutions against a per-channel loop, training, files and the
 // offline merge. Real PEFT's numbers are checked by tests/peft_reference
 // (generate_conv.py's IA3 cases, both ways).
-#include "conv_model.h"
-#include "test_util.h"
+#include "conv_fixture.h"
 
 #include <d9d/peft.h>
 
@@ -25,18 +24,7 @@ using namespace d9d_test;
 
 namespace {
 
-const std::string kConv = std::string(D9D_FIXTURES_DIR) + "/hf_peft/conv";
-
 double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
-
-convnet::ConvNet conv_base() {
-  convnet::ConvNet model;
-  ms::load_model_state(kConv + "/model.safetensors", *ms::identity_mapper_from_module(*model), *model, quiet());
-  model->eval();
-  return model;
-}
-
-at::Tensor conv_x() { return ms::SafetensorsFile::open(kConv + "/inputs.safetensors")->get("x"); }
 
 /// The convolutions the merge must handle: grouped, dilated, strided, and
 /// every padding mode (scaling a channel commutes with padding it).
