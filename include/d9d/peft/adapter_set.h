@@ -16,7 +16,7 @@ namespace d9d::peft {
 /// The part of `AdapterLayer` every method's layers share: the named adapters
 /// of one layer, their order, which are active and merged, whether adapters
 /// are enabled, and the key layout. `Adapter` is the module that holds one
-/// adapter's weights (`LoRALinearAdapterImpl`, `IA3LinearAdapterImpl`); its
+/// adapter's weights (`LoRALinearAdapterImpl`, `IA3AdapterImpl`); its
 /// parameter names are the adapter's keys in PEFT's files.
 ///
 /// Keys: the first adapter's weights sit directly on the layer, so a model

@@ -45,15 +45,14 @@ hf::IA3Config ia3_config_of(const torch::nn::Module& module, const std::string& 
   hf::IA3Config config;
   for (const auto& entry : adapter_layers(module)) {
     if (!entry.layer->has_adapter(adapter_name)) continue;
-    const auto* linear = dynamic_cast<const IA3LinearImpl*>(entry.layer);
-    const auto* conv = dynamic_cast<const IA3Conv2dImpl*>(entry.layer);
-    if (!linear && !conv) {
+    const auto* layer = dynamic_cast<const IA3LayerImpl*>(entry.layer);
+    if (!layer) {
       throw PeftError(fmt::format("save_adapter: '{}' holds adapter \"{}\" of another method ({})", entry.name,
                                   adapter_name, entry.layer->peft_type()));
     }
     config.target_modules.names.push_back(entry.name);
     // Whole names: PEFT's suffix rule then matches exactly these layers.
-    if (linear ? linear->feedforward() : conv->feedforward()) config.feedforward_modules.names.push_back(entry.name);
+    if (layer->feedforward()) config.feedforward_modules.names.push_back(entry.name);
   }
   if (config.target_modules.names.empty()) {
     throw PeftError(fmt::format("save_adapter: no layer holds adapter \"{}\"", adapter_name));
