@@ -55,7 +55,10 @@ PeftInjectionResult inject_adapters(torch::nn::Module& module, const AdapterTarg
   // OLoRA leave the residual there).
   std::vector<std::pair<const ModuleEntry*, std::shared_ptr<const AdapterOptions>>> selected;
   for (const auto& entry : modules) {
-    if (auto options = t.select(entry.name)) selected.emplace_back(&entry, std::move(options));
+    if (auto options = t.select(entry.name)) {
+      if (t.check) t.check(entry.name, *entry.module, *options);
+      selected.emplace_back(&entry, std::move(options));
+    }
   }
   // New layers built while planning, not yet in the tree: when planning fails
   // later they are unwrapped, which puts their bases back (a PiSSA or OLoRA

@@ -27,6 +27,10 @@ struct AdapterTargeting {
   std::string adapter_name = kDefaultAdapterName;
   /// The options for a qualified module name, or null to leave it alone.
   std::function<std::shared_ptr<const AdapterOptions>(const std::string& name)> select;
+  /// Optional: refuses a selected module the method cannot adapt with these
+  /// options (a `PeftError` naming `name`), called for every selected module
+  /// before any layer is built.
+  std::function<void(const std::string& name, const torch::nn::Module& module, const AdapterOptions& options)> check;
   /// A new adapter layer around `module` holding adapter `adapter_name`
   /// (active), typed so that containers can call it, or an empty `AnyModule`
   /// when the method cannot adapt a module of this type.

@@ -3,10 +3,12 @@
 #include <d9d/nn/conv2d.h>
 #include <d9d/nn/linear.h>
 #include <d9d/peft/hf/module_selector.h>
+#include <d9d/peft/errors.h>
 #include <d9d/peft/inject.h>
 
 #include <torch/nn/modules/linear.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -60,13 +62,26 @@ AdapterTargeting linear_targeting(std::string method, std::string peft_type, std
 
 /// `t`, which also adapts `d9d::nn::Conv2d` with `ConvLayer`, constructible
 /// from a `shared_ptr<d9d::nn::Conv2dImpl>`, the adapter's `Options` and its
-/// name (IA3 on Conv2d):
+/// name (IA3, LoHa on Conv2d). `refusal(qualified_name, conv_options)`, if
+/// given, says why a selected Conv2d cannot be adapted (empty: it can); it
+/// is asked before any layer changes, and a reason becomes the `PeftError`:
 ///
 /// ```
 /// with_conv2d<FooConv2dImpl, FooParameters>(linear_targeting<FooLinearImpl, FooParameters>(...))
 /// ```
 template <typename ConvLayer, typename Options>
-AdapterTargeting with_conv2d(AdapterTargeting t) {
+AdapterTargeting with_conv2d(
+    AdapterTargeting t,
+    std::function<std::string(const std::string& name, const torch::nn::Conv2dOptions& options)> refusal = {}) {
+  if (refusal) {
+    t.check = [check = std::move(t.check), refusal = std::move(refusal)](
+                  const std::string& name, const torch::nn::Module& m, const AdapterOptions& o) {
+      if (check) check(name, m, o);
+      if (const auto* conv = m.as<d9d::nn::Conv2dImpl>()) {
+        if (std::string why = refusal(name, conv->options); !why.empty()) throw PeftError(why);
+      }
+    };
+  }
   t.adaptable = "d9d::nn::Linear, d9d::nn::Conv2d, and torch::nn::Linear inside Sequential, ModuleList or ModuleDict";
   t.adapts = [adapts = std::move(t.adapts)](const torch::nn::Module& m) {
     return m.as<d9d::nn::Conv2dImpl>() != nullptr || adapts(m);
