@@ -37,7 +37,7 @@ toy::Toy toy_base() {
 at::Tensor toy_ids() { return ms::SafetensorsFile::open(kToy + "/inputs.safetensors")->get("input_ids"); }
 
 /// PEFT's make_weight, written out: (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r.
-at::Tensor formula(const peft::LoHaLinearAdapterImpl& a) {
+at::Tensor formula(const peft::LoHaAdapterImpl& a) {
   return a.hada_w1_a.mm(a.hada_w1_b) * a.hada_w2_a.mm(a.hada_w2_b) * (a.options().alpha() / a.options().r());
 }
 
@@ -341,7 +341,7 @@ TEST(LoHaConfig, PeftsFieldsAndErrorsNameTheField) {
 
 TEST(LoHaConfig, D9dJsonParsesDumpsAndStacksWithLora) {
   const std::string text =
-      R"json({"kind":"loha","module_name_pattern":".*(k_proj|down_proj)","params":{"r":4,"alpha":8,"rank_dropout":0.0,"module_dropout":0.0,"init_weights":true}})json";
+      R"json({"kind":"loha","module_name_pattern":".*(k_proj|down_proj)","params":{"r":4,"alpha":8,"rank_dropout":0.0,"module_dropout":0.0,"use_effective_conv2d":false,"init_weights":true}})json";
   EXPECT_EQ(peft::dump_peft_config(peft::parse_peft_config(text)), text);
   EXPECT_THAT([] { peft::parse_peft_config(R"json({"kind":"loha","module_name_pattern":"x","params":{"r":4}})json"); },
               ::testing::ThrowsMessage<peft::ConfigError>(HasSubstr("params.alpha")));

@@ -63,6 +63,7 @@ std::optional<LoHaParameters> LoHaConfig::select(const std::string& name) const 
       .alpha(pattern_value(alpha_pattern, name).value_or(alpha))
       .rank_dropout(rank_dropout)
       .module_dropout(module_dropout)
+      .use_effective_conv2d(use_effective_conv2d)
       .init_weights(init_weights);
 }
 
@@ -206,6 +207,7 @@ void write_config(Json& j, const LoHaConfig& c) {
   params["alpha"] = number_json<Json>(c.params.alpha());
   params["rank_dropout"] = c.params.rank_dropout();
   params["module_dropout"] = c.params.module_dropout();
+  params["use_effective_conv2d"] = c.params.use_effective_conv2d();
   params["init_weights"] = c.params.init_weights();
   j["params"] = params;
 }
@@ -226,6 +228,7 @@ hf::LoHaConfig to_peft_config(const LoHaConfig& c) {
   out.rank_dropout = c.params.rank_dropout();
   out.module_dropout = c.params.module_dropout();
   out.init_weights = c.params.init_weights();
+  out.use_effective_conv2d = c.params.use_effective_conv2d();
   return out;
 }
 
@@ -236,12 +239,15 @@ LoHaConfig parse_loha_config_json(const json& j, const std::string& path) {
   c.module_name_pattern = get_string(require(j, path, "module_name_pattern"), field_path(path, "module_name_pattern"));
   const std::string params = field_path(path, "params");
   const json& p = require(j, path, "params");
-  check_object(p, params, {"r", "alpha", "rank_dropout", "module_dropout", "init_weights"});
+  check_object(p, params, {"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights"});
   c.params.r(get_int(require(p, params, "r"), field_path(params, "r")));
   c.params.alpha(get_number(require(p, params, "alpha"), field_path(params, "alpha")));
   if (p.contains("rank_dropout")) c.params.rank_dropout(get_number(p["rank_dropout"], field_path(params, "rank_dropout")));
   if (p.contains("module_dropout")) {
     c.params.module_dropout(get_number(p["module_dropout"], field_path(params, "module_dropout")));
+  }
+  if (p.contains("use_effective_conv2d")) {
+    c.params.use_effective_conv2d(get_bool(p["use_effective_conv2d"], field_path(params, "use_effective_conv2d")));
   }
   if (p.contains("init_weights")) c.params.init_weights(get_bool(p["init_weights"], field_path(params, "init_weights")));
   validate(c, path);

@@ -33,9 +33,14 @@ LoHa LoHa::from_config(const LoHaConfig& config) {
 }
 
 PeftInjectionResult LoHa::inject(torch::nn::Module& module) {
-  return inject_adapters(module, linear_targeting<LoHaLinearImpl, LoHaParameters>(
-                                     "LoHa", "LOHA", adapter_name_, config_.target_modules,
-                                     [this](const std::string& name) { return config_.select(name); }));
+  return inject_adapters(
+      module, with_conv2d<LoHaConv2dImpl, LoHaParameters>(
+                  linear_targeting<LoHaLinearImpl, LoHaParameters>(
+                      "LoHa", "LOHA", adapter_name_, config_.target_modules,
+                      [this](const std::string& name) { return config_.select(name); }),
+                  [](const std::string& name, const torch::nn::Conv2dOptions& o) {
+                    return zero_padded_delta_refusal("LoHa", name, o);
+                  }));
 }
 
 void LoHa::merge(torch::nn::Module& module) {
@@ -48,7 +53,7 @@ hf::LoHaConfig loha_config_of(const torch::nn::Module& module, const std::string
   std::string first;
   for (const auto& entry : adapter_layers(module)) {
     if (!entry.layer->has_adapter(adapter_name)) continue;
-    const auto* layer = dynamic_cast<const LoHaLinearImpl*>(entry.layer);
+    const auto* layer = dynamic_cast<const LoHaLayerImpl*>(entry.layer);
     if (!layer) {
       throw PeftError(fmt::format("save_adapter: '{}' holds adapter \"{}\" of another method ({})", entry.name,
                                   adapter_name, entry.layer->peft_type()));
@@ -62,11 +67,13 @@ hf::LoHaConfig loha_config_of(const torch::nn::Module& module, const std::string
       config.rank_dropout = o.rank_dropout();
       config.module_dropout = o.module_dropout();
       config.init_weights = o.init_weights();
+      config.use_effective_conv2d = o.use_effective_conv2d();
       continue;
     }
-    if (o.rank_dropout() != config.rank_dropout || o.module_dropout() != config.module_dropout) {
-      throw PeftError(fmt::format("save_adapter: '{}' differs from '{}' in rank_dropout or module_dropout, which a "
-                                  "PEFT LoHa config cannot express per module",
+    if (o.rank_dropout() != config.rank_dropout || o.module_dropout() != config.module_dropout ||
+        o.use_effective_conv2d() != config.use_effective_conv2d) {
+      throw PeftError(fmt::format("save_adapter: '{}' differs from '{}' in rank_dropout, module_dropout or "
+                                  "use_effective_conv2d, which a PEFT LoHa config cannot express per module",
                                   entry.name, first));
     }
     if (o.r() != config.r) config.rank_pattern.emplace_back(hf::detail::regex_escape(entry.name), o.r());
@@ -78,9 +85,18 @@ hf::LoHaConfig loha_config_of(const torch::nn::Module& module, const std::string
 
 namespace {
 
-constexpr std::array<const char*, 4> kFactorNames = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"};
+constexpr std::array<const char*, 6> kFactorNames = {"hada_w1_a", "hada_w1_b", "hada_w2_a",
+                                                     "hada_w2_b", "hada_t1",   "hada_t2"};
+constexpr size_t kFlatFactors = 4;
 
-/// LoHa's offline merge: `<path>.hada_w{1,2}_{a,b}` build `ΔW`, added to `<path>.weight`.
+std::string shapes_of(const std::array<at::Tensor, 6>& f, size_t n) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < n; ++i) out.push_back(fmt::format("{} [{}]", kFactorNames[i], fmt::join(f[i].sizes(), ", ")));
+  return fmt::format("{}", fmt::join(out, ", "));
+}
+
+/// LoHa's offline merge: `<path>.hada_w{1,2}_{a,b}` (and in CP form on a
+/// Conv2d `<path>.hada_t{1,2}`) build `ΔW`, added to `<path>.weight`.
 class LoHaOfflineMerge : public hf::OfflineMerge {
  public:
   LoHaOfflineMerge(const hf::AdapterFiles& files, double scale) : source_(files.weights_path), scale_(scale) {
@@ -91,8 +107,8 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
       const std::string leaf = dot == std::string::npos ? path : path.substr(dot + 1);
       const auto it = std::find(kFactorNames.begin(), kFactorNames.end(), leaf);
       if (dot == std::string::npos || it == kFactorNames.end()) {
-        throw PeftError(fmt::format("{}: '{}' is not a LoHa weight on a linear layer (expected keys ending in {})",
-                                    source_, key, fmt::join(kFactorNames, ", ")));
+        throw PeftError(fmt::format("{}: '{}' is not a LoHa weight (expected keys ending in {})", source_, key,
+                                    fmt::join(kFactorNames, ", ")));
       }
       const std::string module = path.substr(0, dot);
       const auto options = config.select(module);
@@ -106,11 +122,13 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
       m.factors[it - kFactorNames.begin()] = tensor;
     }
     if (modules_.empty()) throw PeftError(fmt::format("{}: the adapter holds no weights", source_));
-    for (const auto& [module, m] : modules_) {
-      for (size_t i = 0; i < kFactorNames.size(); ++i) {
+    for (auto& [module, m] : modules_) {
+      m.cp = m.factors[4].defined() || m.factors[5].defined();
+      for (size_t i = 0; i < (m.cp ? kFactorNames.size() : kFlatFactors); ++i) {
         if (!m.factors[i].defined()) {
-          throw PeftError(fmt::format("{}: '{}' has LoHa weights but no {} (a LoHa layer holds all of {})", source_,
-                                      module, kFactorNames[i], fmt::join(kFactorNames, ", ")));
+          throw PeftError(fmt::format("{}: '{}' has LoHa weights but no {} (a LoHa layer holds all of {}{})", source_,
+                                      module, kFactorNames[i], fmt::join(kFactorNames.begin(), kFactorNames.begin() + 4, ", "),
+                                      m.cp ? ", and in CP form hada_t1, hada_t2" : ""));
         }
       }
     }
@@ -130,18 +148,34 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
                                   key, c10::toString(base.scalar_type())));
     }
     const auto& f = m.factors;
-    const bool fits = base.dim() == 2 && f[0].dim() == 2 && f[1].dim() == 2 && f[2].dim() == 2 && f[3].dim() == 2 &&
-                      f[0].size(0) == base.size(0) && f[2].size(0) == base.size(0) && f[1].size(1) == base.size(1) &&
-                      f[3].size(1) == base.size(1) && f[0].size(1) == f[1].size(0) && f[2].size(1) == f[3].size(0);
-    if (!fits) {
-      throw PeftError(fmt::format("'{}' has shape [{}] but the LoHa factors of '{}' have shapes [{}], [{}], [{}], [{}] "
-                                  "(expected [out, r], [r, in], [out, r], [r, in]; wrong base model?)",
-                                  key, fmt::join(base.sizes(), ", "), key.substr(0, key.rfind('.')),
-                                  fmt::join(f[0].sizes(), ", "), fmt::join(f[1].sizes(), ", "),
-                                  fmt::join(f[2].sizes(), ", "), fmt::join(f[3].sizes(), ", ")));
+    const std::string layer = key.substr(0, key.rfind('.'));
+    if (m.cp) {
+      const bool fits = base.dim() == 4 && f[4].dim() == 4 && f[5].dim() == 4 && f[0].dim() == 2 &&
+                        f[1].dim() == 2 && f[2].dim() == 2 && f[3].dim() == 2 && f[4].sizes() == f[5].sizes() &&
+                        f[4].size(2) == base.size(2) && f[4].size(3) == base.size(3) && f[0].size(1) == base.size(0) &&
+                        f[2].size(1) == base.size(0) && f[1].size(1) == base.size(1) && f[3].size(1) == base.size(1) &&
+                        f[0].size(0) == f[4].size(0) && f[1].size(0) == f[4].size(1) && f[2].size(0) == f[5].size(0) &&
+                        f[3].size(0) == f[5].size(1);
+      if (!fits) {
+        throw PeftError(fmt::format("'{}' has shape [{}] but the LoHa factors of '{}' (CP form) are {} (expected "
+                                    "[r, out], [r, in/groups], [r, out], [r, in/groups], [r, r, kh, kw], [r, r, kh, kw] "
+                                    "for a Conv2d weight [out, in/groups, kh, kw]; wrong base model?)",
+                                    key, fmt::join(base.sizes(), ", "), layer, shapes_of(f, 6)));
+      }
+    } else {
+      const int64_t cols = base.dim() >= 2 ? base.numel() / base.size(0) : -1;
+      const bool fits = base.dim() >= 2 && f[0].dim() == 2 && f[1].dim() == 2 && f[2].dim() == 2 && f[3].dim() == 2 &&
+                        f[0].size(0) == base.size(0) && f[2].size(0) == base.size(0) && f[1].size(1) == cols &&
+                        f[3].size(1) == cols && f[0].size(1) == f[1].size(0) && f[2].size(1) == f[3].size(0);
+      if (!fits) {
+        throw PeftError(fmt::format("'{}' has shape [{}] but the LoHa factors of '{}' are {} (expected [out, r], "
+                                    "[r, in], [out, r], [r, in], where in is the product of the weight's dimensions "
+                                    "after the first; wrong base model?)",
+                                    key, fmt::join(base.sizes(), ", "), layer, shapes_of(f, 4)));
+      }
     }
     if (allow_non_finite) return;
-    for (size_t i = 0; i < f.size(); ++i) {
+    for (size_t i = 0; i < (m.cp ? f.size() : kFlatFactors); ++i) {
       if (detail::count_non_finite(f[i]) > 0) {
         throw PeftError(fmt::format("{}: '{}' holds NaN or Inf; merging it would write them into '{}'. Nothing was "
                                     "written. Fix or retrain the adapter, or merge anyway with --allow-non-finite",
@@ -153,7 +187,8 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
   at::Tensor merge(const std::string& key, const at::Tensor& base, bool allow_non_finite) const override {
     const Module& m = module_of(key);
     const auto& f = m.factors;
-    at::Tensor delta = loha::delta_weight(f[0], f[1], f[2], f[3], m.scale);
+    at::Tensor delta = m.cp ? loha::delta_weight_cp(f[4], f[0], f[1], f[5], f[2], f[3], m.scale)
+                            : loha::delta_weight(f[0], f[1], f[2], f[3], m.scale).reshape(base.sizes());
     if (scale_ != 1.0) delta = delta * scale_;
     const at::Tensor out = loha::merged_weight(base, delta.to(base.device()));
     if (!allow_non_finite && detail::count_non_finite(out) > 0) {
@@ -166,9 +201,10 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
 
  private:
   struct Module {
-    std::array<std::string, 4> keys;
-    std::array<at::Tensor, 4> factors;
+    std::array<std::string, 6> keys;
+    std::array<at::Tensor, 6> factors;
     double scale = 1.0;
+    bool cp = false;
   };
   const Module& module_of(const std::string& key) const { return modules_.at(key.substr(0, key.rfind('.'))); }
   std::string source_;

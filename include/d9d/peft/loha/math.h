@@ -11,7 +11,12 @@ namespace d9d::peft::loha {
 /// (in the factors' dtype).
 at::Tensor delta_weight(const at::Tensor& w1_a, const at::Tensor& w1_b, const at::Tensor& w2_a,
                         const at::Tensor& w2_b, double scale);
-/// PEFT's rank dropout of a delta: each row kept with probability
+/// PEFT's `make_weight_cp`: `einsum("ijkl,jr,ip->prkl", t1, w1_b, w1_a) *
+/// einsum(same, t2, w2_b, w2_a) * scale`, `[out, in, kh, kw]` from `t1`, `t2`
+/// `[r, r, kh, kw]`, `w1_a`, `w2_a` `[r, out]`, `w1_b`, `w2_b` `[r, in]`.
+at::Tensor delta_weight_cp(const at::Tensor& t1, const at::Tensor& w1_a, const at::Tensor& w1_b, const at::Tensor& t2,
+                           const at::Tensor& w2_a, const at::Tensor& w2_b, double scale);
+/// PEFT's rank dropout of a delta: each output row (dimension 0) kept with probability
 /// `1 - rank_dropout` (one `at::rand(out)` draw from the default generator,
 /// as PEFT's `torch.rand`), the kept rows divided by the kept fraction.
 at::Tensor rank_dropout(const at::Tensor& delta, double rank_dropout);

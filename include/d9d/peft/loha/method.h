@@ -2,6 +2,7 @@
 
 #include <d9d/peft/base.h>
 #include <d9d/peft/loha/config.h>
+#include <d9d/peft/loha/conv2d.h>
 #include <d9d/peft/loha/linear.h>
 
 #include <string>
@@ -9,11 +10,11 @@
 namespace d9d::peft {
 
 /// LoHa (low-rank Hadamard product, from LyCORIS), as Hugging Face PEFT's
-/// LoHa on linear layers: `ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r`,
-/// rank at most r² with 4·r·(in + out)/2 parameters. Adds adapter
+/// LoHa on linear and Conv2d layers: `ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) ·
+/// alpha / r`, rank at most r² with 4·r·(in + out)/2 parameters. Adds adapter
 /// `adapter_name`; wraps `d9d::nn::Linear` anywhere and `torch::nn::Linear`
 /// inside `Sequential`, `ModuleList` or `ModuleDict` in a `LoHaLinearImpl`,
-/// and emits `x.weight -> x.base.weight` (and bias) renames so a standard
+/// `d9d::nn::Conv2d` (padding mode zeros) in a `LoHaConv2dImpl`, and emits `x.weight -> x.base.weight` (and bias) renames so a standard
 /// checkpoint still loads. `merge` adds `ΔW` to the weights and puts the base
 /// layers back. Registered under `peft_type` `"LOHA"`, so `hf::load_adapter`,
 /// `hf::save_adapter` and `d9d-peft merge` read and write PEFT's LoHa adapters.
