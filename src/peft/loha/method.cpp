@@ -1,6 +1,7 @@
 // The LoHa method: injection, merge, the offline merge and its registration
 // under PEFT's peft_type "LOHA".
 #include <d9d/peft/adapters.h>
+#include <d9d/peft/conv_delta.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/merge.h>

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <d9d/nn/conv2d.h>
+#include <d9d/peft/conv_delta.h>
 #include <d9d/peft/loha/layer.h>
 
 #include <memory>
@@ -37,11 +38,5 @@ class LoHaConv2dImpl : public LoHaLayerImpl {
 };
 
 TORCH_MODULE(LoHaConv2d);
-
-/// Why LoHa (or another method whose delta convolution pads with zeros, as
-/// PEFT's LyCORIS layers do) cannot adapt Conv2d `name`, or empty: a padding
-/// mode other than zeros.
-std::string zero_padded_delta_refusal(const std::string& method, const std::string& name,
-                                      const torch::nn::Conv2dOptions& options);
 
 }  // namespace d9d::peft
