@@ -278,7 +278,7 @@ TEST(LoKrConfig, PeftsFieldsAndErrorsNameTheField) {
 
 TEST(LoKrConfig, D9dJsonParsesDumpsAndStacksWithLora) {
   const std::string text =
-      R"json({"kind":"lokr","module_name_pattern":".*(k_proj|down_proj)","params":{"r":1,"alpha":8,"rank_dropout":0.0,"module_dropout":0.0,"rank_dropout_scale":false,"decompose_both":true,"decompose_factor":-1,"init_weights":true}})json";
+      R"json({"kind":"lokr","module_name_pattern":".*(k_proj|down_proj)","params":{"r":1,"alpha":8,"rank_dropout":0.0,"module_dropout":0.0,"rank_dropout_scale":false,"decompose_both":true,"decompose_factor":-1,"use_effective_conv2d":false,"init_weights":true}})json";
   EXPECT_EQ(peft::dump_peft_config(peft::parse_peft_config(text)), text);
   auto error_of = [](const std::string& params) {
     try {

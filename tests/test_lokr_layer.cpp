@@ -25,7 +25,7 @@ at::Tensor kron_by_definition(const at::Tensor& a, const at::Tensor& b) {
 }
 
 /// PEFT's get_delta_weight written out: kron(w1, w2) · alpha / r, each factor whole or a product.
-at::Tensor formula(const peft::LoKrLinearAdapterImpl& a) {
+at::Tensor formula(const peft::LoKrAdapterImpl& a) {
   const auto w1 = a.lokr_w1.defined() ? a.lokr_w1 : a.lokr_w1_a.mm(a.lokr_w1_b);
   const auto w2 = a.lokr_w2.defined() ? a.lokr_w2 : a.lokr_w2_a.mm(a.lokr_w2_b);
   return kron_by_definition(w1, w2) * (a.options().alpha() / a.options().r());

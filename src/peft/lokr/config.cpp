@@ -80,6 +80,7 @@ std::optional<LoKrParameters> LoKrConfig::select(const std::string& name) const 
       .module_dropout(module_dropout)
       .decompose_both(decompose_both)
       .decompose_factor(decompose_factor)
+      .use_effective_conv2d(use_effective_conv2d)
       .init_weights(init_weights);
 }
 
@@ -230,6 +231,7 @@ void write_config(Json& j, const LoKrConfig& c) {
   params["rank_dropout_scale"] = p.rank_dropout_scale();
   params["decompose_both"] = p.decompose_both();
   params["decompose_factor"] = p.decompose_factor();
+  params["use_effective_conv2d"] = p.use_effective_conv2d();
   params["init_weights"] = init_json<Json>(p.init_weights());
   j = Json::object();
   j["kind"] = LoKrConfig::kind;
@@ -256,6 +258,7 @@ hf::LoKrConfig to_peft_config(const LoKrConfig& c) {
   out.rank_dropout_scale = p.rank_dropout_scale();
   out.decompose_both = p.decompose_both();
   out.decompose_factor = p.decompose_factor();
+  out.use_effective_conv2d = p.use_effective_conv2d();
   out.init_weights = p.init_weights();
   return out;
 }
@@ -268,7 +271,7 @@ LoKrConfig parse_lokr_config_json(const json& j, const std::string& path) {
   const std::string at = field_path(path, "params");
   const json& p = require(j, path, "params");
   check_object(p, at, {"r", "alpha", "rank_dropout", "module_dropout", "rank_dropout_scale", "decompose_both",
-                       "decompose_factor", "init_weights"});
+                       "decompose_factor", "use_effective_conv2d", "init_weights"});
   LoKrParameters& o = c.params;
   o.r(get_int(require(p, at, "r"), field_path(at, "r")));
   o.alpha(get_number(require(p, at, "alpha"), field_path(at, "alpha")));
@@ -280,6 +283,9 @@ LoKrConfig parse_lokr_config_json(const json& j, const std::string& path) {
   if (p.contains("decompose_both")) o.decompose_both(get_bool(p["decompose_both"], field_path(at, "decompose_both")));
   if (p.contains("decompose_factor")) {
     o.decompose_factor(get_int(p["decompose_factor"], field_path(at, "decompose_factor")));
+  }
+  if (p.contains("use_effective_conv2d")) {
+    o.use_effective_conv2d(get_bool(p["use_effective_conv2d"], field_path(at, "use_effective_conv2d")));
   }
   if (p.contains("init_weights")) {
     const auto init = init_of(p["init_weights"]);

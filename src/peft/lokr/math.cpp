@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 namespace d9d::peft::lokr {
 
@@ -26,9 +27,9 @@ std::pair<int64_t, int64_t> factorization(int64_t dimension, int64_t factor) {
   return {m, n};
 }
 
-LinearShape linear_shape(int64_t in_features, int64_t out_features, int64_t r, bool decompose_both,
+FactorShape linear_shape(int64_t in_features, int64_t out_features, int64_t r, bool decompose_both,
                          int64_t decompose_factor) {
-  LinearShape s;
+  FactorShape s;
   std::tie(s.a, s.b) = factorization(out_features, decompose_factor);
   std::tie(s.c, s.d) = factorization(in_features, decompose_factor);
   // PEFT compares r with max(...) / 2 in floating point: r < 2.5 for 5.
@@ -38,12 +39,29 @@ LinearShape linear_shape(int64_t in_features, int64_t out_features, int64_t r, b
   return s;
 }
 
+FactorShape conv_shape(int64_t in_per_group, int64_t out_channels, int64_t kh, int64_t kw, int64_t r,
+                       bool decompose_both, int64_t decompose_factor, bool use_effective_conv2d) {
+  FactorShape s = linear_shape(in_per_group, out_channels, r, decompose_both, decompose_factor);
+  s.kh = kh;
+  s.kw = kw;
+  // PEFT keeps 1x1 kernels flat, and the CP core only replaces a factored w2.
+  s.cp = use_effective_conv2d && !(kh == 1 && kw == 1) && !s.whole_w2;
+  return s;
+}
+
+at::Tensor cp_weight(const at::Tensor& t, const at::Tensor& wa, const at::Tensor& wb) {
+  return at::einsum("ijkl,ip,jr->prkl", {t, wa, wb});
+}
+
 at::Tensor delta_weight(const at::Tensor& w1, const at::Tensor& w2, double scale) {
-  return at::mul(at::kron(w1, w2.contiguous()), scale);
+  const at::Tensor left = w2.dim() == 4 ? w1.unsqueeze(2).unsqueeze(2) : w1;
+  return at::mul(at::kron(left, w2.contiguous()), scale);
 }
 
 at::Tensor rank_dropout(const at::Tensor& delta, double rank_dropout, bool scale) {
-  at::Tensor keep = at::rand({delta.size(0)}).gt(rank_dropout).to(at::kFloat).view({-1, 1}).to(delta.device());
+  std::vector<int64_t> shape(delta.dim(), 1);
+  shape[0] = -1;
+  at::Tensor keep = at::rand({delta.size(0)}).gt(rank_dropout).to(at::kFloat).view(shape).to(delta.device());
   if (scale) keep = at::div(keep, keep.mean());
   // PEFT's `weight *= drop`: the product in the delta's dtype.
   return at::mul(delta, keep).to(delta.scalar_type());

@@ -1,6 +1,7 @@
 // The LoKr method: injection, merge, the offline merge and its registration
 // under PEFT's peft_type "LOKR".
 #include <d9d/peft/adapters.h>
+#include <d9d/peft/conv_delta.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/merge.h>
@@ -33,9 +34,14 @@ LoKr LoKr::from_config(const LoKrConfig& config) {
 }
 
 PeftInjectionResult LoKr::inject(torch::nn::Module& module) {
-  return inject_adapters(module, linear_targeting<LoKrLinearImpl, LoKrParameters>(
-                                     "LoKr", "LOKR", adapter_name_, config_.target_modules,
-                                     [this](const std::string& name) { return config_.select(name); }));
+  return inject_adapters(
+      module, with_conv2d<LoKrConv2dImpl, LoKrParameters>(
+                  linear_targeting<LoKrLinearImpl, LoKrParameters>(
+                      "LoKr", "LOKR", adapter_name_, config_.target_modules,
+                      [this](const std::string& name) { return config_.select(name); }),
+                  [](const std::string& name, const torch::nn::Conv2dOptions& o) {
+                    return zero_padded_delta_refusal("LoKr", name, o);
+                  }));
 }
 
 void LoKr::merge(torch::nn::Module& module) {
@@ -48,7 +54,7 @@ hf::LoKrConfig lokr_config_of(const torch::nn::Module& module, const std::string
   std::string first;
   for (const auto& entry : adapter_layers(module)) {
     if (!entry.layer->has_adapter(adapter_name)) continue;
-    const auto* layer = dynamic_cast<const LoKrLinearImpl*>(entry.layer);
+    const auto* layer = dynamic_cast<const LoKrLayerImpl*>(entry.layer);
     if (!layer) {
       throw PeftError(fmt::format("save_adapter: '{}' holds adapter \"{}\" of another method ({})", entry.name,
                                   adapter_name, entry.layer->peft_type()));
@@ -64,16 +70,17 @@ hf::LoKrConfig lokr_config_of(const torch::nn::Module& module, const std::string
       config.rank_dropout_scale = o.rank_dropout_scale();
       config.decompose_both = o.decompose_both();
       config.decompose_factor = o.decompose_factor();
+      config.use_effective_conv2d = o.use_effective_conv2d();
       config.init_weights = o.init_weights();
       continue;
     }
     // PEFT's config holds these once for every layer; decompose_* decide the key layout.
     if (o.rank_dropout() != config.rank_dropout || o.module_dropout() != config.module_dropout ||
         o.rank_dropout_scale() != config.rank_dropout_scale || o.decompose_both() != config.decompose_both ||
-        o.decompose_factor() != config.decompose_factor) {
+        o.decompose_factor() != config.decompose_factor || o.use_effective_conv2d() != config.use_effective_conv2d) {
       throw PeftError(fmt::format("save_adapter: '{}' differs from '{}' in rank_dropout, module_dropout, "
-                                  "rank_dropout_scale, decompose_both or decompose_factor, which a PEFT LoKr config "
-                                  "cannot express per module",
+                                  "rank_dropout_scale, decompose_both, decompose_factor or use_effective_conv2d, "
+                                  "which a PEFT LoKr config cannot express per module",
                                   entry.name, first));
     }
     if (o.r() != config.r) config.rank_pattern.emplace_back(hf::detail::regex_escape(entry.name), o.r());
@@ -92,18 +99,25 @@ struct LoKrFactors {
 
   bool has(const char* leaf) const { return by_leaf.count(leaf) > 0; }
   const at::Tensor& get(const char* leaf) const { return by_leaf.at(leaf).second; }
-  /// `w1` or `w2` (`side` "1" or "2"), whole or as the product of its two parts.
+  /// `w1` or `w2` (`side` "1" or "2"): whole, the product of its two parts,
+  /// or (`w2` of a Conv2d in CP form) built from `lokr_t2`.
   at::Tensor factor(const std::string& side) const {
     const std::string whole = "lokr_w" + side;
     if (has(whole.c_str())) return get(whole.c_str());
-    return at::mm(get((whole + "_a").c_str()), get((whole + "_b").c_str()));
+    const at::Tensor& a = get((whole + "_a").c_str());
+    const at::Tensor& b = get((whole + "_b").c_str());
+    if (side == "2" && has("lokr_t2")) return lokr::cp_weight(get("lokr_t2"), a, b);
+    return at::mm(a, b);
   }
-  at::Tensor delta() const {
-    return lokr::delta_weight(factor("1"), factor("2"), options.alpha() / static_cast<double>(options.r()));
+  /// ΔW in the shape of `base`, the weight it merges into.
+  at::Tensor delta(at::IntArrayRef base) const {
+    return lokr::delta_weight(factor("1"), factor("2"), options.alpha() / static_cast<double>(options.r()))
+        .reshape(base);
   }
 };
 
-const std::vector<std::string> kLeaves = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"};
+const std::vector<std::string> kLeaves = {"lokr_w1",   "lokr_w1_a", "lokr_w1_b", "lokr_w2",
+                                          "lokr_w2_a", "lokr_w2_b", "lokr_t2"};
 
 /// LoKr's offline merge: `<path>.lokr_w{1,2}[_a,_b]` build `ΔW`, added to `<path>.weight`.
 class LoKrOfflineMerge : public hf::OfflineMerge {
@@ -115,11 +129,8 @@ class LoKrOfflineMerge : public hf::OfflineMerge {
       const auto dot = path.rfind('.');
       const std::string leaf = dot == std::string::npos ? path : path.substr(dot + 1);
       if (dot == std::string::npos || std::find(kLeaves.begin(), kLeaves.end(), leaf) == kLeaves.end()) {
-        const char* why = leaf == "lokr_t2" ? " (lokr_t2 belongs to PEFT's LoKr on convolutions, which d9d-peft does "
-                                              "not implement)"
-                                            : "";
-        throw PeftError(fmt::format("{}: '{}' is not a LoKr weight on a linear layer (expected keys ending in {}){}",
-                                    source_, key, fmt::join(kLeaves, ", "), why));
+        throw PeftError(fmt::format("{}: '{}' is not a LoKr weight (expected keys ending in {})", source_, key,
+                                    fmt::join(kLeaves, ", ")));
       }
       const std::string module = path.substr(0, dot);
       const auto options = config.select(module);
@@ -158,14 +169,20 @@ class LoKrOfflineMerge : public hf::OfflineMerge {
     }
     std::vector<std::string> held;
     for (const auto& [leaf, entry] : m.by_leaf) held.push_back(fmt::format("{} [{}]", leaf, fmt::join(entry.second.sizes(), ", ")));
-    if (base.dim() != 2) {
-      throw PeftError(fmt::format("'{}' has shape [{}]; LoKr adapts linear weights [out, in] (wrong base model?)", key,
-                                  fmt::join(base.sizes(), ", ")));
+    if (base.dim() != 2 && base.dim() != 4) {
+      throw PeftError(fmt::format("'{}' has shape [{}]; LoKr adapts linear weights [out, in] and Conv2d weights "
+                                  "[out, in/groups, kh, kw] (wrong base model?)",
+                                  key, fmt::join(base.sizes(), ", ")));
     }
     // The layout PEFT would build for this layer: the adapter must hold exactly it.
-    const lokr::LinearShape s = lokr::linear_shape(base.size(1), base.size(0), m.options.r(),
-                                                   m.options.decompose_both(), m.options.decompose_factor());
-    const int64_t r = m.options.r();
+    const LoKrParameters& o = m.options;
+    const lokr::FactorShape s =
+        base.dim() == 4 ? lokr::conv_shape(base.size(1), base.size(0), base.size(2), base.size(3), o.r(),
+                                           o.decompose_both(), o.decompose_factor(), o.use_effective_conv2d())
+                        : lokr::linear_shape(base.size(1), base.size(0), o.r(), o.decompose_both(),
+                                             o.decompose_factor());
+    const int64_t r = o.r();
+    const bool conv = s.kh > 0;
     std::map<std::string, std::vector<int64_t>> expected;
     if (s.whole_w1) {
       expected["lokr_w1"] = {s.a, s.c};
@@ -174,10 +191,14 @@ class LoKrOfflineMerge : public hf::OfflineMerge {
       expected["lokr_w1_b"] = {r, s.c};
     }
     if (s.whole_w2) {
-      expected["lokr_w2"] = {s.b, s.d};
+      expected["lokr_w2"] = conv ? std::vector<int64_t>{s.b, s.d, s.kh, s.kw} : std::vector<int64_t>{s.b, s.d};
+    } else if (s.cp) {
+      expected["lokr_w2_a"] = {r, s.b};
+      expected["lokr_w2_b"] = {r, s.d};
+      expected["lokr_t2"] = {r, r, s.kh, s.kw};
     } else {
       expected["lokr_w2_a"] = {s.b, r};
-      expected["lokr_w2_b"] = {r, s.d};
+      expected["lokr_w2_b"] = {r, conv ? s.d * s.kh * s.kw : s.d};
     }
     bool fits = expected.size() == m.by_leaf.size();
     for (const auto& [leaf, sizes] : expected) {
@@ -187,10 +208,10 @@ class LoKrOfflineMerge : public hf::OfflineMerge {
       std::vector<std::string> want;
       for (const auto& [leaf, sizes] : expected) want.push_back(fmt::format("{} [{}]", leaf, fmt::join(sizes, ", ")));
       throw PeftError(fmt::format("'{}' has shape [{}], for which PEFT's LoKr with r={}, decompose_both={}, "
-                                  "decompose_factor={} holds {}; the adapter holds {} for '{}' (wrong base model?)",
-                                  key, fmt::join(base.sizes(), ", "), r, m.options.decompose_both(),
-                                  m.options.decompose_factor(), fmt::join(want, ", "), fmt::join(held, ", "),
-                                  key.substr(0, key.rfind('.'))));
+                                  "decompose_factor={}{} holds {}; the adapter holds {} for '{}' (wrong base model?)",
+                                  key, fmt::join(base.sizes(), ", "), r, o.decompose_both(), o.decompose_factor(),
+                                  conv ? fmt::format(", use_effective_conv2d={}", o.use_effective_conv2d()) : "",
+                                  fmt::join(want, ", "), fmt::join(held, ", "), key.substr(0, key.rfind('.'))));
     }
     if (allow_non_finite) return;
     for (const auto& [leaf, entry] : m.by_leaf) {
@@ -203,7 +224,7 @@ class LoKrOfflineMerge : public hf::OfflineMerge {
   }
 
   at::Tensor merge(const std::string& key, const at::Tensor& base, bool allow_non_finite) const override {
-    at::Tensor delta = module_of(key).delta();
+    at::Tensor delta = module_of(key).delta(base.sizes());
     if (scale_ != 1.0) delta = delta * scale_;
     const at::Tensor out = lokr::merged_weight(base, delta.to(base.device()));
     if (!allow_non_finite && detail::count_non_finite(out) > 0) {

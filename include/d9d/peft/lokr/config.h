@@ -13,8 +13,9 @@
 namespace d9d::peft::hf {
 
 /// Hugging Face PEFT's `LoKrConfig` (adapter_config.json with `"peft_type": "LOKR"`),
-/// on linear layers. `use_effective_conv2d` only changes convolutions in PEFT,
-/// so on linear layers it is kept and has no effect, as in PEFT. Fields PEFT
+/// on linear and Conv2d layers. `use_effective_conv2d` puts a factored `w2`
+/// of a Conv2d kernel larger than 1×1 in PEFT's CP form (`lokr_t2`); on
+/// other layers it has no effect, as in PEFT. Fields PEFT
 /// has that this library does not implement must hold their defaults
 /// (`layers_to_transform`, `layers_pattern`, `modules_to_save`, as for LoRA);
 /// anything else is a `ConfigError` naming the field.

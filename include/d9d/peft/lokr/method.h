@@ -2,6 +2,7 @@
 
 #include <d9d/peft/base.h>
 #include <d9d/peft/lokr/config.h>
+#include <d9d/peft/lokr/conv2d.h>
 #include <d9d/peft/lokr/linear.h>
 
 #include <string>
@@ -9,12 +10,13 @@
 namespace d9d::peft {
 
 /// LoKr (low-rank Kronecker product, from LyCORIS), as Hugging Face PEFT's
-/// LoKr on linear layers: `ΔW = kron(w1, w2) · alpha / r` with `w1` `[a, c]`,
-/// `w2` `[b, d]` (`out = a·b`, `in = c·d`), each whole or a rank-r product
-/// by PEFT's rules (`lokr::linear_shape`). Adds adapter `adapter_name`;
-/// wraps `d9d::nn::Linear` anywhere and `torch::nn::Linear` inside
-/// `Sequential`, `ModuleList` or `ModuleDict` in a `LoKrLinearImpl`, and
-/// emits `x.weight -> x.base.weight` (and bias) renames so a standard
+/// LoKr on linear and Conv2d layers: `ΔW = kron(w1, w2) · alpha / r` with
+/// `w1` `[a, c]`, `w2` `[b, d]` (`out = a·b`, `in = c·d`; a Conv2d's `w2`
+/// carries the kernel), each whole or a rank-r product by PEFT's rules
+/// (`lokr::FactorShape`). Adds adapter `adapter_name`; wraps
+/// `d9d::nn::Linear` anywhere and `torch::nn::Linear` inside `Sequential`,
+/// `ModuleList` or `ModuleDict` in a `LoKrLinearImpl`, `d9d::nn::Conv2d`
+/// (padding mode zeros) in a `LoKrConv2dImpl`, and emits `x.weight -> x.base.weight` (and bias) renames so a standard
 /// checkpoint still loads. `merge` adds `ΔW` to the weights and puts the base
 /// layers back. Registered under `peft_type` `"LOKR"`, so `hf::load_adapter`,
 /// `hf::save_adapter` and `d9d-peft merge` read and write PEFT's LoKr adapters.

@@ -23,8 +23,9 @@ enum class LoKrInit {
 
 /// The options of one LoKr adapter (low-rank Kronecker product, Hugging Face
 /// PEFT's LoKr): `ΔW = kron(w1, w2) · alpha / r`, with `out = a·b`, `in = c·d`
-/// factored by `lokr::factorization`, `w1` `[a, c]` and `w2` `[b, d]`, each
-/// stored whole or as a rank-r product (see `lokr::linear_shape`).
+/// factored by `lokr::factorization`, `w1` `[a, c]` and `w2` `[b, d]` (on a
+/// Conv2d `[b, d, kh, kw]`), each stored whole or as a rank-r product (see
+/// `lokr::FactorShape`).
 ///
 /// ```
 /// auto options = d9d::peft::LoKrParameters().r(4).alpha(8).decompose_both(true);
@@ -46,6 +47,11 @@ struct LoKrParameters : AdapterOptions {
   /// Store `w1` as `lokr_w1_a @ lokr_w1_b` too, where r is small enough
   /// (PEFT's `decompose_both`).
   TORCH_ARG(bool, decompose_both) = false;
+  /// On a Conv2d whose kernel is larger than 1×1 and whose `w2` is factored:
+  /// PEFT's `use_effective_conv2d`, `w2` in CP form (`lokr_t2 [r, r, kh, kw]`,
+  /// `lokr_w2_a [r, b]`, `lokr_w2_b [r, d]`) instead of flat
+  /// (`[b, r] @ [r, d·kh·kw]`). No effect on linear layers.
+  TORCH_ARG(bool, use_effective_conv2d) = false;
   /// The Kronecker split of each dimension: -1 near its square root, k > 0
   /// a factor of k where k divides it (PEFT's `decompose_factor`).
   TORCH_ARG(int64_t, decompose_factor) = -1;
