@@ -1,4 +1,4 @@
-// LoRA, DoRA, IA3 and LoHa on Conv2d layers against real Hugging Face PEFT, both ways.
+// LoRA, DoRA, IA3, LoHa and LoKr on Conv2d layers against real Hugging Face PEFT, both ways.
 //
 //   peft_conv_tool check CASES [--cli D9D_PEFT]
 //       every CASES/conv_* case generate_conv.py wrote is loaded into the C++
@@ -8,7 +8,7 @@
 //   peft_conv_tool export OUT --cases CASES
 //       for every case, a new adapter with the case's adapter_config.json and
 //       weights drawn here (DoRA's magnitude moved off its norm, IA3's vectors
-//       around 1, LoHa's factors from N(0, 0.5²)) is saved with
+//       around 1, LoHa's and LoKr's factors from N(0, 0.5²)) is saved with
 //       hf::save_adapter into OUT/<case>/ with d9d-peft's logits and merged
 //       weights (cpp.safetensors), for `generate_conv.py check-exports OUT`.
 #include "../conv_model.h"
@@ -163,6 +163,9 @@ int export_cases(const fs::path& out, const fs::path& cases) {
     } else if (config_json.at("peft_type") == "LOHA") {
       method = std::make_unique<peft::LoHa>(peft::hf::parse_loha_config(config_json, source));
       peft::inject_peft_and_freeze(*method, net);
+    } else if (config_json.at("peft_type") == "LOKR") {
+      method = std::make_unique<peft::LoKr>(peft::hf::parse_lokr_config(config_json, source));
+      peft::inject_peft_and_freeze(*method, net);
     } else {
       method = peft::hf::add_adapter(*net, peft::kDefaultAdapterName, peft::hf::parse_lora_config(config_json, source));
     }
@@ -172,7 +175,9 @@ int export_cases(const fs::path& out, const fs::path& cases) {
         if (p.key().find(".lora_magnitude_vector") != std::string::npos) p.value().mul_(torch::rand_like(p.value()) * 0.6 + 0.7);
         else if (p.key().find(".lora_") != std::string::npos) p.value().normal_(0.0, 0.3);
         else if (p.key().find("ia3_l") != std::string::npos) p.value().normal_(1.0, 0.3);
-        else if (p.key().find("hada_") != std::string::npos) p.value().normal_(0.0, 0.5);
+        else if (p.key().find("hada_") != std::string::npos || p.key().find("lokr_") != std::string::npos) {
+          p.value().normal_(0.0, 0.5);
+        }
       }
     }
     peft::hf::save_adapter(*net, (target / "adapter").string());

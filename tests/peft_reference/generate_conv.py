@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""LoRA, DoRA, IA3 and LoHa on Conv2d layers: random cases from real PEFT, and PEFT's verdict on d9d-peft's adapters.
+"""LoRA, DoRA, IA3, LoHa and LoKr on Conv2d layers: random cases from real PEFT, and PEFT's verdict on d9d-peft's adapters.
 
-  generate_conv.py generate --out DIR [--cases N] [--ia3-cases M] [--loha-cases L] [--seed S]
+  generate_conv.py generate --out DIR [--cases N] [--ia3-cases M] [--loha-cases L] [--lokr-cases K]
+                                       [--seed S]
                                        (S: else $D9D_PEFT_SEED, else fresh)
       N random LoRA cases (default 12; DoRA in every other one), each a conv net
       conv1 -> relu -> conv2 -> relu -> flatten -> head with random channels,
@@ -23,7 +24,10 @@
       too, a LoHaConfig with random r, alpha, targets (conv and Linear),
       use_effective_conv2d (the CP form on kernels larger than 1x1) in about
       half, sometimes a rank_pattern / alpha_pattern, every factor drawn from
-      N(0, 0.5²).
+      N(0, 0.5²); and K random LoKr cases (default 10) in DIR/conv_lokr_<k>/,
+      the same nets, a LoKrConfig with r from 1 to 4 (w2 whole, factored flat,
+      or in the CP form with use_effective_conv2d), decompose_both,
+      decompose_factor, patterns, every factor drawn from N(0, 0.5²).
 
   generate_conv.py check-exports DIR
       For every DIR/<case>/ that `peft_conv_tool export` wrote (net.json,
@@ -44,7 +48,7 @@ import sys
 import warnings
 
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 TOL = 1e-5
@@ -112,6 +116,18 @@ def random_loha_config(rng):
     return LoHaConfig(**kw)
 
 
+def random_lokr_config(rng):
+    # r 1-2 factors w2 on most conv layers (the CP form where use_effective_conv2d), r 4-8 keeps it whole.
+    targets = rng.choice([["conv1"], ["conv2"], ["conv1", "conv2"], ["conv2", "head"], ["conv1", "conv2", "head"]])
+    kw = dict(r=rng.choice([1, 1, 1, 2, 4]), alpha=rng.choice([1, 2, 4, 8]), target_modules=targets,
+              use_effective_conv2d=rng.random() < 0.5, decompose_both=rng.random() < 0.4,
+              decompose_factor=rng.choice([-1, -1, 2]), init_weights=False)
+    if rng.random() < 0.4:
+        kw["rank_pattern"] = {targets[-1]: rng.choice([1, 2, 5])}
+        kw["alpha_pattern"] = {targets[0]: rng.choice([3, 6])}
+    return LoKrConfig(**kw)
+
+
 def merged_keys(model, targets):
     keys = {}
     for t in targets:
@@ -132,7 +148,7 @@ def write_case(case, g, base, config):
                 p.mul_(torch.empty_like(p).uniform_(0.7, 1.3))
             elif "ia3_l" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "hada_" in name:  # kaiming draws of 3 chained factors can leave the logits unchanged
+            elif "hada_" in name or "lokr_" in name:  # kaiming draws of chained factors can leave the logits unchanged
                 p.normal_(0.0, 0.5)
     model.save_pretrained(str(case / "adapter"))
     x = torch.randn(2, g["c0"], g["size"], g["size"])
@@ -144,7 +160,7 @@ def write_case(case, g, base, config):
     save_file({k: v.contiguous() for k, v in expected.items()}, str(case / "expected.safetensors"))
 
 
-def generate(out, cases, ia3_cases, loha_cases, seed):
+def generate(out, cases, ia3_cases, loha_cases, lokr_cases, seed):
     out.mkdir(parents=True, exist_ok=True)
     for i in range(cases):
         rng = random.Random(seed * 1000 + i)
@@ -171,7 +187,17 @@ def generate(out, cases, ia3_cases, loha_cases, seed):
         print(f"conv_loha_{k}: {json.dumps(g)} r={config.r} alpha={config.alpha} "
               f"effective_conv2d={config.use_effective_conv2d} targets={sorted(config.target_modules)} "
               f"rank_pattern={config.rank_pattern}")
-    print(f"generate_conv: {cases + ia3_cases + loha_cases} cases in {out}")
+    for k in range(lokr_cases):
+        rng = random.Random(seed * 1000 + 800 + k)
+        torch.manual_seed(seed * 1000 + 800 + k)
+        g = random_geometry(rng, grouped=True)
+        config = random_lokr_config(rng)
+        write_case(out / f"conv_lokr_{k}", g, ConvNet(g).eval(), config)
+        print(f"conv_lokr_{k}: {json.dumps(g)} r={config.r} alpha={config.alpha} "
+              f"effective_conv2d={config.use_effective_conv2d} decompose_both={config.decompose_both} "
+              f"decompose_factor={config.decompose_factor} targets={sorted(config.target_modules)} "
+              f"rank_pattern={config.rank_pattern}")
+    print(f"generate_conv: {cases + ia3_cases + loha_cases + lokr_cases} cases in {out}")
 
 
 def close(failures, what, got, want):
@@ -219,7 +245,7 @@ def check_exports(root):
         status = "ok" if not failures else "FAILED: " + "; ".join(failures)
         print(f"{case.name}: {status}")
         failed += bool(failures)
-    print(f"peft-reference: conv: {len(dirs)} Conv2d adapters (LoRA, DoRA, IA3, LoHa) written by d9d-peft loaded by real PEFT, "
+    print(f"peft-reference: conv: {len(dirs)} Conv2d adapters (LoRA, DoRA, IA3, LoHa, LoKr) written by d9d-peft loaded by real PEFT, "
           f"max abs diff {worst:.3g}: {'all passed' if not failed else f'{failed} failed'}")
     return 1 if failed else 0
 
@@ -232,6 +258,7 @@ def main():
     gen.add_argument("--cases", type=int, default=12)
     gen.add_argument("--ia3-cases", type=int, default=10)
     gen.add_argument("--loha-cases", type=int, default=10)
+    gen.add_argument("--lokr-cases", type=int, default=10)
     gen.add_argument("--seed", type=int, default=None,
                      help="default: $D9D_PEFT_SEED, else a fresh seed (printed)")
     chk = sub.add_parser("check-exports")
@@ -240,7 +267,7 @@ def main():
     if a.command == "generate":
         seed = a.seed if a.seed is not None else int(os.environ.get("D9D_PEFT_SEED", random.randrange(1 << 30)))
         print(f"generate_conv: cases from seed {seed} (rerun: generate_conv.py generate --seed {seed})")
-        generate(a.out, a.cases, a.ia3_cases, a.loha_cases, seed)
+        generate(a.out, a.cases, a.ia3_cases, a.loha_cases, a.lokr_cases, seed)
         return 0
     return check_exports(a.dir)
 
