@@ -1,30 +1,13 @@
 // The LoHa wrapper around a Conv2d layer, as PEFT's loha.Conv2d.
-#include <d9d/peft/errors.h>
 #include <d9d/peft/loha/conv2d.h>
 
 namespace d9d::peft {
 
-LoHaConv2dImpl::LoHaConv2dImpl(std::shared_ptr<d9d::nn::Conv2dImpl> base_, const LoHaParameters& options,
+LoHaConv2dImpl::LoHaConv2dImpl(std::shared_ptr<d9d::nn::Conv2dImpl> base, const LoHaParameters& options,
                                const std::string& adapter_name)
-    : base(std::move(base_)) {
-  if (!base) throw PeftError("LoHaConv2dImpl: the base layer is null");
-  if (auto why = zero_padded_delta_refusal("LoHa", "the base layer", base->options); !why.empty()) {
-    throw PeftError(why);
-  }
-  register_module("base", base);
+    : DeltaConv2d(std::move(base), "LoHa") {
   add_adapter(adapter_name, options);
   set_active_adapters({adapter_name});
-}
-
-at::Tensor LoHaConv2dImpl::base_forward(const at::Tensor& input) const { return base->forward_base(input); }
-
-at::Tensor LoHaConv2dImpl::delta_forward(const at::Tensor& input, const at::Tensor& delta) const {
-  return base->convolve(input, delta, at::Tensor());
-}
-
-torch::nn::AnyModule LoHaConv2dImpl::unwrap() {
-  base->clear_override();
-  return torch::nn::AnyModule(base);
 }
 
 void LoHaConv2dImpl::pretty_print(std::ostream& stream) const { print_adapters(stream, "d9d::peft::LoHaConv2d"); }

@@ -1,7 +1,7 @@
-// What the LoHa layers share: the adapters' factors (flat or CP), forward
-// with module and rank dropout, merge, the key layout.
+// What the LoHa layers share: the adapters' factors (flat or CP), their
+// rank dropout, the key layout.
 #include <d9d/detail/torch_compat.h>
-#include <d9d/peft/detail/adapter_set_impl.h>
+#include <d9d/peft/detail/delta_layer_impl.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/loha/layer.h>
 #include <d9d/peft/loha/math.h>
@@ -60,6 +60,10 @@ at::Tensor LoHaAdapterImpl::delta_weight() const {
   return loha::delta_weight(hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, scale()).reshape(weight_shape_);
 }
 
+at::Tensor LoHaAdapterImpl::rank_dropped(const at::Tensor& delta) const {
+  return options_.rank_dropout() != 0 ? loha::rank_dropout(delta, options_.rank_dropout()) : delta;
+}
+
 void LoHaAdapterImpl::pretty_print(std::ostream& stream) const {
   stream << "d9d::peft::LoHaAdapter(r=" << options_.r() << ", alpha=" << options_.alpha() << (cp() ? ", cp" : "")
          << ")";
@@ -89,42 +93,12 @@ void LoHaLayerImpl::relayout() {
   register_further_adapters();
 }
 
-at::Tensor LoHaLayerImpl::forward(const at::Tensor& input) {
-  at::Tensor result = base_forward(input);
-  if (!enabled_) return result;
-  for (const auto& name : active_) {
-    if (is_merged(name)) continue;
-    const auto& a = adapter(name);
-    // PEFT draws torch.rand(1) for every adapter in training, whatever module_dropout is.
-    if (is_training() && !(at::rand({1}).item<double>() > a.options().module_dropout())) continue;
-    at::Tensor delta = a.delta_weight();
-    if (is_training() && a.options().rank_dropout() != 0) delta = loha::rank_dropout(delta, a.options().rank_dropout());
-    result = result + delta_forward(input.to(delta.scalar_type()), delta);
-  }
-  return result.to(input.scalar_type());
-}
-
-at::Tensor LoHaLayerImpl::delta_weight(const std::string& name) const { return adapter(name).delta_weight(); }
-
-void LoHaLayerImpl::merge_adapter(const std::string& name) {
-  torch::NoGradGuard no_grad;
-  const auto& a = require_merged(name, false, "merge_adapter");
-  adapted_weight().copy_(loha::merged_weight(adapted_weight(), a.delta_weight()));
-  set_merged(name, true);
-}
-
-void LoHaLayerImpl::unmerge_adapter(const std::string& name) {
-  torch::NoGradGuard no_grad;
-  const auto& a = require_merged(name, true, "unmerge_adapter");
-  adapted_weight().copy_(loha::unmerged_weight(adapted_weight(), a.delta_weight()));
-  set_merged(name, false);
-}
-
 void LoHaLayerImpl::describe(std::ostream& stream, const LoHaAdapterImpl& adapter) const {
   stream << "r=" << adapter.options().r() << ", alpha=" << adapter.options().alpha();
   if (adapter.cp()) stream << ", cp";
 }
 
 template class AdapterSetLayer<LoHaAdapterImpl>;
+template class DeltaLayer<LoHaAdapterImpl>;
 
 }  // namespace d9d::peft

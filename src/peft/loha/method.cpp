@@ -1,7 +1,7 @@
 // The LoHa method: injection, merge, the offline merge and its registration
 // under PEFT's peft_type "LOHA".
 #include <d9d/peft/adapters.h>
-#include <d9d/peft/conv_delta.h>
+#include <d9d/peft/delta_layer.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/merge.h>
@@ -191,7 +191,7 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
     at::Tensor delta = m.cp ? loha::delta_weight_cp(f[4], f[0], f[1], f[5], f[2], f[3], m.scale)
                             : loha::delta_weight(f[0], f[1], f[2], f[3], m.scale).reshape(base.sizes());
     if (scale_ != 1.0) delta = delta * scale_;
-    const at::Tensor out = loha::merged_weight(base, delta.to(base.device()));
+    const at::Tensor out = added_delta(base, delta.to(base.device()));
     if (!allow_non_finite && detail::count_non_finite(out) > 0) {
       throw PeftError(fmt::format("merging into '{}' gives NaN or Inf values (the sum overflows {}). Nothing was "
                                   "written; merge anyway with --allow-non-finite",

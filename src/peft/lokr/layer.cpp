@@ -1,8 +1,7 @@
 // What the LoKr layers share: the adapters' factors (Linear or Conv2d,
-// whole, factored or CP), forward with module and rank dropout, merge, the
-// key layout.
+// whole, factored or CP), their rank dropout, the key layout.
 #include <d9d/detail/torch_compat.h>
-#include <d9d/peft/detail/adapter_set_impl.h>
+#include <d9d/peft/detail/delta_layer_impl.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/lokr/layer.h>
 
@@ -83,6 +82,11 @@ at::Tensor LoKrAdapterImpl::delta_weight() const {
   return lokr::delta_weight(w1(), w2(), scale()).reshape(weight_shape_);
 }
 
+at::Tensor LoKrAdapterImpl::rank_dropped(const at::Tensor& delta) const {
+  if (options_.rank_dropout() == 0) return delta;
+  return lokr::rank_dropout(delta, options_.rank_dropout(), options_.rank_dropout_scale());
+}
+
 void LoKrAdapterImpl::pretty_print(std::ostream& stream) const {
   const auto& s = shape_;
   stream << "d9d::peft::LoKrAdapter(r=" << options_.r() << ", alpha=" << options_.alpha() << ", w1=[" << s.a << ", "
@@ -116,43 +120,12 @@ void LoKrLayerImpl::relayout() {
   register_further_adapters();
 }
 
-at::Tensor LoKrLayerImpl::forward(const at::Tensor& input) {
-  at::Tensor result = base_forward(input);
-  if (!enabled_) return result;
-  for (const auto& name : active_) {
-    if (is_merged(name)) continue;
-    const auto& a = adapter(name);
-    const LoKrParameters& o = a.options();
-    // PEFT draws torch.rand(1) for every adapter in training, whatever module_dropout is.
-    if (is_training() && !(at::rand({1}).item<double>() > o.module_dropout())) continue;
-    at::Tensor delta = a.delta_weight();
-    if (is_training() && o.rank_dropout() != 0) delta = lokr::rank_dropout(delta, o.rank_dropout(), o.rank_dropout_scale());
-    result = result + delta_forward(input.to(delta.scalar_type()), delta);
-  }
-  return result.to(input.scalar_type());
-}
-
-at::Tensor LoKrLayerImpl::delta_weight(const std::string& name) const { return adapter(name).delta_weight(); }
-
-void LoKrLayerImpl::merge_adapter(const std::string& name) {
-  torch::NoGradGuard no_grad;
-  const auto& a = require_merged(name, false, "merge_adapter");
-  adapted_weight().copy_(lokr::merged_weight(adapted_weight(), a.delta_weight()));
-  set_merged(name, true);
-}
-
-void LoKrLayerImpl::unmerge_adapter(const std::string& name) {
-  torch::NoGradGuard no_grad;
-  const auto& a = require_merged(name, true, "unmerge_adapter");
-  adapted_weight().copy_(lokr::unmerged_weight(adapted_weight(), a.delta_weight()));
-  set_merged(name, false);
-}
-
 void LoKrLayerImpl::describe(std::ostream& stream, const LoKrAdapterImpl& adapter) const {
   stream << "r=" << adapter.options().r() << ", alpha=" << adapter.options().alpha();
   if (adapter.shape().cp) stream << ", cp";
 }
 
 template class AdapterSetLayer<LoKrAdapterImpl>;
+template class DeltaLayer<LoKrAdapterImpl>;
 
 }  // namespace d9d::peft

@@ -67,12 +67,4 @@ at::Tensor rank_dropout(const at::Tensor& delta, double rank_dropout, bool scale
   return at::mul(delta, keep).to(delta.scalar_type());
 }
 
-at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& delta) {
-  return at::add(weight, delta).to(weight.scalar_type());
-}
-
-at::Tensor unmerged_weight(const at::Tensor& weight, const at::Tensor& delta) {
-  return at::sub(weight, delta).to(weight.scalar_type());
-}
-
 }  // namespace d9d::peft::lokr

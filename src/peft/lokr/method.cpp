@@ -1,7 +1,7 @@
 // The LoKr method: injection, merge, the offline merge and its registration
 // under PEFT's peft_type "LOKR".
 #include <d9d/peft/adapters.h>
-#include <d9d/peft/conv_delta.h>
+#include <d9d/peft/delta_layer.h>
 #include <d9d/peft/errors.h>
 #include <d9d/peft/hf/adapter.h>
 #include <d9d/peft/hf/merge.h>
@@ -226,7 +226,7 @@ class LoKrOfflineMerge : public hf::OfflineMerge {
   at::Tensor merge(const std::string& key, const at::Tensor& base, bool allow_non_finite) const override {
     at::Tensor delta = module_of(key).delta(base.sizes());
     if (scale_ != 1.0) delta = delta * scale_;
-    const at::Tensor out = lokr::merged_weight(base, delta.to(base.device()));
+    const at::Tensor out = added_delta(base, delta.to(base.device()));
     if (!allow_non_finite && detail::count_non_finite(out) > 0) {
       throw PeftError(fmt::format("merging into '{}' gives NaN or Inf values (the sum overflows {}). Nothing was "
                                   "written; merge anyway with --allow-non-finite",

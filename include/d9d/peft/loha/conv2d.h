@@ -1,7 +1,5 @@
 #pragma once
 
-#include <d9d/nn/conv2d.h>
-#include <d9d/peft/conv_delta.h>
 #include <d9d/peft/loha/layer.h>
 
 #include <memory>
@@ -19,22 +17,14 @@ namespace d9d::peft {
 /// ...); see `LoHaAdapterImpl`. Grouped and dilated convolutions are
 /// adaptable; a padding mode other than zeros is refused (PEFT pads the
 /// delta's input with zeros, so a merge would change the outputs).
-/// Dropout, merging and keys as `LoHaLayerImpl`.
-class LoHaConv2dImpl : public LoHaLayerImpl {
+/// Dropout and merging as `DeltaLayer`, keys as `LoHaLayerImpl`.
+class LoHaConv2dImpl : public DeltaConv2d<LoHaLayerImpl> {
  public:
   /// Wraps `base` with one adapter, `adapter_name`, active.
   LoHaConv2dImpl(std::shared_ptr<d9d::nn::Conv2dImpl> base, const LoHaParameters& options,
                  const std::string& adapter_name = kDefaultAdapterName);
 
-  torch::nn::AnyModule unwrap() override;
   void pretty_print(std::ostream& stream) const override;
-
-  std::shared_ptr<d9d::nn::Conv2dImpl> base;
-
- protected:
-  const at::Tensor& adapted_weight() const override { return base->weight; }
-  at::Tensor base_forward(const at::Tensor& input) const override;
-  at::Tensor delta_forward(const at::Tensor& input, const at::Tensor& delta) const override;
 };
 
 TORCH_MODULE(LoHaConv2d);

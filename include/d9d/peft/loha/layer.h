@@ -1,6 +1,6 @@
 #pragma once
 
-#include <d9d/peft/adapter_set.h>
+#include <d9d/peft/delta_layer.h>
 #include <d9d/peft/loha/options.h>
 
 #include <ATen/core/Tensor.h>
@@ -31,6 +31,8 @@ class LoHaAdapterImpl : public torch::nn::Module {
   /// `ΔW` in the weight's shape: `(w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r`
   /// reshaped, or the CP products' Hadamard product times `alpha / r`.
   at::Tensor delta_weight() const;
+  /// `delta` as PEFT's rank dropout leaves it in training (unchanged at 0).
+  at::Tensor rank_dropped(const at::Tensor& delta) const;
   void pretty_print(std::ostream& stream) const override;
 
   at::Tensor hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b;
@@ -43,35 +45,20 @@ class LoHaAdapterImpl : public torch::nn::Module {
 };
 
 /// What every LoHa layer shares (`LoHaLinearImpl`, `LoHaConv2dImpl`), as
-/// PEFT's `LoHaLayer`: each active adapter builds its `ΔW` in forward and
-/// adds the layer's operation of the input with `ΔW` (no bias) to `base(x)`.
-/// In training, `module_dropout` skips an adapter for a call and
-/// `rank_dropout` drops output rows of `ΔW`, drawing from LibTorch's default
-/// generator in PEFT's order. Merging adds `ΔW` to the weight (the bias is
-/// not touched). Keys: `base.weight`, `base.bias`, the first adapter's
-/// factors on the layer (`hada_w1_a` ...), further adapters under
-/// `adapters.<name>.`. A layer type adds the base operation, the delta
-/// operation, and unwrap.
-class LoHaLayerImpl : public AdapterSetLayer<LoHaAdapterImpl> {
+/// PEFT's `LoHaLayer`: a `DeltaLayer` (forward, dropouts, merge) whose
+/// adapters are `LoHaAdapterImpl`s. Keys: `base.weight`, `base.bias`, the
+/// first adapter's factors on the layer (`hada_w1_a` ...), further adapters
+/// under `adapters.<name>.`.
+class LoHaLayerImpl : public DeltaLayer<LoHaAdapterImpl> {
  public:
   std::string peft_type() const override { return "LOHA"; }
-  at::Tensor forward(const at::Tensor& input) override;
   void add_adapter(const std::string& name, const AdapterOptions& options) override;
-  void merge_adapter(const std::string& name) override;
-  void unmerge_adapter(const std::string& name) override;
-  at::Tensor delta_weight(const std::string& name) const override;
 
   /// The first adapter's factors (the single-adapter layout); `hada_t1` and
   /// `hada_t2` only in CP form.
   at::Tensor hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b, hada_t1, hada_t2;
 
  protected:
-  /// The base layer's weight, which merging changes in place.
-  virtual const at::Tensor& adapted_weight() const = 0;
-  /// The base layer's output.
-  virtual at::Tensor base_forward(const at::Tensor& input) const = 0;
-  /// The layer's operation of `input` with weight `delta` and no bias.
-  virtual at::Tensor delta_forward(const at::Tensor& input, const at::Tensor& delta) const = 0;
   void relayout() override;
   void describe(std::ostream& stream, const LoHaAdapterImpl& adapter) const override;
 };

@@ -1,7 +1,8 @@
 #pragma once
 
 // The arithmetic of a LoHa adapter, written once: the layer's forward and
-// merge and the offline merge (`d9d-peft merge`) all call these.
+// merge and the offline merge (`d9d-peft merge`) all call these (the merge's
+// sum itself is `added_delta`, delta_layer.h).
 
 #include <ATen/core/Tensor.h>
 
@@ -20,9 +21,5 @@ at::Tensor delta_weight_cp(const at::Tensor& t1, const at::Tensor& w1_a, const a
 /// `1 - rank_dropout` (one `at::rand(out)` draw from the default generator,
 /// as PEFT's `torch.rand`), the kept rows divided by the kept fraction.
 at::Tensor rank_dropout(const at::Tensor& delta, double rank_dropout);
-/// `weight + delta` in `weight`'s dtype (PEFT's `weight.data += delta`).
-at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& delta);
-/// `weight - delta` in `weight`'s dtype.
-at::Tensor unmerged_weight(const at::Tensor& weight, const at::Tensor& delta);
 
 }  // namespace d9d::peft::loha

@@ -1,6 +1,5 @@
 #pragma once
 
-#include <d9d/nn/conv2d.h>
 #include <d9d/peft/lokr/layer.h>
 
 #include <memory>
@@ -16,23 +15,15 @@ namespace d9d::peft {
 /// a kernel larger than 1×1 in PEFT's CP form with `lokr_t2`; see
 /// `lokr::FactorShape`). Grouped and dilated convolutions are adaptable; a
 /// padding mode other than zeros is refused (PEFT pads the delta's input
-/// with zeros, so a merge would change the outputs). Dropout, merging and
-/// keys as `LoKrLayerImpl`.
-class LoKrConv2dImpl : public LoKrLayerImpl {
+/// with zeros, so a merge would change the outputs). Dropout and merging as
+/// `DeltaLayer`, keys as `LoKrLayerImpl`.
+class LoKrConv2dImpl : public DeltaConv2d<LoKrLayerImpl> {
  public:
   /// Wraps `base` with one adapter, `adapter_name`, active.
   LoKrConv2dImpl(std::shared_ptr<d9d::nn::Conv2dImpl> base, const LoKrParameters& options,
                  const std::string& adapter_name = kDefaultAdapterName);
 
-  torch::nn::AnyModule unwrap() override;
   void pretty_print(std::ostream& stream) const override;
-
-  std::shared_ptr<d9d::nn::Conv2dImpl> base;
-
- protected:
-  const at::Tensor& adapted_weight() const override { return base->weight; }
-  at::Tensor base_forward(const at::Tensor& input) const override;
-  at::Tensor delta_forward(const at::Tensor& input, const at::Tensor& delta) const override;
 };
 
 TORCH_MODULE(LoKrConv2d);

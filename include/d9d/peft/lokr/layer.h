@@ -1,6 +1,6 @@
 #pragma once
 
-#include <d9d/peft/adapter_set.h>
+#include <d9d/peft/delta_layer.h>
 #include <d9d/peft/lokr/math.h>
 #include <d9d/peft/lokr/options.h>
 
@@ -34,6 +34,9 @@ class LoKrAdapterImpl : public torch::nn::Module {
   at::Tensor w2() const;
   /// `kron(w1, w2) · alpha / r` in the weight's shape.
   at::Tensor delta_weight() const;
+  /// `delta` as PEFT's rank dropout leaves it in training (unchanged at 0;
+  /// the kept rows divided by the kept fraction with `rank_dropout_scale`).
+  at::Tensor rank_dropped(const at::Tensor& delta) const;
   void pretty_print(std::ostream& stream) const override;
 
   at::Tensor lokr_w1, lokr_w1_a, lokr_w1_b, lokr_w2, lokr_w2_a, lokr_w2_b, lokr_t2;
@@ -45,34 +48,19 @@ class LoKrAdapterImpl : public torch::nn::Module {
 };
 
 /// What every LoKr layer shares (`LoKrLinearImpl`, `LoKrConv2dImpl`), as
-/// PEFT's `LoKrLayer`: each active adapter builds its `ΔW` in forward and
-/// adds the layer's operation of the input with `ΔW` (no bias) to `base(x)`.
-/// In training, `module_dropout` skips an adapter for a call and
-/// `rank_dropout` drops output rows of `ΔW` (divided by the kept fraction
-/// with `rank_dropout_scale`), drawing from LibTorch's default generator in
-/// PEFT's order. Merging adds `ΔW` to the weight (the bias is not touched).
-/// Keys: `base.weight`, `base.bias`, the first adapter's factors on the layer
-/// (`lokr_w1` ...), further adapters under `adapters.<name>.`. A layer type
-/// adds the base operation, the delta operation, and unwrap.
-class LoKrLayerImpl : public AdapterSetLayer<LoKrAdapterImpl> {
+/// PEFT's `LoKrLayer`: a `DeltaLayer` (forward, dropouts, merge) whose
+/// adapters are `LoKrAdapterImpl`s. Keys: `base.weight`, `base.bias`, the
+/// first adapter's factors on the layer (`lokr_w1` ...), further adapters
+/// under `adapters.<name>.`.
+class LoKrLayerImpl : public DeltaLayer<LoKrAdapterImpl> {
  public:
   std::string peft_type() const override { return "LOKR"; }
-  at::Tensor forward(const at::Tensor& input) override;
   void add_adapter(const std::string& name, const AdapterOptions& options) override;
-  void merge_adapter(const std::string& name) override;
-  void unmerge_adapter(const std::string& name) override;
-  at::Tensor delta_weight(const std::string& name) const override;
 
   /// The first adapter's factors (the single-adapter layout); undefined where it has none.
   at::Tensor lokr_w1, lokr_w1_a, lokr_w1_b, lokr_w2, lokr_w2_a, lokr_w2_b, lokr_t2;
 
  protected:
-  /// The base layer's weight, which merging changes in place.
-  virtual const at::Tensor& adapted_weight() const = 0;
-  /// The base layer's output.
-  virtual at::Tensor base_forward(const at::Tensor& input) const = 0;
-  /// The layer's operation of `input` with weight `delta` and no bias.
-  virtual at::Tensor delta_forward(const at::Tensor& input, const at::Tensor& delta) const = 0;
   void relayout() override;
   void describe(std::ostream& stream, const LoKrAdapterImpl& adapter) const override;
 };

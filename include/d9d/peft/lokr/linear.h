@@ -1,7 +1,6 @@
 #pragma once
 
 #include <d9d/peft/lokr/layer.h>
-#include <d9d/peft/wrapped_linear.h>
 
 #include <memory>
 #include <string>
@@ -11,21 +10,16 @@ namespace d9d::peft {
 /// A LoKr wrapper around a linear layer `[out, in]`, as PEFT's `lokr.Linear`:
 /// `base(x) + F.linear(x, ΔW)` per active adapter, `ΔW = kron(w1, w2) ·
 /// alpha / r` with `w1` `[a, c]` and `w2` `[b, d]` whole or factored (see
-/// `LoKrAdapterImpl`, and `LoKrLayerImpl` for dropout, merging and keys).
-class LoKrLinearImpl : public LoKrLayerImpl, public WrappedLinear {
+/// `LoKrAdapterImpl`, `DeltaLayer` for dropout and merging, `LoKrLayerImpl`
+/// for keys).
+class LoKrLinearImpl : public DeltaLinear<LoKrLayerImpl> {
  public:
   LoKrLinearImpl(std::shared_ptr<d9d::nn::LinearImpl> base, const LoKrParameters& options,
                  const std::string& adapter_name = kDefaultAdapterName);
   LoKrLinearImpl(std::shared_ptr<torch::nn::LinearImpl> base, const LoKrParameters& options,
                  const std::string& adapter_name = kDefaultAdapterName);
 
-  torch::nn::AnyModule unwrap() override;
   void pretty_print(std::ostream& stream) const override;
-
- protected:
-  const at::Tensor& adapted_weight() const override { return base_weight(); }
-  at::Tensor base_forward(const at::Tensor& input) const override;
-  at::Tensor delta_forward(const at::Tensor& input, const at::Tensor& delta) const override;
 };
 
 TORCH_MODULE(LoKrLinear);

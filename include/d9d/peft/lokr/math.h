@@ -1,7 +1,8 @@
 #pragma once
 
 // The arithmetic of a LoKr adapter, written once: the layer's shapes,
-// forward and merge and the offline merge (`d9d-peft merge`) all call these.
+// forward and merge and the offline merge (`d9d-peft merge`) all call these
+// (the merge's sum itself is `added_delta`, delta_layer.h).
 
 #include <ATen/core/Tensor.h>
 
@@ -54,9 +55,4 @@ at::Tensor delta_weight(const at::Tensor& w1, const at::Tensor& w2, double scale
 /// draw from the default generator (PEFT's `torch.rand`) exceeds
 /// `rank_dropout`; with `scale`, the kept rows are divided by the kept fraction.
 at::Tensor rank_dropout(const at::Tensor& delta, double rank_dropout, bool scale);
-/// `weight + delta` in `weight`'s dtype (PEFT's `weight.data += delta`).
-at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& delta);
-/// `weight - delta` in `weight`'s dtype.
-at::Tensor unmerged_weight(const at::Tensor& weight, const at::Tensor& delta);
-
 }  // namespace d9d::peft::lokr

@@ -1,4 +1,7 @@
-#include <d9d/peft/conv_delta.h>
+// What the DeltaLayer family shares outside its templates.
+#include <d9d/peft/delta_layer.h>
+
+#include <ATen/Functions.h>
 
 #include <fmt/format.h>
 
@@ -18,6 +21,14 @@ std::string zero_padded_delta_refusal(const std::string& method, const std::stri
                      "the outputs. {} adapts Conv2d layers with padding_mode zeros only; narrow the targets to "
                      "exclude it",
                      method, name, torch::enumtype::get_enum_name(o.padding_mode()), method);
+}
+
+at::Tensor added_delta(const at::Tensor& weight, const at::Tensor& delta) {
+  return at::add(weight, delta).to(weight.scalar_type());
+}
+
+at::Tensor subtracted_delta(const at::Tensor& weight, const at::Tensor& delta) {
+  return at::sub(weight, delta).to(weight.scalar_type());
 }
 
 }  // namespace d9d::peft
