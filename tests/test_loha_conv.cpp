@@ -6,26 +6,17 @@
 // cases, both ways).
 #include "conv_fixture.h"
 
-#include <d9d/peft.h>
-
-#include <torch/nn/functional/conv.h>
-#include <torch/nn/functional/loss.h>
-#include <torch/optim/adamw.h>
-
-#include <gmock/gmock.h>
 #include <gtest/gtest.h>
-
-#include <map>
 
 namespace ms = d9d::model_state;
 namespace peft = d9d::peft;
-using ::testing::HasSubstr;
 using torch::nn::Conv2dOptions;
 using namespace d9d_test;
 
 namespace {
 
-double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+const auto& max_diff = conv_max_diff;
+const auto& conv = plain_conv;
 
 /// Grouped, dilated, strided, 1×1, rectangular kernels, with and without bias.
 std::vector<Conv2dOptions> geometries() {
@@ -51,13 +42,6 @@ at::Tensor expected_delta(const peft::LoHaAdapterImpl& a, at::IntArrayRef shape)
     return at::matmul(wa.t(), at::matmul(t.permute({2, 3, 0, 1}), wb)).permute({2, 3, 0, 1});
   };
   return rebuild(a.hada_t1, a.hada_w1_a, a.hada_w1_b) * rebuild(a.hada_t2, a.hada_w2_a, a.hada_w2_b) * scale;
-}
-
-at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const Conv2dOptions& o) {
-  auto f = torch::nn::functional::Conv2dFuncOptions().stride(o.stride()).padding(o.padding()).dilation(o.dilation()).groups(
-      o.groups());
-  if (b.defined()) f.bias(b);
-  return torch::nn::functional::conv2d(x, w, f);
 }
 
 peft::LoHaParameters drawn(bool cp) { return peft::LoHaParameters().r(2).alpha(3).use_effective_conv2d(cp).init_weights(false); }
@@ -99,38 +83,16 @@ TEST(LoHaConv2dLayer, MergeUnmergeAndRankDropoutInTraining) {
   const Conv2dOptions o = Conv2dOptions(4, 6, 3).groups(2).padding(1);
   for (const bool cp : {false, true}) {
     d9d::nn::Conv2d base(o);
-    const auto original = base->weight.detach().clone();
     peft::LoHaConv2dImpl layer(base.ptr(), drawn(cp).rank_dropout(0.5));
-    layer.eval();
-    const auto x = torch::randn({2, 4, 7, 7});
-    torch::NoGradGuard g;
-    const auto unmerged = layer.forward(x);
-    layer.merge_adapter(peft::kDefaultAdapterName);
-    EXPECT_LE(max_diff(layer.forward(x), unmerged), 1e-5);
-    EXPECT_LE(max_diff(conv(x, base->weight, base->bias, o), unmerged), 1e-5);
-    layer.unmerge_adapter(peft::kDefaultAdapterName);
-    EXPECT_LE(max_diff(base->weight, original), 1e-6);
-
-    // PEFT in training: torch.rand(1) for module dropout, then torch.rand(out)
-    // rows of ΔW kept (> p), divided by the kept fraction.
-    layer.train();
-    torch::manual_seed(7);
-    const auto got = layer.forward(x);
-    torch::manual_seed(7);
-    at::rand({1});
-    at::Tensor keep = (at::rand({6}) > 0.5).to(at::kFloat);
-    keep = keep / keep.mean();
-    const auto delta = expected_delta(layer.adapter(peft::kDefaultAdapterName), base->weight.sizes()) *
-                       keep.view({-1, 1, 1, 1});
-    EXPECT_LE(max_diff(got, conv(x, base->weight, base->bias, o) + conv(x, delta, at::Tensor(), o)), 1e-5);
+    expect_merge_and_rank_dropout(layer, base, o, [&] {
+      return expected_delta(layer.adapter(peft::kDefaultAdapterName), base->weight.sizes());
+    });
   }
 }
 
 TEST(LoHaConv2dMethod, TrainingLowersTheLossChangesOnlyTheFactorsAndMerges) {
   convnet::ConvNet model = conv_base();
   torch::manual_seed(42);
-  const auto x = torch::randn({8, 3, 8, 8});
-  const auto target = torch::randint(0, 5, {8});
   peft::hf::LoHaConfig config;
   config.target_modules.names = {"conv1", "conv2", "head"};
   config.r = 2;
@@ -142,55 +104,19 @@ TEST(LoHaConv2dMethod, TrainingLowersTheLossChangesOnlyTheFactorsAndMerges) {
   ASSERT_NE(conv1, nullptr);
   EXPECT_TRUE(conv1->adapter(peft::kDefaultAdapterName).cp());
   EXPECT_NE(model->named_modules()["head"]->as<peft::LoHaLinearImpl>(), nullptr);
-  std::map<std::string, at::Tensor> before;
-  for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
-  const auto trainable = peft::trainable_parameters(*model);
-  ASSERT_EQ(trainable.size(), 6u + 6u + 4u);
-  auto loss_of = [&] { return torch::nn::functional::cross_entropy(model->forward(x), target); };
-  const double first = loss_of().item<double>();
-  torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(1e-2));
-  model->train();
-  for (int step = 0; step < 10; ++step) {
-    opt.zero_grad();
-    loss_of().backward();
-    opt.step();
-  }
-  model->eval();
-  torch::NoGradGuard g;
-  EXPECT_LT(loss_of().item<double>(), first - 1e-3);
-  for (const auto& p : model->named_parameters()) {
-    const bool factor = p.key().find("hada_") != std::string::npos;
-    EXPECT_EQ(!torch::equal(p.value(), before.at(p.key())), factor) << p.key();
-  }
-  const auto unmerged = model->forward(x);
-  peft::merge_peft(loha, model);
-  EXPECT_NE(model->named_modules()["conv1"]->as<d9d::nn::Conv2dImpl>(), nullptr);
-  EXPECT_NE(model->named_modules()["conv2"]->as<d9d::nn::Conv2dImpl>(), nullptr);
-  EXPECT_LE(max_diff(model->forward(x), unmerged), 1e-5);
+  ASSERT_EQ(peft::trainable_parameters(*model).size(), 6u + 6u + 4u);
+  expect_training_changes_only(model, loha, "hada_", 1e-2);
 }
 
 TEST(LoHaConv2dMethod, AReflectPaddedConvIsRefusedBeforeAnyLayerChanges) {
-  struct NetImpl : torch::nn::Module {
-    NetImpl()
-        : conv(register_module("conv", d9d::nn::Conv2d(Conv2dOptions(3, 4, 3).padding(1).padding_mode(torch::kReflect)))),
-          head(register_module("head", d9d::nn::Linear(4, 2))) {}
-    d9d::nn::Conv2d conv;
-    d9d::nn::Linear head;
-  };
-  auto net = std::make_shared<NetImpl>();
   peft::hf::LoHaConfig config;
   config.target_modules.names = {"head", "conv"};
-  peft::LoHa loha(config);
-  EXPECT_THAT([&] { peft::inject_peft_and_freeze(loha, *net); },
-              ::testing::ThrowsMessage<peft::PeftError>(
-                  ::testing::AllOf(HasSubstr("'conv'"), HasSubstr("padding_mode kReflect"), HasSubstr("zeros"))));
-  EXPECT_NE(net->named_modules()["head"]->as<d9d::nn::LinearImpl>(), nullptr);
-  EXPECT_NE(net->named_modules()["conv"]->as<d9d::nn::Conv2dImpl>(), nullptr);
-  EXPECT_TRUE(peft::trainable_parameters(*net).size() == net->parameters().size()) << "nothing frozen";
+  expect_conv_refused_before_any_layer_changes<peft::LoHa>(
+      config, Conv2dOptions(3, 4, 3).padding(1).padding_mode(torch::kReflect),
+      {"LoHa: 'conv'", "padding_mode kReflect", "padding_mode zeros only"});
 }
 
 TEST(LoHaConv2dFiles, SaveLoadAndOfflineMergeAgreeWithTheModel) {
-  const auto x = conv_x();
   convnet::ConvNet model = conv_base();
   peft::hf::LoHaConfig config;
   config.target_modules.names = {"conv1", "conv2"};
@@ -203,8 +129,7 @@ TEST(LoHaConv2dFiles, SaveLoadAndOfflineMergeAgreeWithTheModel) {
   peft::LoHa loha(config);
   peft::inject_peft_and_freeze(loha, model);
   TempDir dir;
-  ms::save_safetensors(dir / "base.safetensors", ms::module_state_dict(*conv_base()));
-  peft::hf::save_adapter(*model, dir / "adapter");
+  expect_files_round_trip(model, loha, dir);
   const auto written = nlohmann::json::parse(read_bytes(dir / "adapter/adapter_config.json"));
   EXPECT_EQ(written["peft_type"], "LOHA");
   EXPECT_EQ(written["use_effective_conv2d"], true);
@@ -213,31 +138,5 @@ TEST(LoHaConv2dFiles, SaveLoadAndOfflineMergeAgreeWithTheModel) {
   EXPECT_EQ(weights->get("base_model.model.conv2.hada_t2").sizes(), (std::vector<int64_t>{2, 2, 3, 3}));
   EXPECT_EQ(weights->get("base_model.model.conv2.hada_w1_a").sizes(), (std::vector<int64_t>{2, 8}));
   EXPECT_EQ(weights->get("base_model.model.conv1.hada_w2_b").sizes(), (std::vector<int64_t>{3, 3}));
-
-  torch::NoGradGuard g;
-  const auto logits = model->forward(x);
-  convnet::ConvNet again = conv_base();
-  peft::hf::load_adapter(*again, dir / "adapter");
-  EXPECT_TRUE(torch::equal(again->forward(x), logits));
-
-  peft::merge_peft(loha, model);
-  const auto merged = ms::module_state_dict(*model);
-  peft::hf::merge_adapter_into_checkpoint(dir / "base.safetensors", dir / "adapter", dir / "offline", 1.0,
-                                          ms::no_progress());
-  const auto offline = ms::SafetensorsFile::open(dir / "offline/model.safetensors");
-  for (const auto& key : offline->keys()) EXPECT_LE(max_diff(offline->get(key), merged.at(key)), 1e-6) << key;
-  EXPECT_FALSE(torch::equal(offline->get("conv1.weight"), conv_base()->conv1->weight));
-
-  // The same adapter against a base whose conv1 has a 5x5 kernel.
-  auto state = ms::module_state_dict(*conv_base());
-  state["conv1.weight"] = torch::zeros({8, 3, 5, 5});
-  ms::save_safetensors(dir / "other.safetensors", state);
-  EXPECT_THAT(
-      [&] {
-        peft::hf::merge_adapter_into_checkpoint(dir / "other.safetensors", dir / "adapter", dir / "bad", 1.0,
-                                                ms::no_progress());
-      },
-      ::testing::ThrowsMessage<d9d::Error>(::testing::AllOf(HasSubstr("conv1.weight"), HasSubstr("[8, 3, 5, 5]"),
-                                                            HasSubstr("hada_t1 [3, 3, 3, 3]"), HasSubstr("CP form"))));
-  EXPECT_FALSE(fs::exists(dir / "bad/model.safetensors"));
+  expect_offline_merge_refuses_a_5x5_conv1(dir, {"conv1.weight", "[8, 3, 5, 5]", "hada_t1 [3, 3, 3, 3]", "CP form"});
 }

@@ -7,26 +7,17 @@
 // (generate_conv.py's LoKr cases, both ways).
 #include "conv_fixture.h"
 
-#include <d9d/peft.h>
-
-#include <torch/nn/functional/conv.h>
-#include <torch/nn/functional/loss.h>
-#include <torch/optim/adamw.h>
-
-#include <gmock/gmock.h>
 #include <gtest/gtest.h>
-
-#include <map>
 
 namespace ms = d9d::model_state;
 namespace peft = d9d::peft;
-using ::testing::HasSubstr;
 using torch::nn::Conv2dOptions;
 using namespace d9d_test;
 
 namespace {
 
-double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+const auto& max_diff = conv_max_diff;
+const auto& conv = plain_conv;
 
 std::vector<int64_t> dims(const at::Tensor& t) { return t.sizes().vec(); }
 
@@ -48,13 +39,6 @@ at::Tensor expected_delta(const peft::LoKrAdapterImpl& a, at::IntArrayRef shape)
   }
   const double scale = a.options().alpha() / static_cast<double>(a.options().r());
   return (w1.view({s.a, 1, s.c, 1, 1, 1}) * w2.view({1, s.b, 1, s.d, s.kh, s.kw})).reshape(shape) * scale;
-}
-
-at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const Conv2dOptions& o) {
-  auto f = torch::nn::functional::Conv2dFuncOptions().stride(o.stride()).padding(o.padding()).dilation(o.dilation()).groups(
-      o.groups());
-  if (b.defined()) f.bias(b);
-  return torch::nn::functional::conv2d(x, w, f);
 }
 
 struct Layout {
@@ -118,7 +102,6 @@ TEST(LoKrConv2dLayer, MergeUnmergeAndRankDropoutInTraining) {
   const Conv2dOptions o = Conv2dOptions(8, 6, 3).groups(2).padding(1);
   for (const bool cp : {false, true}) {
     d9d::nn::Conv2d base(o);
-    const auto original = base->weight.detach().clone();
     peft::LoKrConv2dImpl layer(base.ptr(), peft::LoKrParameters()
                                                .r(1)
                                                .alpha(2)
@@ -126,36 +109,16 @@ TEST(LoKrConv2dLayer, MergeUnmergeAndRankDropoutInTraining) {
                                                .rank_dropout(0.5)
                                                .rank_dropout_scale(true)
                                                .init_weights(peft::LoKrInit::kRandom));
-    layer.eval();
-    const auto x = torch::randn({2, 8, 7, 7});
-    torch::NoGradGuard g;
-    const auto unmerged = layer.forward(x);
-    layer.merge_adapter(peft::kDefaultAdapterName);
-    EXPECT_LE(max_diff(layer.forward(x), unmerged), 1e-5);
-    EXPECT_LE(max_diff(conv(x, base->weight, base->bias, o), unmerged), 1e-5);
-    layer.unmerge_adapter(peft::kDefaultAdapterName);
-    EXPECT_LE(max_diff(base->weight, original), 1e-6);
-
-    // PEFT in training: torch.rand(1) for module dropout, then torch.rand(out)
-    // output channels of ΔW kept (> p), divided by the kept fraction (rank_dropout_scale).
-    layer.train();
-    torch::manual_seed(8);
-    const auto got = layer.forward(x);
-    torch::manual_seed(8);
-    at::rand({1});
-    at::Tensor keep = (at::rand({6}) > 0.5).to(at::kFloat);
-    keep = keep / keep.mean();
-    const auto delta = expected_delta(layer.adapter(peft::kDefaultAdapterName), base->weight.sizes()) *
-                       keep.view({-1, 1, 1, 1});
-    EXPECT_LE(max_diff(got, conv(x, base->weight, base->bias, o) + conv(x, delta, at::Tensor(), o)), 1e-5);
+    EXPECT_EQ(layer.lokr_t2.defined(), cp);
+    expect_merge_and_rank_dropout(layer, base, o, [&] {
+      return expected_delta(layer.adapter(peft::kDefaultAdapterName), base->weight.sizes());
+    });
   }
 }
 
 TEST(LoKrConv2dMethod, TrainingLowersTheLossChangesOnlyTheFactorsAndMerges) {
   convnet::ConvNet model = conv_base();
   torch::manual_seed(52);
-  const auto x = torch::randn({8, 3, 8, 8});
-  const auto target = torch::randint(0, 5, {8});
   peft::hf::LoKrConfig config;
   config.target_modules.names = {"conv1", "conv2", "head"};
   config.r = 1;
@@ -167,57 +130,20 @@ TEST(LoKrConv2dMethod, TrainingLowersTheLossChangesOnlyTheFactorsAndMerges) {
   ASSERT_NE(conv1, nullptr);
   EXPECT_TRUE(conv1->lokr_t2.defined());
   EXPECT_NE(model->named_modules()["head"]->as<peft::LoKrLinearImpl>(), nullptr);
-  std::map<std::string, at::Tensor> before;
-  for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
   // conv1 and conv2: lokr_w1, lokr_w2_a, lokr_w2_b, lokr_t2; head: lokr_w1, lokr_w2_a, lokr_w2_b.
-  const auto trainable = peft::trainable_parameters(*model);
-  ASSERT_EQ(trainable.size(), 4u + 4u + 3u);
-  auto loss_of = [&] { return torch::nn::functional::cross_entropy(model->forward(x), target); };
-  const double first = loss_of().item<double>();
-  torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(1e-2));
-  model->train();
-  for (int step = 0; step < 10; ++step) {
-    opt.zero_grad();
-    loss_of().backward();
-    opt.step();
-  }
-  model->eval();
-  torch::NoGradGuard g;
-  EXPECT_LT(loss_of().item<double>(), first - 1e-3);
-  for (const auto& p : model->named_parameters()) {
-    const bool factor = p.key().find("lokr_") != std::string::npos;
-    EXPECT_EQ(!torch::equal(p.value(), before.at(p.key())), factor) << p.key();
-  }
-  const auto unmerged = model->forward(x);
-  peft::merge_peft(lokr, model);
-  EXPECT_NE(model->named_modules()["conv1"]->as<d9d::nn::Conv2dImpl>(), nullptr);
-  EXPECT_NE(model->named_modules()["conv2"]->as<d9d::nn::Conv2dImpl>(), nullptr);
-  EXPECT_LE(max_diff(model->forward(x), unmerged), 1e-5);
+  ASSERT_EQ(peft::trainable_parameters(*model).size(), 4u + 4u + 3u);
+  expect_training_changes_only(model, lokr, "lokr_", 1e-2);
 }
 
 TEST(LoKrConv2dMethod, ACircularPaddedConvIsRefusedBeforeAnyLayerChanges) {
-  struct NetImpl : torch::nn::Module {
-    NetImpl()
-        : head(register_module("head", d9d::nn::Linear(4, 2))),
-          conv(register_module("conv",
-                               d9d::nn::Conv2d(Conv2dOptions(3, 4, 3).padding(1).padding_mode(torch::kCircular)))) {}
-    d9d::nn::Linear head;
-    d9d::nn::Conv2d conv;
-  };
-  auto net = std::make_shared<NetImpl>();
   peft::hf::LoKrConfig config;
   config.target_modules.names = {"head", "conv"};
-  peft::LoKr lokr(config);
-  EXPECT_THAT([&] { peft::inject_peft_and_freeze(lokr, *net); },
-              ::testing::ThrowsMessage<peft::PeftError>(
-                  ::testing::AllOf(HasSubstr("LoKr: 'conv'"), HasSubstr("padding_mode kCircular"), HasSubstr("zeros"))));
-  EXPECT_NE(net->named_modules()["head"]->as<d9d::nn::LinearImpl>(), nullptr);
-  EXPECT_NE(net->named_modules()["conv"]->as<d9d::nn::Conv2dImpl>(), nullptr);
-  EXPECT_EQ(peft::trainable_parameters(*net).size(), net->parameters().size()) << "nothing frozen";
+  expect_conv_refused_before_any_layer_changes<peft::LoKr>(
+      config, Conv2dOptions(3, 4, 3).padding(1).padding_mode(torch::kCircular),
+      {"LoKr: 'conv'", "padding_mode kCircular", "padding_mode zeros only"});
 }
 
 TEST(LoKrConv2dFiles, SaveLoadAndOfflineMergeAgreeWithTheModel) {
-  const auto x = conv_x();
   convnet::ConvNet model = conv_base();
   peft::hf::LoKrConfig config;
   config.target_modules.names = {"conv1", "conv2"};
@@ -230,8 +156,7 @@ TEST(LoKrConv2dFiles, SaveLoadAndOfflineMergeAgreeWithTheModel) {
   peft::LoKr lokr(config);
   peft::inject_peft_and_freeze(lokr, model);
   TempDir dir;
-  ms::save_safetensors(dir / "base.safetensors", ms::module_state_dict(*conv_base()));
-  peft::hf::save_adapter(*model, dir / "adapter");
+  expect_files_round_trip(model, lokr, dir);
   const auto written = nlohmann::json::parse(read_bytes(dir / "adapter/adapter_config.json"));
   EXPECT_EQ(written["peft_type"], "LOKR");
   EXPECT_EQ(written["use_effective_conv2d"], true);
@@ -242,32 +167,6 @@ TEST(LoKrConv2dFiles, SaveLoadAndOfflineMergeAgreeWithTheModel) {
   EXPECT_EQ(dims(weights->get("base_model.model.conv1.lokr_w2_b")), (std::vector<int64_t>{1, 3}));
   // conv2 [8, 8, 3, 3] at r 4: w2 whole, with the kernel.
   EXPECT_EQ(dims(weights->get("base_model.model.conv2.lokr_w2")), (std::vector<int64_t>{4, 4, 3, 3}));
-
-  torch::NoGradGuard g;
-  const auto logits = model->forward(x);
-  convnet::ConvNet again = conv_base();
-  peft::hf::load_adapter(*again, dir / "adapter");
-  EXPECT_TRUE(torch::equal(again->forward(x), logits));
-
-  peft::merge_peft(lokr, model);
-  const auto merged = ms::module_state_dict(*model);
-  peft::hf::merge_adapter_into_checkpoint(dir / "base.safetensors", dir / "adapter", dir / "offline", 1.0,
-                                          ms::no_progress());
-  const auto offline = ms::SafetensorsFile::open(dir / "offline/model.safetensors");
-  for (const auto& key : offline->keys()) EXPECT_LE(max_diff(offline->get(key), merged.at(key)), 1e-6) << key;
-  EXPECT_FALSE(torch::equal(offline->get("conv1.weight"), conv_base()->conv1->weight));
-
-  // The same adapter against a base whose conv1 has a 5x5 kernel.
-  auto state = ms::module_state_dict(*conv_base());
-  state["conv1.weight"] = torch::zeros({8, 3, 5, 5});
-  ms::save_safetensors(dir / "other.safetensors", state);
-  EXPECT_THAT(
-      [&] {
-        peft::hf::merge_adapter_into_checkpoint(dir / "other.safetensors", dir / "adapter", dir / "bad", 1.0,
-                                                ms::no_progress());
-      },
-      ::testing::ThrowsMessage<d9d::Error>(::testing::AllOf(HasSubstr("conv1.weight"), HasSubstr("[8, 3, 5, 5]"),
-                                                            HasSubstr("lokr_t2 [1, 1, 5, 5]"),
-                                                            HasSubstr("lokr_t2 [1, 1, 3, 3]"))));
-  EXPECT_FALSE(fs::exists(dir / "bad/model.safetensors"));
+  expect_offline_merge_refuses_a_5x5_conv1(dir, {"conv1.weight", "[8, 3, 5, 5]", "lokr_t2 [1, 1, 5, 5]",
+                                                 "lokr_t2 [1, 1, 3, 3]"});
 }
