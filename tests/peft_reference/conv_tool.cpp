@@ -153,6 +153,12 @@ int export_cases(const fs::path& out, const fs::path& cases) {
     fs::copy_file(dir / "net.json", target / "net.json", fs::copy_options::overwrite_existing);
     fs::copy_file(dir / "model.safetensors", target / "model.safetensors", fs::copy_options::overwrite_existing);
     convnet::ConvNet net = load_twin(dir);
+    const at::Tensor x = ms::SafetensorsFile::open((dir / "expected.safetensors").string())->get("x");
+    at::Tensor base_logits;
+    {
+      torch::NoGradGuard no_grad;
+      base_logits = net->forward(x);
+    }
     const json config_json = read_json(dir / "adapter/adapter_config.json");
     const std::string source = (dir / "adapter").string();
     torch::manual_seed(static_cast<uint64_t>(1000 + index++));
@@ -169,7 +175,10 @@ int export_cases(const fs::path& out, const fs::path& cases) {
     } else {
       method = peft::hf::add_adapter(*net, peft::kDefaultAdapterName, peft::hf::parse_lora_config(config_json, source));
     }
-    {
+    // Drawn again (up to 20 times) until the adapter moves the logits by more
+    // than 1e-2: a product of random factors can be near zero, and an adapter
+    // that changes nothing would compare nothing.
+    for (int attempt = 0;; ++attempt) {
       torch::NoGradGuard no_grad;
       for (auto& p : net->named_parameters()) {
         if (p.key().find(".lora_magnitude_vector") != std::string::npos) p.value().mul_(torch::rand_like(p.value()) * 0.6 + 0.7);
@@ -179,9 +188,13 @@ int export_cases(const fs::path& out, const fs::path& cases) {
           p.value().normal_(0.0, 0.5);
         }
       }
+      if ((net->forward(x) - base_logits).abs().max().item<double>() > 1e-2) break;
+      if (attempt == 19) {
+        throw std::runtime_error(dir.filename().string() +
+                                 ": 20 draws of the adapter all left the logits within 1e-2 of the base model's");
+      }
     }
     peft::hf::save_adapter(*net, (target / "adapter").string());
-    const at::Tensor x = ms::SafetensorsFile::open((dir / "expected.safetensors").string())->get("x");
     ms::StateDict written;
     torch::NoGradGuard no_grad;
     written["x"] = x;
