@@ -2,7 +2,8 @@
 """PEFT -> d9d-peft, differential: adapters combined by real PEFT's add_weighted_adapter.
 
 Makes COUNT cases from SEED (case i uses seed SEED + i and combination type
-TYPES[i % 11], so every type is drawn COUNT / 11 times). Each case draws a toy
+TYPES[i % 11], so every type is drawn COUNT / 11 times; --types narrows the
+cycle, e.g. to reproduce one failed case). Each case draws a toy
 transformer (twins.py: Toy), two or three LoRA adapters a0, a1, a2 (random r
 and lora_alpha, rsLoRA, embeddings, target lists or regexes that overlap only
 in part, rank_pattern for the types that allow differing ranks,
@@ -15,6 +16,7 @@ OUT/case_<seed>/:
   model.safetensors        the base weights
   inputs.safetensors       input_ids
   adapters/a0, a1, ..., w  PEFT's save_pretrained of each adapter
+  adapters/w_unclamped     with svd_clamp only: the same call without the clamp
   expected.safetensors     logits with "w" active
 
 DARE draws its masks with torch.bernoulli from the default generator, after
@@ -115,12 +117,20 @@ def make_case(seed, combination_type, out_dir):
             model.add_adapter(f"a{i}", LoraConfig(**c))
     except ValueError:
         return None  # a target that matches nothing: draw another case
+    saved = call["adapters"] + ["w"]
     bernoulli = torch.bernoulli
     generator = torch.Generator().manual_seed(seed)
     torch.bernoulli = lambda p, *args, **kwargs: bernoulli(p, generator=generator)
     try:
         kwargs = {k: v for k, v in call.items() if k not in ("adapters", "weights")}
         model.add_weighted_adapter(call["adapters"], call["weights"], "w", **kwargs)
+        if "svd_clamp" in call:
+            # The same SVD without the clamp: its factors are in the basis PEFT's LAPACK chose, which the
+            # C++ check aligns with before clamping (the matrix fixes them only up to signs and subspaces).
+            generator.manual_seed(seed)
+            kwargs["svd_clamp"] = None
+            model.add_weighted_adapter(call["adapters"], call["weights"], "w_unclamped", **kwargs)
+            saved.append("w_unclamped")
     except (ValueError, RuntimeError) as e:  # e.g. a rank larger than a layer: PEFT refuses too
         print(f"peft-reference: case {seed} ({combination_type}): PEFT refused ({e}); drawing another", flush=True)
         return None
@@ -131,7 +141,7 @@ def make_case(seed, combination_type, out_dir):
         logits = model(ids)
     case = out_dir / f"case_{seed}"
     case.mkdir(parents=True)
-    model.save_pretrained(str(case / "adapters"), selected_adapters=call["adapters"] + ["w"])
+    model.save_pretrained(str(case / "adapters"), selected_adapters=saved)
     save_file(base_state, str(case / "model.safetensors"))
     save_file({"input_ids": ids}, str(case / "inputs.safetensors"))
     save_file({"logits": logits}, str(case / "expected.safetensors"))
@@ -154,7 +164,13 @@ def main():
     parser.add_argument("--out", required=True, type=pathlib.Path, help="directory for the cases (emptied first)")
     parser.add_argument("--seed", type=int, help="first case's seed (default: $D9D_PEFT_SEED, else drawn fresh)")
     parser.add_argument("--count", type=int, default=33, help="number of cases (default 33: each type 3 times)")
+    parser.add_argument("--types", default=",".join(TYPES),
+                        help="comma-separated combination types, cycled through (default: all of them)")
     args = parser.parse_args()
+    types = args.types.split(",")
+    unknown = [t for t in types if t not in TYPES]
+    if unknown:
+        parser.error(f"--types: unknown combination type(s) {unknown}; known: {TYPES}")
     seed = args.seed
     if seed is None and os.environ.get("D9D_PEFT_SEED"):
         seed = int(os.environ["D9D_PEFT_SEED"])
@@ -169,7 +185,7 @@ def main():
     rng_check(args.out, seed)
     made, s = 0, seed
     while made < args.count:
-        combination_type = TYPES[made % len(TYPES)]
+        combination_type = types[made % len(types)]
         case = make_case(s, combination_type, args.out)
         s += 1
         made += case is not None
