@@ -212,12 +212,12 @@ TEST(LoRAInit, RefusalsNameTheLayerOrField) {
   expect_error([&] {
     peft::LoRA big({".*attention\\.q_proj", peft::LoRAParameters().r(17).alpha(8).init(peft::LoRAInit::PiSSA)});
     peft::inject_peft_and_freeze(big, model);
-  }, {"rank r = 17 from a [16, 16] weight", "r <= 16"});
+  }, {"rank r = 17 from a [16, 16] weight", "r <= 16", "'layers.0.attention.q_proj'"});
   // Embeddings have no weight matrix to decompose.
   expect_error([&] {
     peft::LoRA emb({"embed_tokens", peft::LoRAParameters().r(2).alpha(8).init(peft::LoRAInit::OLoRA)});
     peft::inject_peft_and_freeze(emb, model);
-  }, {"the olora initialisation is for Linear layers"});
+  }, {"the olora initialisation is for Linear layers", "'embed_tokens'"});
   // A second adapter next to a PiSSA one.
   peft::LoRA pissa({kMlp, peft::LoRAParameters().r(2).alpha(8).init(peft::LoRAInit::PiSSA)});
   peft::inject_peft_and_freeze(pissa, model);

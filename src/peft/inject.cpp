@@ -28,6 +28,20 @@ std::string example_names(const std::vector<ModuleEntry>& modules, const Adapter
   return fmt::format("adaptable layers here are named like {}", fmt::join(names, ", "));
 }
 
+/// Runs `build` (a layer's constructor or add_adapter, which know their
+/// shapes but not their path) and names layer `name` in its error if the
+/// message does not already.
+template <typename F>
+auto naming_layer(const std::string& name, F&& build) {
+  try {
+    return build();
+  } catch (const PeftError& e) {
+    const std::string what = e.what();
+    if (what.find("'" + name + "'") != std::string::npos) throw;
+    throw PeftError(fmt::format("{} (layer '{}')", what, name));
+  }
+}
+
 /// One layer to adapt: a new adapter layer (not yet in the tree) or an existing one.
 struct Plan {
   ModuleEntry entry;
@@ -83,7 +97,7 @@ PeftInjectionResult inject_adapters(torch::nn::Module& module, const AdapterTarg
         plan.layer_module = entry.module;
         plan.fresh = false;
       } else {
-        plan.any = t.wrap(entry.module, *options, adapter);
+        plan.any = naming_layer(entry.name, [&] { return t.wrap(entry.module, *options, adapter); });
         if (plan.any.is_empty()) {
           if (!entry.module->children().empty()) continue;  // a container: its children are visited
           const bool torch_layer = entry.module->name().rfind("torch::nn::", 0) == 0;
@@ -156,7 +170,7 @@ PeftInjectionResult inject_adapters(torch::nn::Module& module, const AdapterTarg
         adaptable->set_override(std::dynamic_pointer_cast<d9d::nn::LayerOverride>(plan.layer_module));
       }
     } else {
-      plan.layer->add_adapter(adapter, *plan.options);
+      naming_layer(name, [&] { plan.layer->add_adapter(adapter, *plan.options); });
     }
     // A new layer or adapter starts in the mode of the layer it adapts
     // (LibTorch modules start in training mode): injecting into a model in
