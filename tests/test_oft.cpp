@@ -3,6 +3,7 @@
 // layer's forward, merge and adapters against x R Wᵀ + b. PEFT's fixture,
 // training, files and configs are in test_oft_files.cpp; random PEFT configs
 // both ways in tests/peft_reference (OFT cases).
+#include "oft_by_hand.h"
 #include "test_util.h"
 
 #include <d9d/peft.h>
@@ -20,44 +21,6 @@ using namespace d9d_test;
 namespace {
 
 double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
-
-/// The skew-symmetric block from its upper triangle, element by element (row-major, as triu_indices).
-at::Tensor skew_by_hand(const at::Tensor& row, int64_t b) {
-  auto q = torch::zeros({b, b}, row.options());
-  int64_t k = 0;
-  for (int64_t i = 0; i < b; ++i) {
-    for (int64_t j = i + 1; j < b; ++j, ++k) {
-      q[i][j] = row[k];
-      q[j][i] = -row[k];
-    }
-  }
-  return q;
-}
-
-/// PEFT's Neumann branch written as a sum: I + 2(Q + ... + Q^(k-2)) + Q^(k-1) (k >= 4).
-at::Tensor neumann_by_hand(const at::Tensor& q, int64_t k) {
-  auto eye = torch::eye(q.size(0), q.options());
-  auto sum = eye.clone(), power = eye.clone();
-  for (int64_t p = 1; p <= k - 2; ++p) {
-    power = power.mm(q);
-    sum = sum + 2 * power;
-  }
-  return sum + power.mm(q);
-}
-
-/// The block-diagonal rotation of an adapter from the formulas above.
-at::Tensor rotation_by_hand(const peft::OFTLinearAdapterImpl& a) {
-  const auto& o = a.options();
-  const int64_t b = a.blocks().block_size;
-  std::vector<at::Tensor> blocks;
-  for (int64_t i = 0; i < a.blocks().r; ++i) {
-    const auto q = skew_by_hand(a.oft_R->weight.detach()[o.block_share() ? 0 : i].to(at::kDouble), b);
-    const auto eye = torch::eye(b, q.options());
-    blocks.push_back(o.use_cayley_neumann() ? neumann_by_hand(q, o.num_cayley_neumann_terms())
-                                            : (eye - q).mm(torch::inverse(eye + q)));
-  }
-  return torch::block_diag(blocks).to(at::kFloat);
-}
 
 }  // namespace
 

@@ -11,6 +11,7 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <c10/util/Exception.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include "../builtin_methods.h"
@@ -33,9 +34,25 @@ OFT OFT::from_config(const OFTConfig& config) {
 }
 
 PeftInjectionResult OFT::inject(torch::nn::Module& module) {
-  return inject_adapters(module, linear_targeting<OFTLinearImpl, OFTParameters>(
-                                     "OFT", "OFT", adapter_name_, config_.target_modules,
-                                     [this](const std::string& name) { return config_.select(name); }));
+  AdapterTargeting t = with_conv2d<OFTConv2dImpl, OFTParameters>(
+      linear_targeting<OFTLinearImpl, OFTParameters>("OFT", "OFT", adapter_name_, config_.target_modules,
+                                                     [this](const std::string& name) { return config_.select(name); }),
+      &oft_conv2d_refusal);
+  // On kernels larger than 1x1 this library computes PEFT's merged model,
+  // which PEFT 0.21's own unmerged forward does not: said once per layer.
+  t.check = [check = std::move(t.check)](const std::string& name, const torch::nn::Module& m,
+                                         const AdapterOptions& o) {
+    check(name, m, o);
+    const auto* conv = m.as<d9d::nn::Conv2dImpl>();
+    if (conv && (*conv->options.kernel_size())[0] > 1) {
+      TORCH_WARN("OFT: '", name, "' is a Conv2d with a ", (*conv->options.kernel_size())[0], "x",
+                 (*conv->options.kernel_size())[1],
+                 " kernel; this layer computes the filters rotated, conv(x, W·Rᵀ), which is PEFT's merge_and_unload "
+                 "model. PEFT 0.21's unmerged forward for kernels larger than 1x1 rotates overlapping input patches "
+                 "and sums them back, so its unmerged outputs differ from these (see docs/conv.md)");
+    }
+  };
+  return inject_adapters(module, t);
 }
 
 void OFT::merge(torch::nn::Module& module) {
@@ -48,7 +65,7 @@ hf::OFTConfig oft_config_of(const torch::nn::Module& module, const std::string& 
   std::string first;
   for (const auto& entry : adapter_layers(module)) {
     if (!entry.layer->has_adapter(adapter_name)) continue;
-    const auto* layer = dynamic_cast<const OFTLinearImpl*>(entry.layer);
+    const auto* layer = dynamic_cast<const OFTLayerImpl*>(entry.layer);
     if (!layer) {
       throw PeftError(fmt::format("save_adapter: '{}' holds adapter \"{}\" of another method ({})", entry.name,
                                   adapter_name, entry.layer->peft_type()));
@@ -98,7 +115,7 @@ class OFTOfflineMerge : public hf::OfflineMerge {
     for (const auto& [key, tensor] : files.tensors) {
       const std::string path = key.rfind(hf::kPeftKeyPrefix, 0) == 0 ? key.substr(hf::kPeftKeyPrefix.size()) : key;
       if (!hf::detail::ends_with(path, kWeightSuffix) || path.size() == kWeightSuffix.size()) {
-        throw PeftError(fmt::format("{}: '{}' is not an OFT weight on a linear layer (expected keys ending in {})",
+        throw PeftError(fmt::format("{}: '{}' is not an OFT weight (expected keys ending in {})",
                                     source_, key, kWeightSuffix.substr(1)));
       }
       const std::string module = path.substr(0, path.size() - kWeightSuffix.size());
@@ -123,17 +140,19 @@ class OFTOfflineMerge : public hf::OfflineMerge {
       throw PeftError(fmt::format("'{}' has dtype {} in the base checkpoint; OFT merges into floating-point weights only",
                                   key, c10::toString(base.scalar_type())));
     }
-    if (base.dim() != 2) {
-      throw PeftError(fmt::format("'{}' has shape [{}]; OFT merges into linear weights [out, in]", key,
-                                  fmt::join(base.sizes(), ", ")));
+    if (base.dim() != 2 && !(base.dim() == 4 && base.size(2) == base.size(3))) {
+      throw PeftError(fmt::format("'{}' has shape [{}]; OFT merges into linear weights [out, in] and Conv2d weights "
+                                  "[out, in, k, k]",
+                                  key, fmt::join(base.sizes(), ", ")));
     }
-    const oft::Blocks blocks = oft::resolve(base.size(1), config_.r, config_.oft_block_size);
+    const int64_t features = base.numel() / base.size(0);
+    const oft::Blocks blocks = oft::resolve(features, config_.r, config_.oft_block_size);
     const auto expected = oft::weight_shape(blocks, config_.block_share);
     if (weight.sizes() != at::IntArrayRef(expected)) {
-      throw PeftError(fmt::format("'{}' has shape [{}] but '{}' needs [{}] for in_features {} (r = {}, oft_block_size "
-                                  "= {}{}; wrong base model?)",
-                                  adapter_key, fmt::join(weight.sizes(), ", "), key, fmt::join(expected, ", "),
-                                  base.size(1), blocks.r, blocks.block_size,
+      throw PeftError(fmt::format("'{}' has shape [{}] but '{}' [{}] needs [{}] for its {} rotated features (r = {}, "
+                                  "oft_block_size = {}{}; wrong base model?)",
+                                  adapter_key, fmt::join(weight.sizes(), ", "), key, fmt::join(base.sizes(), ", "),
+                                  fmt::join(expected, ", "), features, blocks.r, blocks.block_size,
                                   config_.block_share ? ", block_share" : ""));
     }
     if (!allow_non_finite && detail::count_non_finite(weight) > 0) {
@@ -146,12 +165,13 @@ class OFTOfflineMerge : public hf::OfflineMerge {
   at::Tensor merge(const std::string& key, const at::Tensor& base, bool allow_non_finite) const override {
     const at::Tensor& weight = module_of(key).second;
     const OFTParameters options = config_.parameters();
-    OFTLinearAdapterImpl adapter(base.size(1), options, weight.options());
+    OFTAdapterImpl adapter(base.numel() / base.size(0), options, weight.options());
     {
       torch::NoGradGuard no_grad;
       adapter.oft_R->weight.copy_(weight);
     }
-    const at::Tensor out = oft::merged_weight(base, adapter.rotation().to(base.device()));
+    const at::Tensor out =
+        oft::merged_weight(base.reshape({base.size(0), -1}), adapter.rotation().to(base.device())).view(base.sizes());
     if (!allow_non_finite && detail::count_non_finite(out) > 0) {
       throw PeftError(fmt::format("merging into '{}' gives NaN or Inf values (the product overflows {}). Nothing was "
                                   "written; merge anyway with --allow-non-finite",

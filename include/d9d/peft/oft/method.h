@@ -2,6 +2,7 @@
 
 #include <d9d/peft/base.h>
 #include <d9d/peft/oft/config.h>
+#include <d9d/peft/oft/conv2d.h>
 #include <d9d/peft/oft/linear.h>
 
 #include <string>
@@ -9,11 +10,14 @@
 namespace d9d::peft {
 
 /// OFT (orthogonal fine-tuning), as Hugging Face PEFT 0.21's OFT on linear
-/// layers: the input is rotated by a block-diagonal orthogonal `R` (each
-/// block the Cayley transform of a trained skew-symmetric matrix) before the
-/// frozen layer, `y = W (x R) + b`. Adds adapter `adapter_name`; wraps
-/// `d9d::nn::Linear` anywhere and `torch::nn::Linear` inside `Sequential`,
-/// `ModuleList` or `ModuleDict` in an `OFTLinearImpl`, and emits
+/// and Conv2d layers: the input is rotated by a block-diagonal orthogonal `R`
+/// (each block the Cayley transform of a trained skew-symmetric matrix)
+/// before the frozen layer, `y = W (x R) + b`. Adds adapter `adapter_name`;
+/// wraps `d9d::nn::Linear` anywhere and `torch::nn::Linear` inside
+/// `Sequential`, `ModuleList` or `ModuleDict` in an `OFTLinearImpl`,
+/// `d9d::nn::Conv2d` (groups 1, undilated, square kernel) in an
+/// `OFTConv2dImpl` (filters rotated: see there for kernels larger than 1×1),
+/// and emits
 /// `x.weight -> x.base.weight` (and bias) renames so a standard checkpoint
 /// still loads. `merge` writes `W Rᵀ` and puts the base layers back.
 /// Registered under `peft_type` `"OFT"`, so `hf::load_adapter`,
