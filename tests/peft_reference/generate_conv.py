@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""LoRA, DoRA, IA3, LoHa and LoKr on Conv2d layers: random cases from real PEFT, and PEFT's verdict on d9d-peft's adapters.
+"""LoRA, DoRA, IA3, LoHa, LoKr and OFT on Conv2d layers: random cases from real PEFT, and PEFT's verdict on d9d-peft's adapters.
 
   generate_conv.py generate --out DIR [--cases N] [--ia3-cases M] [--loha-cases L] [--lokr-cases K]
-                                       [--seed S]
+                                       [--oft-cases O] [--seed S]
                                        (S: else $D9D_PEFT_SEED, else fresh)
       N random LoRA cases (default 12; DoRA in every other one), each a conv net
       conv1 -> relu -> conv2 -> relu -> flatten -> head with random channels,
@@ -27,7 +27,15 @@
       N(0, 0.5²); and K random LoKr cases (default 10) in DIR/conv_lokr_<k>/,
       the same nets, a LoKrConfig with r from 1 to 4 (w2 whole, factored flat,
       or in the CP form with use_effective_conv2d), decompose_both,
-      decompose_factor, patterns, every factor drawn from N(0, 0.5²).
+      decompose_factor, patterns, every factor drawn from N(0, 0.5²); and O
+      random OFT cases (default 10) in DIR/conv_oft_<o>/, nets whose conv2 is
+      ungrouped (PEFT's oft.Conv2d cannot merge grouped convs), an OFTConfig
+      with oft_block_size or r, COFT (eps 0.5-1), block_share, Cayley-Neumann
+      or exact, the rotation parameters drawn from N(0, 0.1²) (0.3 with the
+      exact Cayley transform). PEFT's unmerged forward on kernels larger than
+      1x1 folds overlapping patches and is not its merged model, so
+      net.json says "unmerged_logits": false where an OFT target has such a
+      kernel, and only merged logits and weights are compared there.
 
   generate_conv.py check-exports DIR
       For every DIR/<case>/ that `peft_conv_tool export` wrote (net.json,
@@ -48,7 +56,7 @@ import sys
 import warnings
 
 import torch
-from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 TOL = 1e-5
@@ -70,18 +78,18 @@ def out_size(n, k, s, p):
     return (n + 2 * p - k) // s + 1
 
 
-def random_geometry(rng, grouped=False):
-    g = dict(c0=rng.choice([1, 3, 4]), c1=rng.choice([4, 6, 8]), c2=rng.choice([4, 5, 8]), size=rng.choice([7, 8, 10]))
+def random_geometry(rng, grouped=False, kernels=(1, 2, 3, 5), inputs=(1, 3, 4)):
+    g = dict(c0=rng.choice(inputs), c1=rng.choice([4, 6, 8]), c2=rng.choice([4, 5, 8]), size=rng.choice([7, 8, 10]))
     if grouped:  # conv2 in 2 or 4 groups
         g["c2"] = rng.choice([4, 6, 8])
         g["g2"] = rng.choice([d for d in (2, 4) if g["c1"] % d == 0 and g["c2"] % d == 0])
     for i in (1, 2):
-        g[f"k{i}"] = rng.choice([1, 2, 3, 5])
+        g[f"k{i}"] = rng.choice(kernels)
         g[f"s{i}"] = rng.choice([1, 2])
         g[f"p{i}"] = rng.choice([0, 1, 2])
     h = out_size(out_size(g["size"], g["k1"], g["s1"], g["p1"]), g["k2"], g["s2"], g["p2"])
     if h < 1:
-        return random_geometry(rng, grouped)
+        return random_geometry(rng, grouped, kernels, inputs)
     g["features"] = g["c2"] * h * h
     return g
 
@@ -128,6 +136,22 @@ def random_lokr_config(rng):
     return LoKrConfig(**kw)
 
 
+def random_oft_config(rng):
+    targets = rng.choice([["conv1"], ["conv2"], ["conv1", "conv2"], ["conv2", "head"], ["conv1", "conv2", "head"]])
+    kw = dict(target_modules=targets, block_share=rng.random() < 0.3, use_cayley_neumann=rng.random() < 0.6,
+              num_cayley_neumann_terms=rng.choice([4, 5, 7]), init_weights=False)
+    # PEFT adjusts sizes that do not divide, to the lower divisor on a tie: 2 on
+    # 27 features becomes 1, a block with nothing to rotate; 3, 4 and 6 stay
+    # above 1 on every layer these nets have.
+    if rng.random() < 0.5:
+        kw.update(r=0, oft_block_size=rng.choice([3, 4, 6]))
+    else:
+        kw.update(r=rng.choice([1, 2]), oft_block_size=0)
+    if rng.random() < 0.3:
+        kw.update(coft=True, eps=rng.choice([0.5, 1.0]))
+    return OFTConfig(**kw)
+
+
 def merged_keys(model, targets):
     keys = {}
     for t in targets:
@@ -159,6 +183,10 @@ def write_case(case, g, base, config):
                     p.copy_(1 + 0.3 * torch.randn_like(p))
                 elif "hada_" in name or "lokr_" in name:  # kaiming draws of chained factors can leave the logits unchanged
                     p.normal_(0.0, 0.5)
+                elif "oft_R" in name:
+                    # Rotations that move the logits; the Neumann series (a truncated
+                    # Cayley transform) stays near-orthogonal only for small ones.
+                    p.normal_(0.0, 0.1 if config.use_cayley_neumann else 0.3)
             logits = model(x)
             if (logits - base_logits).abs().max().item() > 1e-2:
                 break
@@ -173,7 +201,7 @@ def write_case(case, g, base, config):
     save_file({k: v.contiguous() for k, v in expected.items()}, str(case / "expected.safetensors"))
 
 
-def generate(out, cases, ia3_cases, loha_cases, lokr_cases, seed):
+def generate(out, cases, ia3_cases, loha_cases, lokr_cases, oft_cases, seed):
     out.mkdir(parents=True, exist_ok=True)
     for i in range(cases):
         rng = random.Random(seed * 1000 + i)
@@ -210,7 +238,19 @@ def generate(out, cases, ia3_cases, loha_cases, lokr_cases, seed):
               f"effective_conv2d={config.use_effective_conv2d} decompose_both={config.decompose_both} "
               f"decompose_factor={config.decompose_factor} targets={sorted(config.target_modules)} "
               f"rank_pattern={config.rank_pattern}")
-    print(f"generate_conv: {cases + ia3_cases + loha_cases + lokr_cases} cases in {out}")
+    for o in range(oft_cases):
+        rng = random.Random(seed * 1000 + 900 + o)
+        torch.manual_seed(seed * 1000 + 900 + o)
+        # 1x1 in half (PEFT's unmerged forward is comparable there); 3 or 4
+        # inputs, so that conv1's filters have something to rotate.
+        g = random_geometry(rng, kernels=(1, 1, 2, 3), inputs=(3, 4))
+        config = random_oft_config(rng)
+        g["unmerged_logits"] = all(g[f"k{t[-1]}"] == 1 for t in config.target_modules if t.startswith("conv"))
+        write_case(out / f"conv_oft_{o}", g, ConvNet(g).eval(), config)
+        print(f"conv_oft_{o}: {json.dumps(g)} r={config.r} oft_block_size={config.oft_block_size} "
+              f"coft={config.coft} block_share={config.block_share} neumann={config.use_cayley_neumann} "
+              f"targets={sorted(config.target_modules)}")
+    print(f"generate_conv: {cases + ia3_cases + loha_cases + lokr_cases + oft_cases} cases in {out}")
 
 
 def close(failures, what, got, want):
@@ -247,8 +287,9 @@ def check_exports(root):
                     failures.append(f"{k} differs after PEFT loaded it")
         with torch.no_grad():
             logits = peft_model(cpp["x"])
-            worst = max(worst, close(failures, "logits", logits, cpp["logits"]))
-            if not (logits - base_logits).abs().max().item() > 1e-3:
+            if g.get("unmerged_logits", True):  # PEFT's OFT on kernels > 1x1: only its merged model is comparable
+                worst = max(worst, close(failures, "logits", logits, cpp["logits"]))
+            if not (cpp["logits"] - base_logits).abs().max().item() > 1e-3:
                 failures.append("the adapter does not change the logits: nothing was compared")
             merged = peft_model.merge_and_unload().eval()
             for k, v in cpp.items():
@@ -258,7 +299,7 @@ def check_exports(root):
         status = "ok" if not failures else "FAILED: " + "; ".join(failures)
         print(f"{case.name}: {status}")
         failed += bool(failures)
-    print(f"peft-reference: conv: {len(dirs)} Conv2d adapters (LoRA, DoRA, IA3, LoHa, LoKr) written by d9d-peft loaded by real PEFT, "
+    print(f"peft-reference: conv: {len(dirs)} Conv2d adapters (LoRA, DoRA, IA3, LoHa, LoKr, OFT) written by d9d-peft loaded by real PEFT, "
           f"max abs diff {worst:.3g}: {'all passed' if not failed else f'{failed} failed'}")
     return 1 if failed else 0
 
@@ -272,6 +313,7 @@ def main():
     gen.add_argument("--ia3-cases", type=int, default=10)
     gen.add_argument("--loha-cases", type=int, default=10)
     gen.add_argument("--lokr-cases", type=int, default=10)
+    gen.add_argument("--oft-cases", type=int, default=10)
     gen.add_argument("--seed", type=int, default=None,
                      help="default: $D9D_PEFT_SEED, else a fresh seed (printed)")
     chk = sub.add_parser("check-exports")
@@ -280,7 +322,7 @@ def main():
     if a.command == "generate":
         seed = a.seed if a.seed is not None else int(os.environ.get("D9D_PEFT_SEED", random.randrange(1 << 30)))
         print(f"generate_conv: cases from seed {seed} (rerun: generate_conv.py generate --seed {seed})")
-        generate(a.out, a.cases, a.ia3_cases, a.loha_cases, a.lokr_cases, seed)
+        generate(a.out, a.cases, a.ia3_cases, a.loha_cases, a.lokr_cases, a.oft_cases, seed)
         return 0
     return check_exports(a.dir)
 
