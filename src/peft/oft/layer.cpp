@@ -86,25 +86,20 @@ void OFTLayerImpl::relayout() {
 at::Tensor OFTLayerImpl::delta_weight(const std::string& name) const {
   torch::NoGradGuard no_grad;
   const at::Tensor& w = adapted_weight();
-  const at::Tensor flat = w.reshape({w.size(0), -1});
-  return oft::merged_weight(flat, adapter(name).rotation().to(w.device())).view(w.sizes()) - w;
+  return oft::merged_weight(w, adapter(name).rotation()) - w;
 }
 
 void OFTLayerImpl::merge_adapter(const std::string& name) {
   torch::NoGradGuard no_grad;
   const auto& a = require_merged(name, false, "merge_adapter");
-  const at::Tensor& w = adapted_weight();
-  const at::Tensor flat = w.reshape({w.size(0), -1});
-  w.copy_(oft::merged_weight(flat, a.rotation().to(w.device())).view(w.sizes()));
+  adapted_weight().copy_(oft::merged_weight(adapted_weight(), a.rotation()));
   set_merged(name, true);
 }
 
 void OFTLayerImpl::unmerge_adapter(const std::string& name) {
   torch::NoGradGuard no_grad;
   const auto& a = require_merged(name, true, "unmerge_adapter");
-  const at::Tensor& w = adapted_weight();
-  const at::Tensor flat = w.reshape({w.size(0), -1});
-  w.copy_(oft::unmerged_weight(flat, a.rotation().to(w.device())).view(w.sizes()));
+  adapted_weight().copy_(oft::unmerged_weight(adapted_weight(), a.rotation()));
   set_merged(name, false);
 }
 

@@ -109,13 +109,22 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& blocks) {
 
 at::Tensor block_diagonal(const at::Tensor& blocks) { return at::block_diag(blocks.unbind(0)); }
 
+namespace {
+
+/// `(M @ Wᵀ)ᵀ` for `W` = `weight` seen as `[out, features]`, back in its dtype and shape.
+at::Tensor rotated_rows(const at::Tensor& weight, const at::Tensor& m) {
+  const at::Tensor flat = weight.reshape({weight.size(0), -1}).to(m.scalar_type());
+  return at::mm(m.to(weight.device()), flat.t()).t().to(weight.scalar_type()).reshape(weight.sizes());
+}
+
+}  // namespace
+
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& rotation) {
-  return at::mm(rotation, weight.t().to(rotation.scalar_type())).t().to(weight.scalar_type());
+  return rotated_rows(weight, rotation);
 }
 
 at::Tensor unmerged_weight(const at::Tensor& weight, const at::Tensor& rotation) {
-  const at::Tensor inverse = at::linalg_inv(rotation.to(at::kFloat)).to(rotation.scalar_type());
-  return at::mm(inverse, weight.t().to(rotation.scalar_type())).t().to(weight.scalar_type());
+  return rotated_rows(weight, at::linalg_inv(rotation.to(at::kFloat)).to(rotation.scalar_type()));
 }
 
 }  // namespace d9d::peft::oft

@@ -170,8 +170,7 @@ class OFTOfflineMerge : public hf::OfflineMerge {
       torch::NoGradGuard no_grad;
       adapter.oft_R->weight.copy_(weight);
     }
-    const at::Tensor out =
-        oft::merged_weight(base.reshape({base.size(0), -1}), adapter.rotation().to(base.device())).view(base.sizes());
+    const at::Tensor out = oft::merged_weight(base, adapter.rotation());
     if (!allow_non_finite && detail::count_non_finite(out) > 0) {
       throw PeftError(fmt::format("merging into '{}' gives NaN or Inf values (the product overflows {}). Nothing was "
                                   "written; merge anyway with --allow-non-finite",

@@ -42,9 +42,12 @@ at::Tensor expand_blocks(const at::Tensor& blocks, int64_t rank);
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& blocks);
 /// The block-diagonal `[in, in]` rotation (PEFT's `get_delta_weight`).
 at::Tensor block_diagonal(const at::Tensor& blocks);
-/// `(R @ Wᵀ)ᵀ` in `weight`'s dtype: the weight whose layer computes `base(x · R)`.
+/// `(R @ Wᵀ)ᵀ` in `weight`'s dtype and shape, on its device, with `W` the
+/// weight seen as `[out, features]` (a Conv2d's `[out, in, k, k]` as PEFT's
+/// `weight.view(out, in·k·k)`): the weight whose linear layer computes
+/// `base(x · R)`, and whose Conv2d has each filter rotated.
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& rotation);
-/// `(R⁻¹ @ Wᵀ)ᵀ` (the inverse taken in float32, as PEFT's unmerge).
+/// `(R⁻¹ @ Wᵀ)ᵀ` the same way (the inverse taken in float32, as PEFT's unmerge).
 at::Tensor unmerged_weight(const at::Tensor& weight, const at::Tensor& rotation);
 
 }  // namespace d9d::peft::oft
