@@ -277,6 +277,18 @@ TEST(LoHaFiles, SaveThenLoadThroughTheRegistryRoundTrips) {
   for (const auto& [key, value] : ms::module_state_dict(*again)) {
     EXPECT_LE(max_diff(merged->get(key), value), 1e-6) << key;
   }
+
+  // A base whose down_proj is wider: refused with the layout PEFT would build
+  // at that layer's rank_pattern rank, and nothing written.
+  auto state = ms::module_state_dict(*toy_base());
+  state["layers.0.mlp.down_proj.weight"] = torch::zeros({16, 41});
+  ms::save_safetensors(dir / "other.safetensors", state);
+  EXPECT_THAT([&] {
+    peft::hf::merge_adapter_into_checkpoint(dir / "other.safetensors", dir.str(), dir / "bad", 1.0, ms::no_progress());
+  }, ::testing::ThrowsMessage<peft::PeftError>(::testing::AllOf(
+         HasSubstr("'layers.0.mlp.down_proj.weight' has shape [16, 41]"), HasSubstr("with r=2 holds"),
+         HasSubstr("hada_w2_b [2, 41]"), HasSubstr("the adapter holds"), HasSubstr("hada_w2_b [2, 40]"))));
+  EXPECT_FALSE(std::filesystem::exists(dir / "bad/model.safetensors"));
 }
 
 TEST(LoHaMethod, MergeRefusesNaNAndLeavesTheModel) {

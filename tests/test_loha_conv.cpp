@@ -138,5 +138,6 @@ TEST(LoHaConv2dFiles, SaveLoadAndOfflineMergeAgreeWithTheModel) {
   EXPECT_EQ(weights->get("base_model.model.conv2.hada_t2").sizes(), (std::vector<int64_t>{2, 2, 3, 3}));
   EXPECT_EQ(weights->get("base_model.model.conv2.hada_w1_a").sizes(), (std::vector<int64_t>{2, 8}));
   EXPECT_EQ(weights->get("base_model.model.conv1.hada_w2_b").sizes(), (std::vector<int64_t>{3, 3}));
-  expect_offline_merge_refuses_a_5x5_conv1(dir, {"conv1.weight", "[8, 3, 5, 5]", "hada_t1 [3, 3, 3, 3]", "CP form"});
+  expect_offline_merge_refuses_a_5x5_conv1(
+      dir, {"conv1.weight", "[8, 3, 5, 5]", "hada_t1 [3, 3, 3, 3]", "hada_t1 [3, 3, 5, 5]", "the CP form"});
 }

@@ -8,8 +8,10 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/modules/container/any.h>
 
+#include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 
 namespace d9d::peft {
 
@@ -19,6 +21,13 @@ namespace d9d::peft {
 /// its own, and a merge would change the outputs.
 std::string zero_padded_delta_refusal(const std::string& method, const std::string& name,
                                       const torch::nn::Conv2dOptions& options);
+/// The same for `method`, as `with_conv2d` takes a refusal.
+inline std::function<std::string(const std::string& name, const torch::nn::Conv2dOptions& options)>
+zero_padded_delta_refusal(std::string method) {
+  return [method = std::move(method)](const std::string& name, const torch::nn::Conv2dOptions& options) {
+    return zero_padded_delta_refusal(method, name, options);
+  };
+}
 
 /// `weight + delta` in `weight`'s dtype (PEFT's `weight.data += delta`): the
 /// merge of every `DeltaLayer`, in the model and offline.

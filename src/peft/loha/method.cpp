@@ -39,9 +39,7 @@ PeftInjectionResult LoHa::inject(torch::nn::Module& module) {
                   linear_targeting<LoHaLinearImpl, LoHaParameters>(
                       "LoHa", "LOHA", adapter_name_, config_.target_modules,
                       [this](const std::string& name) { return config_.select(name); }),
-                  [](const std::string& name, const torch::nn::Conv2dOptions& o) {
-                    return zero_padded_delta_refusal("LoHa", name, o);
-                  }));
+                  zero_padded_delta_refusal("LoHa")));
 }
 
 void LoHa::merge(torch::nn::Module& module) {
@@ -118,7 +116,7 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
                                     source_, key, module));
       }
       Module& m = modules_[module];
-      m.scale = options->alpha() / static_cast<double>(options->r());
+      m.options = *options;
       m.keys[it - kFactorNames.begin()] = key;
       m.factors[it - kFactorNames.begin()] = tensor;
     }
@@ -128,7 +126,7 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
       for (size_t i = 0; i < (m.cp ? kFactorNames.size() : kFlatFactors); ++i) {
         if (!m.factors[i].defined()) {
           throw PeftError(fmt::format("{}: '{}' has LoHa weights but no {} (a LoHa layer holds all of {}{})", source_,
-                                      module, kFactorNames[i], fmt::join(kFactorNames.begin(), kFactorNames.begin() + 4, ", "),
+                                      module, kFactorNames[i], fmt::join(kFactorNames.begin(), kFactorNames.begin() + kFlatFactors, ", "),
                                       m.cp ? ", and in CP form hada_t1, hada_t2" : ""));
         }
       }
@@ -149,31 +147,37 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
                                   key, c10::toString(base.scalar_type())));
     }
     const auto& f = m.factors;
-    const std::string layer = key.substr(0, key.rfind('.'));
-    if (m.cp) {
-      const bool fits = base.dim() == 4 && f[4].dim() == 4 && f[5].dim() == 4 && f[0].dim() == 2 &&
-                        f[1].dim() == 2 && f[2].dim() == 2 && f[3].dim() == 2 && f[4].sizes() == f[5].sizes() &&
-                        f[4].size(2) == base.size(2) && f[4].size(3) == base.size(3) && f[0].size(1) == base.size(0) &&
-                        f[2].size(1) == base.size(0) && f[1].size(1) == base.size(1) && f[3].size(1) == base.size(1) &&
-                        f[0].size(0) == f[4].size(0) && f[1].size(0) == f[4].size(1) && f[2].size(0) == f[5].size(0) &&
-                        f[3].size(0) == f[5].size(1);
-      if (!fits) {
-        throw PeftError(fmt::format("'{}' has shape [{}] but the LoHa factors of '{}' (CP form) are {} (expected "
-                                    "[r, out], [r, in/groups], [r, out], [r, in/groups], [r, r, kh, kw], [r, r, kh, kw] "
-                                    "for a Conv2d weight [out, in/groups, kh, kw]; wrong base model?)",
-                                    key, fmt::join(base.sizes(), ", "), layer, shapes_of(f, 6)));
-      }
+    if (base.dim() != 2 && base.dim() != 4) {
+      throw PeftError(fmt::format("'{}' has shape [{}]; LoHa adapts linear weights [out, in] and Conv2d weights "
+                                  "[out, in/groups, kh, kw] (wrong base model?)",
+                                  key, fmt::join(base.sizes(), ", ")));
+    }
+    // The layout PEFT would build for this layer: the adapter must hold exactly it.
+    const LoHaParameters& o = m.options;
+    const int64_t r = o.r(), out = base.size(0);
+    const bool conv = base.dim() == 4;
+    const bool cp = conv && o.use_effective_conv2d() && (base.size(2) != 1 || base.size(3) != 1);
+    std::vector<std::vector<int64_t>> expected;
+    if (cp) {
+      expected = {{r, out}, {r, base.size(1)}, {r, out}, {r, base.size(1)}, {r, r, base.size(2), base.size(3)},
+                  {r, r, base.size(2), base.size(3)}};
     } else {
-      const int64_t cols = base.dim() >= 2 ? base.numel() / base.size(0) : -1;
-      const bool fits = base.dim() >= 2 && f[0].dim() == 2 && f[1].dim() == 2 && f[2].dim() == 2 && f[3].dim() == 2 &&
-                        f[0].size(0) == base.size(0) && f[2].size(0) == base.size(0) && f[1].size(1) == cols &&
-                        f[3].size(1) == cols && f[0].size(1) == f[1].size(0) && f[2].size(1) == f[3].size(0);
-      if (!fits) {
-        throw PeftError(fmt::format("'{}' has shape [{}] but the LoHa factors of '{}' are {} (expected [out, r], "
-                                    "[r, in], [out, r], [r, in], where in is the product of the weight's dimensions "
-                                    "after the first; wrong base model?)",
-                                    key, fmt::join(base.sizes(), ", "), layer, shapes_of(f, 4)));
+      const int64_t in = base.numel() / out;
+      expected = {{out, r}, {r, in}, {out, r}, {r, in}};
+    }
+    bool fits = m.cp == cp;
+    for (size_t i = 0; i < expected.size(); ++i) fits = fits && f[i].sizes() == at::IntArrayRef(expected[i]);
+    if (!fits) {
+      std::vector<std::string> want;
+      for (size_t i = 0; i < expected.size(); ++i) {
+        want.push_back(fmt::format("{} [{}]", kFactorNames[i], fmt::join(expected[i], ", ")));
       }
+      throw PeftError(fmt::format("'{}' has shape [{}], for which PEFT's LoHa with r={}{} holds {}{}; the adapter "
+                                  "holds {} for '{}' (wrong base model?)",
+                                  key, fmt::join(base.sizes(), ", "), r,
+                                  conv ? fmt::format(", use_effective_conv2d={}", o.use_effective_conv2d()) : "",
+                                  fmt::join(want, ", "), cp ? " (the CP form)" : "",
+                                  shapes_of(f, m.cp ? f.size() : kFlatFactors), key.substr(0, key.rfind('.'))));
     }
     if (allow_non_finite) return;
     for (size_t i = 0; i < (m.cp ? f.size() : kFlatFactors); ++i) {
@@ -188,8 +192,9 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
   at::Tensor merge(const std::string& key, const at::Tensor& base, bool allow_non_finite) const override {
     const Module& m = module_of(key);
     const auto& f = m.factors;
-    at::Tensor delta = m.cp ? loha::delta_weight_cp(f[4], f[0], f[1], f[5], f[2], f[3], m.scale)
-                            : loha::delta_weight(f[0], f[1], f[2], f[3], m.scale).reshape(base.sizes());
+    const double scale = m.options.alpha() / static_cast<double>(m.options.r());
+    at::Tensor delta = m.cp ? loha::delta_weight_cp(f[4], f[0], f[1], f[5], f[2], f[3], scale)
+                            : loha::delta_weight(f[0], f[1], f[2], f[3], scale).reshape(base.sizes());
     if (scale_ != 1.0) delta = delta * scale_;
     const at::Tensor out = added_delta(base, delta.to(base.device()));
     if (!allow_non_finite && detail::count_non_finite(out) > 0) {
@@ -204,8 +209,8 @@ class LoHaOfflineMerge : public hf::OfflineMerge {
   struct Module {
     std::array<std::string, 6> keys;
     std::array<at::Tensor, 6> factors;
-    double scale = 1.0;
-    bool cp = false;
+    LoHaParameters options;
+    bool cp = false;  // the adapter holds hada_t1 / hada_t2
   };
   const Module& module_of(const std::string& key) const { return modules_.at(key.substr(0, key.rfind('.'))); }
   std::string source_;

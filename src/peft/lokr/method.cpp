@@ -39,9 +39,7 @@ PeftInjectionResult LoKr::inject(torch::nn::Module& module) {
                   linear_targeting<LoKrLinearImpl, LoKrParameters>(
                       "LoKr", "LOKR", adapter_name_, config_.target_modules,
                       [this](const std::string& name) { return config_.select(name); }),
-                  [](const std::string& name, const torch::nn::Conv2dOptions& o) {
-                    return zero_padded_delta_refusal("LoKr", name, o);
-                  }));
+                  zero_padded_delta_refusal("LoKr")));
 }
 
 void LoKr::merge(torch::nn::Module& module) {
