@@ -4,6 +4,7 @@
 // checks every method's Conv2d tests share.
 #include "conv_model.h"
 #include "test_util.h"
+#include "training_check.h"
 
 #include <d9d/model_state/io/safetensors.h>
 #include <d9d/model_state/load.h>
@@ -12,7 +13,6 @@
 
 #include <torch/nn/functional/conv.h>
 #include <torch/nn/functional/loss.h>
-#include <torch/optim/adamw.h>
 
 #include <gtest/gtest.h>
 
@@ -82,31 +82,17 @@ void expect_merge_and_rank_dropout(Layer& layer, const d9d::nn::Conv2d& base, co
 }
 
 /// Ten AdamW steps on the fixture's net, adapted by `method` (already
-/// injected): the loss falls, exactly the parameters whose key contains
-/// `adapter_key` change, and after `merge_peft` conv1 and conv2 are plain
+/// injected): `expect_training_changes_only` with the parameters whose key
+/// contains `adapter_key`, and after `merge_peft` conv1 and conv2 are plain
 /// `d9d::nn::Conv2d` layers computing what the adapted net computed.
-inline void expect_training_changes_only(convnet::ConvNet& model, d9d::peft::PeftMethodBase& method,
-                                         const std::string& adapter_key, double learning_rate) {
+inline void expect_conv_training_and_merge(convnet::ConvNet& model, d9d::peft::PeftMethodBase& method,
+                                           const std::string& adapter_key, double learning_rate) {
   const auto x = torch::randn({8, 3, 8, 8});
   const auto target = torch::randint(0, 5, {8});
-  std::map<std::string, at::Tensor> before;
-  for (const auto& p : model->named_parameters()) before[p.key()] = p.value().detach().clone();
-  auto loss_of = [&] { return torch::nn::functional::cross_entropy(model->forward(x), target); };
-  const double first = loss_of().item<double>();
-  torch::optim::AdamW opt(d9d::peft::trainable_parameters(*model), torch::optim::AdamWOptions(learning_rate));
-  model->train();
-  for (int step = 0; step < 10; ++step) {
-    opt.zero_grad();
-    loss_of().backward();
-    opt.step();
-  }
-  model->eval();
+  expect_training_changes_only(
+      *model, [&] { return torch::nn::functional::cross_entropy(model->forward(x), target); },
+      key_contains(adapter_key), learning_rate);
   torch::NoGradGuard g;
-  EXPECT_LT(loss_of().item<double>(), first - 1e-3);
-  for (const auto& p : model->named_parameters()) {
-    const bool adapter = p.key().find(adapter_key) != std::string::npos;
-    EXPECT_EQ(!torch::equal(p.value(), before.at(p.key())), adapter) << p.key();
-  }
   const auto unmerged = model->forward(x);
   d9d::peft::merge_peft(method, *model);
   EXPECT_NE(model->named_modules()["conv1"]->as<d9d::nn::Conv2dImpl>(), nullptr);
