@@ -97,7 +97,7 @@ PeftInjectionResult inject_adapters(torch::nn::Module& module, const AdapterTarg
         plan.layer_module = entry.module;
         plan.fresh = false;
       } else {
-        plan.any = naming_layer(entry.name, [&] { return t.wrap(entry.module, *options, adapter); });
+        plan.any = naming_layer(entry.name, [&] { return t.wrap(entry.module, *plan.options, adapter); });
         if (plan.any.is_empty()) {
           if (!entry.module->children().empty()) continue;  // a container: its children are visited
           const bool torch_layer = entry.module->name().rfind("torch::nn::", 0) == 0;
