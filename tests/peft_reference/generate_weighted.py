@@ -17,6 +17,8 @@ OUT/case_<seed>/:
   inputs.safetensors       input_ids
   adapters/a0, a1, ..., w  PEFT's save_pretrained of each adapter
   adapters/w_unclamped     with svd_clamp only: the same call without the clamp
+  spectra.safetensors      *_svd types only: per module path, the singular values of
+                           the delta PEFT decomposed (before truncating to svd_rank)
   expected.safetensors     logits with "w" active
 
 DARE draws its masks with torch.bernoulli from the default generator, after
@@ -101,6 +103,36 @@ def draw_case(seed, combination_type):
     return sizes, configs, call, (rng.randint(1, 3), rng.randint(2, 9))
 
 
+def record_spectra(model):
+    """Has `model`'s add_weighted_adapter keep, per module path, every singular value of the delta its
+    *_svd types decompose (PEFT truncates them after torch.linalg.svd): the gap at the truncation tells
+    the C++ check how far another LAPACK may move the truncated delta. Returns the dict it fills."""
+    lora_model = model.base_model
+    names = {id(m): n for n, m in lora_model.model.named_modules()}
+    inner = lora_model._svd_generalized_task_arithmetic_weighted_adapter
+    spectra = {}
+
+    def wrapped(combination_type, adapters, weights, new_rank, target, *args, **kwargs):
+        svd = torch.linalg.svd
+        seen = []
+
+        def recording_svd(*a, **k):
+            out = svd(*a, **k)
+            seen.append(out[1].detach().clone())
+            return out
+
+        torch.linalg.svd = recording_svd
+        try:
+            result = inner(combination_type, adapters, weights, new_rank, target, *args, **kwargs)
+        finally:
+            torch.linalg.svd = svd
+        spectra[names[id(target)]] = seen[-1]
+        return result
+
+    lora_model._svd_generalized_task_arithmetic_weighted_adapter = wrapped
+    return spectra
+
+
 def make_case(seed, combination_type, out_dir):
     sizes, configs, call, (batch, time) = draw_case(seed, combination_type)
     torch.manual_seed(seed)
@@ -118,6 +150,7 @@ def make_case(seed, combination_type, out_dir):
     except ValueError:
         return None  # a target that matches nothing: draw another case
     saved = call["adapters"] + ["w"]
+    spectra = record_spectra(model) if combination_type.endswith("svd") else {}
     bernoulli = torch.bernoulli
     generator = torch.Generator().manual_seed(seed)
     torch.bernoulli = lambda p, *args, **kwargs: bernoulli(p, generator=generator)
@@ -145,6 +178,8 @@ def make_case(seed, combination_type, out_dir):
     save_file(base_state, str(case / "model.safetensors"))
     save_file({"input_ids": ids}, str(case / "inputs.safetensors"))
     save_file({"logits": logits}, str(case / "expected.safetensors"))
+    if spectra:
+        save_file(spectra, str(case / "spectra.safetensors"))
     (case / "config.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "adapters": configs, "call": call},
                                                  indent=1))
     return case
