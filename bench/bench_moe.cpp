@@ -33,6 +33,8 @@
 // (c10::ProfiledCPUMemoryReporter, the hook behind torch.profiler's
 // profile_memory), which compare_moe_peft.py reads on the Python side too.
 
+#include "step_timing.h"
+
 #include <d9d/nn/grouped_linear.h>
 #include <d9d/peft.h>
 
@@ -45,7 +47,6 @@
 #include <torch/nn/module.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -153,35 +154,6 @@ int64_t peak_bytes(const std::function<void()>& step) {
   return peak->peak();
 }
 
-double per_step_ms(const std::function<void()>& fn, int64_t iterations) {
-  const auto start = std::chrono::steady_clock::now();
-  for (int64_t i = 0; i < iterations; ++i) fn();
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() /
-         static_cast<double>(iterations);
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-/// Medians of alternating trials of each step, milliseconds per step.
-std::vector<double> time_alternating(const std::vector<std::function<void()>>& steps, int trials, double trial_s) {
-  std::vector<int64_t> iterations;
-  for (const auto& step : steps) {
-    step();  // warm-up
-    const double ms = per_step_ms(step, 1);
-    iterations.push_back(std::max<int64_t>(1, static_cast<int64_t>(trial_s * 1e3 / std::max(ms, 1e-3))));
-  }
-  std::vector<std::vector<double>> samples(steps.size());
-  for (int t = 0; t < trials; ++t) {
-    for (size_t i = 0; i < steps.size(); ++i) samples[i].push_back(per_step_ms(steps[i], iterations[i]));
-  }
-  std::vector<double> out;
-  for (auto& s : samples) out.push_back(median(s));
-  return out;
-}
-
 struct Row {
   int64_t experts;
   std::string mode, variant;
@@ -238,7 +210,7 @@ std::vector<Row> measure(int64_t n_experts, const Shape& s, int trials, double t
     const std::vector<std::function<void()>> steps =
         mode == "fwd" ? std::vector<std::function<void()>>{forward(plain), forward(adapted)}
                       : std::vector<std::function<void()>>{forward_backward(plain), forward_backward(adapted)};
-    const auto ms = time_alternating(steps, trials, trial_s);
+    const auto ms = d9d_bench::time_alternating(steps, trials, trial_s);
     rows.push_back({n_experts, mode, "plain", ms[0], peak_bytes(steps[0])});
     rows.push_back({n_experts, mode, "lora", ms[1], peak_bytes(steps[1])});
   }

@@ -37,12 +37,13 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
 MASK = (1 << 64) - 1
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from step_timing import run, time_alternating  # noqa: E402
 
 
 def splitmix64(x: int) -> int:
@@ -65,25 +66,6 @@ def routing(tokens: int, experts: int):
         index.append((first, second))
         weight.append((w, 1.0 - w))
     return torch.tensor(index, dtype=torch.long), torch.tensor(weight, dtype=torch.float32)
-
-
-def per_step_ms(fn, iterations: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iterations):
-        fn()
-    return (time.perf_counter() - start) * 1e3 / iterations
-
-
-def time_alternating(fns, trials: int, trial_s: float) -> list[float]:
-    iterations = []
-    for fn in fns:
-        fn()  # warm-up
-        iterations.append(max(1, int(trial_s * 1e3 / max(per_step_ms(fn, 1), 1e-3))))
-    samples = [[] for _ in fns]
-    for _ in range(trials):
-        for i, fn in enumerate(fns):
-            samples[i].append(per_step_ms(fn, iterations[i]))
-    return [statistics.median(s) for s in samples]
 
 
 def peak_bytes(step) -> int:
@@ -185,14 +167,6 @@ def parse_csv(text: str):
     return counts, times
 
 
-def run(cmd: list[str]) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr)
-        raise SystemExit(f"compare_moe_peft: {' '.join(cmd)} failed with status {done.returncode}")
-    return done.stdout
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bench", help="our bench_moe binary")
@@ -230,7 +204,7 @@ def main() -> int:
     for repeat in range(args.repeats):
         for cmd, runs, label in ((ours_cmd, ours_runs, "ours"), (peft_cmd, peft_runs, "PEFT")):
             start = time.perf_counter()
-            counts, times = parse_csv(run(cmd))
+            counts, times = parse_csv(run(cmd, "compare_moe_peft"))
             runs.append((counts, times))
             print(f"  run {repeat + 1}/{args.repeats}, {label}: {time.perf_counter() - start:.0f} s", flush=True)
     for experts in args.experts:
