@@ -76,6 +76,25 @@ TEST(LoHaLayer, ForwardIsBasePlusTheHadamardDeltaWithPeftsShapes) {
       << "PEFT's keys relative to the layer";
 }
 
+TEST(LoHaLayer, AdaptersInAnotherDtypeAddTheirTermInTheirDtypeAsPeft) {
+  // Input, weight and ΔW of one dtype: one product with W + ΔW (checked
+  // above); adapters in another: PEFT's base(x) + linear(x in ΔW's dtype, ΔW),
+  // cast back to the input's dtype.
+  torch::manual_seed(2);
+  d9d::nn::Linear base(6, 5);
+  const auto w = base->weight.detach().clone(), b = base->bias.detach().clone();
+  peft::LoHaLinearImpl layer(base.ptr(), peft::LoHaParameters().r(3).alpha(5).init_weights(false));
+  layer.adapter("default").to(torch::kFloat64);
+  torch::NoGradGuard g;
+  const auto x = torch::randn({4, 6});
+  const auto delta = formula(layer.adapter("default"));
+  ASSERT_EQ(delta.scalar_type(), torch::kFloat64);
+  const auto y = layer.forward(x);
+  EXPECT_EQ(y.scalar_type(), torch::kFloat32);
+  const auto want = (x.mm(w.t()) + b).to(torch::kFloat64) + x.to(torch::kFloat64).mm(delta.t());
+  EXPECT_LE(max_diff(y.to(torch::kFloat64), want), 1e-5);
+}
+
 TEST(LoHaLayer, PeftsDefaultInitIsANoOpWithW2BZero) {
   torch::manual_seed(1);
   d9d::nn::Linear base(5, 3);

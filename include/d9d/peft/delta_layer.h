@@ -42,6 +42,11 @@ at::Tensor subtracted_delta(const at::Tensor& weight, const at::Tensor& delta);
 /// the adapter's rank dropout masks ΔW. Merging adds ΔW to the weight in the
 /// weight's dtype (the bias is not touched); unmerging subtracts it.
 ///
+/// The forward is PEFT's sum computed as one operation: `op(x, W + ΣΔW) + b`
+/// where the input, the weight and every ΔW share a dtype (one product or
+/// convolution instead of one per adapter plus the base's; the same numbers
+/// to float rounding), else PEFT's `base(x) + Σ op(x, ΔW)` in ΔW's dtype.
+///
 /// `Adapter` has `delta_weight()` (ΔW in the weight's shape),
 /// `options().module_dropout()` and `rank_dropped(delta)` (ΔW as rank dropout
 /// leaves it in training). A method's layer base derives from this and adds
@@ -62,6 +67,8 @@ class DeltaLayer : public AdapterSetLayer<Adapter> {
   virtual at::Tensor base_forward(const at::Tensor& input) const = 0;
   /// The layer's operation of `input` with weight `delta` and no bias.
   virtual at::Tensor delta_forward(const at::Tensor& input, const at::Tensor& delta) const = 0;
+  /// The layer's operation of `input` with weight `weight` and the base's bias.
+  virtual at::Tensor weighted_forward(const at::Tensor& input, const at::Tensor& weight) const = 0;
 };
 
 /// `Layer` (a `DeltaLayer`) around a linear layer: `op` is `F.linear`.
@@ -76,6 +83,7 @@ class DeltaLinear : public Layer, public WrappedLinear {
   const at::Tensor& adapted_weight() const override { return this->base_weight(); }
   at::Tensor base_forward(const at::Tensor& input) const override;
   at::Tensor delta_forward(const at::Tensor& input, const at::Tensor& delta) const override;
+  at::Tensor weighted_forward(const at::Tensor& input, const at::Tensor& weight) const override;
 };
 
 /// `Layer` (a `DeltaLayer`) around a `d9d::nn::Conv2d`: `op` is the
@@ -105,6 +113,9 @@ class DeltaConv2d : public Layer {
   at::Tensor base_forward(const at::Tensor& input) const override { return base->forward_base(input); }
   at::Tensor delta_forward(const at::Tensor& input, const at::Tensor& delta) const override {
     return base->convolve(input, delta, at::Tensor());
+  }
+  at::Tensor weighted_forward(const at::Tensor& input, const at::Tensor& weight) const override {
+    return base->convolve(input, weight, base->bias);
   }
 };
 

@@ -10,12 +10,15 @@
 #include <torch/csrc/autograd/grad_mode.h>
 #include <torch/nn/functional/linear.h>
 
+#include <utility>
+#include <vector>
+
 namespace d9d::peft {
 
 template <typename Adapter>
 at::Tensor DeltaLayer<Adapter>::forward(const at::Tensor& input) {
-  at::Tensor result = base_forward(input);
-  if (!this->enabled_) return result;
+  if (!this->enabled_) return base_forward(input);
+  std::vector<at::Tensor> deltas;  // the adapters taking part in this call, in PEFT's order
   for (const auto& name : this->active_) {
     if (this->is_merged(name)) continue;
     const Adapter& a = this->adapter(name);
@@ -23,8 +26,19 @@ at::Tensor DeltaLayer<Adapter>::forward(const at::Tensor& input) {
     if (this->is_training() && !(at::rand({1}).item<double>() > a.options().module_dropout())) continue;
     at::Tensor delta = a.delta_weight();
     if (this->is_training()) delta = a.rank_dropped(delta);
-    result = result + delta_forward(input.to(delta.scalar_type()), delta);
+    deltas.push_back(std::move(delta));
   }
+  if (deltas.empty()) return base_forward(input);
+  const at::Tensor& weight = adapted_weight();
+  bool one_dtype = input.scalar_type() == weight.scalar_type();
+  for (const auto& d : deltas) one_dtype = one_dtype && d.scalar_type() == weight.scalar_type();
+  if (one_dtype) {
+    at::Tensor folded = weight + deltas.front();
+    for (size_t i = 1; i < deltas.size(); ++i) folded = folded + deltas[i];
+    return weighted_forward(input, folded);
+  }
+  at::Tensor result = base_forward(input);
+  for (const auto& d : deltas) result = result + delta_forward(input.to(d.scalar_type()), d);
   return result.to(input.scalar_type());
 }
 
@@ -57,6 +71,11 @@ at::Tensor DeltaLinear<Layer>::base_forward(const at::Tensor& input) const {
 template <typename Layer>
 at::Tensor DeltaLinear<Layer>::delta_forward(const at::Tensor& input, const at::Tensor& delta) const {
   return torch::nn::functional::linear(input, delta);
+}
+
+template <typename Layer>
+at::Tensor DeltaLinear<Layer>::weighted_forward(const at::Tensor& input, const at::Tensor& weight) const {
+  return torch::nn::functional::linear(input, weight, this->base_bias());
 }
 
 }  // namespace d9d::peft
