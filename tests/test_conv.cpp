@@ -114,7 +114,11 @@ TEST(LoRAConv2dLayer, PeftsLayoutForwardDeltaMergeAndUnmerge) {
     // PEFT: base(x) + lora_B(lora_A(x)) * scale, lora_A with the base's stride and padding.
     const auto low = at::conv2d(conv_with(*base, x, A, at::Tensor()), B);
     const auto expected = conv_with(*base, x, w, b) + low * s;
-    EXPECT_LE(max_diff(layer.forward(x), expected), 1e-5);
+    EXPECT_LE(max_diff(layer.forward(x), expected), 1e-5) << "without grad: one convolution with W + ΔW";
+    {
+      torch::AutoGradMode grad(true);
+      EXPECT_LE(max_diff(layer.forward(x).detach(), expected), 1e-5) << "with grad: the base plus lora_B(lora_A(x))";
+    }
     EXPECT_LE(max_diff(layer.delta_weight("default"), flat_delta(A, B, s)), 1e-6);
     layer.merge_adapter("default");
     EXPECT_LE(max_diff(base->weight, w + flat_delta(A, B, s)), 1e-6);
