@@ -182,7 +182,10 @@ TEST(LoRALayer, CpuDropoutBackwardUsesTheForwardsMask) {
   const float keep = 1.0f / 0.7f;
   EXPECT_TRUE(torch::allclose(y.detach(), x.detach() * kept * keep, 1e-5, 1e-5));
   EXPECT_TRUE(torch::allclose(x.grad(), kept.to(torch::kFloat) * keep, 1e-5, 1e-5));
-  EXPECT_NEAR(kept.to(torch::kDouble).mean().item<double>(), 0.7, 0.03);
+  // 2112 draws at rate 0.7: one standard deviation of the kept fraction is
+  // 0.010. A CI run once drew 0.7325 (3.3 sigma), above the old 0.03 bound;
+  // 0.05 is 5 sigma.
+  EXPECT_NEAR(kept.to(torch::kDouble).mean().item<double>(), 0.7, 0.05);
   // A non-contiguous input is dropped the same way as its contiguous copy.
   auto xt = torch::rand({n, 17}).t();
   torch::manual_seed(9);
